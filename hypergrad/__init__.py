@@ -1,0 +1,32 @@
+"""hypergrad: composable hypergradient primitives for PyTorch (torch.func pytrees).
+
+See README.md for the quickstart and the API table.
+"""
+
+from . import testing, tree
+from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
+from .products import HessianOperator, hvp, make_hvp, mixed_vjp
+from .solvers import SolveResult, cg, neumann, power_iteration
+from .unroll import gradient_step, optimizer_step, unroll
+
+__all__ = [
+    "tree",
+    "testing",
+    "hvp",
+    "make_hvp",
+    "mixed_vjp",
+    "HessianOperator",
+    "SolveResult",
+    "cg",
+    "neumann",
+    "power_iteration",
+    "implicit_grad",
+    "implicit_solution",
+    "HypergradientWarning",
+    "HypergradientError",
+    "unroll",
+    "gradient_step",
+    "optimizer_step",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""Pytree arithmetic over parameters.
+
+A pytree here is any nesting of ``dict``, ``list``, ``tuple`` and namedtuples whose leaves are
+tensors: ``dict(model.named_parameters())`` is the common case. Every binary operation checks
+that both trees have the same structure and raises a ``ValueError`` naming the arguments when
+they do not, instead of silently zipping mismatched leaves.
+
+Example:
+    >>> import torch
+    >>> from hypergrad import tree
+    >>> a = {"w": torch.ones(2), "b": torch.zeros(1)}
+    >>> float(tree.vdot(a, tree.scale(a, 2.0)))
+    4.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+Tree = Any  # a pytree of tensors
+
+__all__ = [
+    "Tree",
+    "flatten",
+    "unflatten",
+    "leaves",
+    "map",
+    "check_same_structure",
+    "add",
+    "sub",
+    "scale",
+    "axpy",
+    "vdot",
+    "norm",
+    "zeros_like",
+    "detach",
+    "requires_grad",
+    "all_finite",
+    "numel",
+]
+
+
+def flatten(t: Tree) -> tuple[list[Any], Any]:
+    """Leaves and the structure spec of ``t``."""
+    return pytree.tree_flatten(t)
+
+
+def unflatten(leaves_: list[Any], spec: Any) -> Tree:
+    return pytree.tree_unflatten(leaves_, spec)
+
+
+def leaves(t: Tree) -> list[Any]:
+    return pytree.tree_leaves(t)
+
+
+def map(fn: Callable[..., Any], t: Tree, *rest: Tree, names: tuple[str, ...] | None = None) -> Tree:
+    """``fn`` applied leaf-wise over ``t`` and ``rest`` (all of the same structure)."""
+    flat, spec = pytree.tree_flatten(t)
+    others = []
+    for i, r in enumerate(rest):
+        r_flat, r_spec = pytree.tree_flatten(r)
+        if r_spec != spec:
+            a = names[0] if names else "first tree"
+            b = names[i + 1] if names else f"tree {i + 2}"
+            raise ValueError(_mismatch_message(a, t, b, r))
+        others.append(r_flat)
+    return pytree.tree_unflatten([fn(*xs) for xs in zip(flat, *others)], spec)
+
+
+def _describe(t: Tree) -> str:
+    flat, spec = pytree.tree_flatten(t)
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in flat]
+    text = f"{spec} with leaf shapes {shapes}"
+    return text if len(text) < 600 else text[:600] + " ..."
+
+
+def _mismatch_message(a: str, ta: Tree, b: str, tb: Tree) -> str:
+    return (
+        f"`{a}` and `{b}` must be pytrees of the same structure, got\n"
+        f"  {a}: {_describe(ta)}\n  {b}: {_describe(tb)}"
+    )
+
+
+def check_same_structure(a: Tree, b: Tree, names: tuple[str, str] = ("a", "b")) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same structure and leaf shapes."""
+    fa, sa = pytree.tree_flatten(a)
+    fb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        raise ValueError(_mismatch_message(names[0], a, names[1], b))
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape:
+            raise ValueError(_mismatch_message(names[0], a, names[1], b))
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    return map(torch.add, a, b, names=("a", "b"))
+
+
+def sub(a: Tree, b: Tree) -> Tree:
+    return map(torch.sub, a, b, names=("a", "b"))
+
+
+def scale(a: Tree, s: float | torch.Tensor) -> Tree:
+    return map(lambda x: x * s, a)
+
+
+def axpy(alpha: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
+    """``alpha * x + y`` leaf-wise."""
+    return map(lambda xi, yi: yi + alpha * xi, x, y, names=("x", "y"))
+
+
+def vdot(a: Tree, b: Tree) -> torch.Tensor:
+    """Sum over leaves of the inner products ``<a_i, b_i>`` (a 0-dim tensor)."""
+    fa, sa = pytree.tree_flatten(a)
+    fb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        raise ValueError(_mismatch_message("a", a, "b", b))
+    if not fa:
+        return torch.zeros(())
+    return sum(torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(fa, fb))
+
+
+def norm(a: Tree) -> torch.Tensor:
+    """Euclidean norm of all leaves together (a 0-dim tensor)."""
+    fa = pytree.tree_leaves(a)
+    if not fa:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in fa]))
+
+
+def zeros_like(a: Tree) -> Tree:
+    return map(torch.zeros_like, a)
+
+
+def detach(a: Tree, requires_grad: bool = False) -> Tree:
+    """Detached copies of the tensor leaves (non-tensor leaves pass through)."""
+
+    def _d(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        y = x.detach()
+        return y.requires_grad_(True) if requires_grad and y.is_floating_point() else y
+
+    return map(_d, a)
+
+
+def requires_grad(a: Tree) -> bool:
+    """Whether any tensor leaf of ``a`` requires grad."""
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves(a))
+
+
+def all_finite(a: Tree) -> bool:
+    return all(
+        bool(torch.isfinite(x).all()) for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)
+    )
+
+
+def numel(a: Tree) -> int:
+    return sum(x.numel() for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor))

@@ -1,0 +1,1 @@
+"""Networks used by the reproductions (importable from the repository root, not installed)."""
