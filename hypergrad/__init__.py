@@ -5,6 +5,8 @@ See README.md for the quickstart and the API table.
 
 from . import testing, tree
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
+from .meta_loop import MetaPretrainer
+from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import SolveResult, cg, neumann, power_iteration
 from .unroll import gradient_step, optimizer_step, unroll
@@ -27,6 +29,9 @@ __all__ = [
     "unroll",
     "gradient_step",
     "optimizer_step",
+    "pretraining_hypergrad",
+    "PretrainingHypergrad",
+    "MetaPretrainer",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""Specification of the online meta-pretraining loop (Algorithm 1) and its checkpoint/resume."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import hypergrad as hg
+
+
+def _setup(seed: int = 0, dropout: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 6, generator=g)
+    w_true = torch.randn(6, generator=g)
+    y = X @ w_true
+    noise = torch.randn(256, generator=g) * (torch.arange(6).repeat(43)[:256] < 3)
+
+    def pt_loss(p, h, idx):
+        w = torch.sigmoid(h["logit"])[idx % 6] * 2  # per-"task" weights, as in the PPI recipe
+        z = X[idx] @ p["enc"]
+        if dropout:  # global-RNG randomness, to check that resume restores the RNG state
+            z = torch.nn.functional.dropout(z, 0.1)
+        return (w * (z + p["b"] - y[idx] - noise[idx]) ** 2).mean()
+
+    def ft_loss(e, hd, idx):
+        return ((hd["s"] * (X[idx] @ e["enc"]) - y[idx]) ** 2).mean()
+
+    def make():
+        return hg.MetaPretrainer(
+            pt_loss=pt_loss, ft_loss=ft_loss,
+            pt_params={"enc": torch.zeros(6), "b": torch.zeros(())},
+            ft_head={"s": torch.ones(())}, hparams={"logit": torch.zeros(6)},
+            encoder=lambda p: {"enc": p["enc"]},
+            pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=0.05),
+            meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=0.1),
+            P=3, K=1, ft_lr=0.05,
+        )
+
+    def pt_batch(i):
+        return torch.randperm(256, generator=torch.Generator().manual_seed(1000 + i))[:32]
+
+    def ft_batch(j):
+        gj = torch.Generator().manual_seed(5000 + j)
+        perm = torch.randperm(256, generator=gj)
+        return perm[:32], perm[32:64]
+
+    return make, pt_batch, ft_batch
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, dropout):
+    make, pt_batch, ft_batch = _setup(dropout=dropout)
+    torch.manual_seed(0)
+    full = make()
+    full.run(8, pt_batch, ft_batch, progress=False)
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "run.pt"
+    first = make()
+    first.run(5, pt_batch, ft_batch, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    del first  # "killed" after 5 outer iterations
+    torch.manual_seed(123)  # a fresh process would not share the RNG state
+    resumed = make()
+    hist = resumed.run(8, pt_batch, ft_batch, checkpoint=ckpt, progress=False)
+
+    assert resumed.meta_steps_done == 8 and resumed.pt_steps_done == 24
+    for name in ("pt_params", "ft_head", "hparams"):
+        mine, theirs = getattr(full, name), getattr(resumed, name)
+        for a, b in zip(hg.tree.leaves(mine), hg.tree.leaves(theirs)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    strip = lambda h: [{k: v for k, v in m.items() if "time" not in k} for m in h]  # noqa: E731
+    assert strip(hist) == strip(full.history)
+
+
+def test_meta_steps_move_hparams_and_keep_ft_head_online():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    h0 = tr.hparams["logit"].detach().clone()
+    s0 = tr.ft_head["s"].detach().clone()
+    hist = tr.run(4, pt_batch, ft_batch, progress=False)
+    assert not torch.equal(tr.hparams["logit"], h0)
+    assert not torch.equal(tr.ft_head["s"], s0)
+    assert all(m["hypergrad_norm"] > 0 for m in hist)
+
+
+def test_meta_false_is_plain_pretraining():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    tr.meta = False
+    h0 = tr.hparams["logit"].detach().clone()
+    tr.run(3, pt_batch, ft_batch, progress=False)
+    assert torch.equal(tr.hparams["logit"], h0)
+    assert tr.pt_steps_done == 9
+    # the same PT steps by hand
+    make2, _, _ = _setup()
+    ref = make2()
+    for i in range(9):
+        ref.pt_step(pt_batch(i))
+    torch.testing.assert_close(ref.pt_params["enc"], tr.pt_params["enc"], rtol=0, atol=0)
+
+
+def test_meta_step_equals_pretraining_hypergrad_then_optimizer_step():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    for i in range(3):
+        tr.pt_step(pt_batch(i))
+    tr_, va_ = ft_batch(0)
+    expected = hg.pretraining_hypergrad(
+        lambda p, h: tr.pt_loss(p, h, pt_batch(2)),
+        lambda e, hd: tr.ft_loss(e, hd, tr_), lambda e, hd: tr.ft_loss(e, hd, va_),
+        tr.pt_params, tr.ft_head, tr.hparams, encoder=tr.encoder, ft_steps=1, ft_lr=0.05,
+        solver=functools.partial(hg.neumann, iterations=3, alpha=0.05),
+    )
+    h_before = tr.hparams["logit"].detach().clone()
+    tr.meta_step(pt_batch(2), tr_, va_)
+    # first Adam step moves each coordinate by lr * sign(g) (up to eps)
+    step = tr.hparams["logit"].detach() - h_before
+    torch.testing.assert_close(step, -0.1 * torch.sign(expected.hypergrad["logit"]), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(tr.ft_head["s"].detach(), expected.ft_head["s"])
+
+
+def test_diverging_ift_solve_fails_loudly_after_checkpointing(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    tr.run(1, pt_batch, ft_batch, checkpoint=tmp_path / "c.pt", checkpoint_every=1,
+           progress=False)
+    tr.solver = functools.partial(hg.neumann, iterations=50, alpha=1e6)  # alpha >> 2/lambda_max
+    with pytest.raises(hg.HypergradientError, match="diverged.*alpha"):
+        tr.run(2, pt_batch, ft_batch, checkpoint=tmp_path / "c.pt", progress=False)
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["meta_steps_done"] == 1
+
+
+def test_non_finite_hypergradient_fails_loudly():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    tr.ft_loss = lambda e, hd, idx: (e["enc"].sum() * float("inf")) ** 2
+    with pytest.raises((ValueError, FloatingPointError), match="NaN or inf|non-finite"):
+        tr.run(1, pt_batch, ft_batch, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"P": 0}, "P"), ({"K": -1}, "K"),
+                                           ({"ft_lr": -1.0}, "ft_lr")])
+def test_bad_loop_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hg.MetaPretrainer(pt_loss=lambda p, h, b: p["a"].sum(), ft_loss=lambda e, h, b: 0,
+                          pt_params={"a": torch.zeros(1)}, ft_head={"b": torch.zeros(1)},
+                          hparams={"c": torch.zeros(1)}, **kwargs)

@@ -1,0 +1,140 @@
+"""Specification of the two-stage hypergradient (Raghu et al. 2021, Algorithm 1)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import hypergrad as hg
+from hypergrad import testing
+
+D = torch.float64
+
+
+def _problem(seed: int, n: int = 5, n_pt_head: int = 2):
+    """PT: quadratic in (encoder w, PT head a) with per-coordinate weights exp(phi);
+    FT: linear regression with features x @ w and a scalar head (s, c)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(40, n, generator=g, dtype=D)
+    Y = torch.randn(40, n_pt_head, generator=g, dtype=D)
+    Xf = torch.randn(30, n, generator=g, dtype=D)
+    yf = torch.randn(30, generator=g, dtype=D)
+    Xv = torch.randn(20, n, generator=g, dtype=D)
+    yv = torch.randn(20, generator=g, dtype=D)
+    phi = 0.3 * torch.randn(n, generator=g, dtype=D)
+
+    def pt_loss(p, h):
+        pred = (X * p["w"]) @ p["a"]  # bilinear in (w, a): not a plain quadratic
+        return ((pred - Y.sum(1)) ** 2).mean() + 0.5 * (h["phi"].exp() * (p["w"] - 1) ** 2).sum() \
+            + 0.5 * (p["a"] ** 2).sum()
+
+    def ft(Xs, ys):
+        return lambda e, hd: ((torch.tanh(Xs @ e["w"]) * hd["s"] + hd["c"] - ys) ** 2).mean()
+
+    # Exact PT optimum by Newton's method on the joint (w, a).
+    p = {"w": torch.ones(n, dtype=D), "a": 0.1 * torch.ones(n, dtype=D)}
+    vec = torch.cat([p["w"], p["a"]])
+    for _ in range(50):
+        f = lambda v: pt_loss({"w": v[:n], "a": v[n:]}, {"phi": phi})  # noqa: E731
+        vec = vec - torch.linalg.solve(torch.func.hessian(f)(vec), torch.func.grad(f)(vec))
+    p = {"w": vec[:n].clone(), "a": vec[n:].clone()}
+    head = {"s": torch.tensor(0.7, dtype=D), "c": torch.tensor(0.1, dtype=D)}
+    return pt_loss, ft(Xf, yf), ft(Xv, yv), p, head, {"phi": phi}
+
+
+def _reference(pt_loss, ft_loss, val_loss, p, head, hparams, K, lr, head_only):
+    """Dense IFT Jacobian composed with the exact Jacobian of K explicit FT steps."""
+    n = p["w"].numel()
+    H = testing.dense_hessian(pt_loss, p, hparams)
+    M = testing.dense_mixed(pt_loss, p, hparams)
+    dtheta_dphi = -torch.linalg.solve(H, M)  # (2n) x n_phi
+
+    def after_ft(vec):
+        enc = {"w": vec[:n]}
+        hd = dict(head)
+        for _ in range(K):
+            gh = torch.autograd.grad(ft_loss(enc, hd), list(hd.values()) + ([] if head_only else
+                                     [enc["w"]]), create_graph=True)
+            hd = {k: v - lr * gi for (k, v), gi in zip(hd.items(), gh)}
+            if not head_only:
+                enc = {"w": enc["w"] - lr * gh[-1]}
+        return val_loss(enc, hd)
+
+    vec = torch.cat([p["w"], p["a"]]).requires_grad_(True)
+    head = {k: v.clone().requires_grad_(True) for k, v in head.items()}
+    (gtheta,) = torch.autograd.grad(after_ft(vec), vec)
+    return dtheta_dphi.T @ gtheta
+
+
+@pytest.mark.parametrize("K", [0, 1, 2, 3])
+@pytest.mark.parametrize("head_only", [True, False])
+def test_matches_dense_ift_composed_with_exact_ft_unroll(K, head_only):
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=K + 10 * head_only)
+    lr = 0.3
+    res = hg.pretraining_hypergrad(
+        pt_loss, ft_loss, val_loss, p, head, h,
+        encoder=lambda t: {"w": t["w"]}, ft_steps=K, ft_lr=lr, head_only=head_only,
+        solver=functools.partial(hg.cg, tol=1e-13, maxiter=100),
+    )
+    ref = _reference(pt_loss, ft_loss, val_loss, p, head, h, K, lr, head_only)
+    cmp = testing.compare(res.hypergrad["phi"], ref)
+    assert cmp.rel_error < 1e-6, cmp
+    assert bool(res.info["solve"].converged)
+
+
+def test_ft_head_returned_is_the_head_after_K_steps():
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=3)
+    res = hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h,
+                                   encoder=lambda t: {"w": t["w"]}, ft_steps=2, ft_lr=0.1)
+    hd = {k: v.clone().requires_grad_(True) for k, v in head.items()}
+    for _ in range(2):
+        g = torch.autograd.grad(ft_loss({"w": p["w"]}, hd), list(hd.values()))
+        hd = {k: (v - 0.1 * gi).detach().requires_grad_(True) for (k, v), gi in zip(hd.items(), g)}
+    for k in head:
+        torch.testing.assert_close(res.ft_head[k], hd[k].detach())
+        assert not res.ft_head[k].requires_grad
+    assert torch.isclose(res.val_loss, val_loss({"w": p["w"]}, res.ft_head))
+
+
+def test_neumann_default_is_close_to_exact_on_well_conditioned_problem():
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=5)
+    exact = hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h,
+                                     encoder=lambda t: {"w": t["w"]},
+                                     solver=functools.partial(hg.cg, tol=1e-13))
+    approx = hg.pretraining_hypergrad(
+        pt_loss, ft_loss, val_loss, p, head, h, encoder=lambda t: {"w": t["w"]},
+        solver=functools.partial(hg.neumann, iterations=200, alpha="auto"))
+    assert testing.compare(approx.hypergrad, exact.hypergrad).rel_error < 1e-4
+
+
+def test_does_not_touch_inputs_or_grads():
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=6)
+    h = {"phi": h["phi"].clone().requires_grad_(True)}
+    before = {k: v.clone() for k, v in head.items()}
+    hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h,
+                             encoder=lambda t: {"w": t["w"]})
+    assert h["phi"].grad is None
+    for k in head:
+        assert torch.equal(head[k], before[k])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ft_steps": -1}, "ft_steps"),
+        ({"ft_lr": 0.0}, "lr"),
+        ({"encoder": 3}, "encoder"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=7)
+    with pytest.raises((ValueError, TypeError), match=match):
+        hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h, **kwargs)
+
+
+def test_non_callable_losses_are_named():
+    _, ft_loss, val_loss, p, head, h = _problem(seed=8)
+    with pytest.raises(TypeError, match="pt_loss"):
+        hg.pretraining_hypergrad(None, ft_loss, val_loss, p, head, h)
