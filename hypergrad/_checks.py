@@ -47,7 +47,11 @@ def like(t: Any, name: str, ref: Any, ref_name: str) -> list[torch.Tensor]:
 
 def finite(t: Any, name: str) -> None:
     for i, x in enumerate(tree.leaves(t)):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if (
+            isinstance(x, torch.Tensor)
+            and x.is_floating_point()
+            and not bool(torch.isfinite(x).all())
+        ):
             raise ValueError(
                 f"`{name}` leaf {i} (shape {tuple(x.shape)}) contains NaN or inf; "
                 "a hypergradient at non-finite values is meaningless"

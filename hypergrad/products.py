@@ -87,7 +87,10 @@ class HessianOperator:
 
     def mixed_vjp(self, v: Tree) -> Tree:
         if self._h is None:
-            raise ValueError("`mixed_vjp` needs `hparams`: build with make_hvp(fn, params, hparams)")
+            raise ValueError(
+                "`mixed_vjp` needs `hparams`: build the operator with hparams "
+                "(HessianOperator(fn, params, hparams, ()))"
+            )
         v_flat = _checks.like(v, "v", self._params_ref, "params")
         with torch.enable_grad():
             out = _grads_or_zeros(self._g, self._h, v_flat, retain_graph=True)

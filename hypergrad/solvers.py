@@ -77,7 +77,8 @@ def cg(
     at a minimum) CG stops there and sets ``stats["nonpositive_curvature"]``.
 
     The recurrences (Hestenes & Stiefel 1952; Nocedal & Wright Alg. 5.2):
-        alpha_k = r_k^T r_k / p_k^T A p_k,  x_{k+1} = x_k + alpha_k p_k,  r_{k+1} = r_k - alpha_k A p_k
+        alpha_k = r_k^T r_k / p_k^T A p_k,
+        x_{k+1} = x_k + alpha_k p_k,  r_{k+1} = r_k - alpha_k A p_k,
         beta_k = r_{k+1}^T r_{k+1} / r_k^T r_k,  p_{k+1} = r_{k+1} + beta_k p_k
     """
     _checks.callable_(matvec, "matvec")

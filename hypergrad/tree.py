@@ -87,21 +87,30 @@ def _mismatch_message(a: str, ta: Tree, b: str, tb: Tree) -> str:
 
 def check_same_structure(a: Tree, b: Tree, names: tuple[str, str] = ("a", "b")) -> None:
     """Raise ``ValueError`` unless ``a`` and ``b`` have the same structure and leaf shapes."""
+    _zip_checked(a, b, names)
+
+
+def _zip_checked(a: Tree, b: Tree, names: tuple[str, str]) -> tuple[list[Any], list[Any], Any]:
+    """Leaves of ``a`` and ``b`` and their spec; ``ValueError`` on any structure or leaf-shape
+    mismatch (leaf-wise arithmetic would otherwise broadcast (3,) with (1,) silently)."""
     fa, sa = pytree.tree_flatten(a)
     fb, sb = pytree.tree_flatten(b)
-    if sa != sb:
+    if sa != sb or any(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape
+        for x, y in zip(fa, fb)
+    ):
         raise ValueError(_mismatch_message(names[0], a, names[1], b))
-    for x, y in zip(fa, fb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape:
-            raise ValueError(_mismatch_message(names[0], a, names[1], b))
+    return fa, fb, sa
 
 
 def add(a: Tree, b: Tree) -> Tree:
-    return map(torch.add, a, b, names=("a", "b"))
+    fa, fb, spec = _zip_checked(a, b, ("a", "b"))
+    return pytree.tree_unflatten([x + y for x, y in zip(fa, fb)], spec)
 
 
 def sub(a: Tree, b: Tree) -> Tree:
-    return map(torch.sub, a, b, names=("a", "b"))
+    fa, fb, spec = _zip_checked(a, b, ("a", "b"))
+    return pytree.tree_unflatten([x - y for x, y in zip(fa, fb)], spec)
 
 
 def scale(a: Tree, s: float | torch.Tensor) -> Tree:
@@ -110,15 +119,13 @@ def scale(a: Tree, s: float | torch.Tensor) -> Tree:
 
 def axpy(alpha: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
     """``alpha * x + y`` leaf-wise."""
-    return map(lambda xi, yi: yi + alpha * xi, x, y, names=("x", "y"))
+    fx, fy, spec = _zip_checked(x, y, ("x", "y"))
+    return pytree.tree_unflatten([yi + alpha * xi for xi, yi in zip(fx, fy)], spec)
 
 
 def vdot(a: Tree, b: Tree) -> torch.Tensor:
     """Sum over leaves of the inner products ``<a_i, b_i>`` (a 0-dim tensor)."""
-    fa, sa = pytree.tree_flatten(a)
-    fb, sb = pytree.tree_flatten(b)
-    if sa != sb:
-        raise ValueError(_mismatch_message("a", a, "b", b))
+    fa, fb, _ = _zip_checked(a, b, ("a", "b"))
     if not fa:
         return torch.zeros(())
     return sum(torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(fa, fb))
