@@ -5,10 +5,13 @@ See README.md for the quickstart and the API table.
 
 from . import testing, tree
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
+from .krylov import gmres, minres, normal_cg
 from .meta_loop import MetaPretrainer
+from .nystrom import nystrom
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import SolveResult, cg, neumann, power_iteration
+from .stochastic import stochastic_hvp
 from .unroll import gradient_step, optimizer_step, unroll
 
 __all__ = [
@@ -22,6 +25,11 @@ __all__ = [
     "cg",
     "neumann",
     "power_iteration",
+    "gmres",
+    "minres",
+    "normal_cg",
+    "nystrom",
+    "stochastic_hvp",
     "implicit_grad",
     "implicit_solution",
     "HypergradientWarning",
