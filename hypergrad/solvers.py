@@ -159,14 +159,16 @@ def power_iteration(matvec: Matvec, v0: Tree, iterations: int = 20) -> tuple[tor
         raise ValueError("`v0` must be non-zero for power iteration")
     v = tree.scale(v0, 1.0 / n0)
     lam = torch.zeros((), dtype=n0.dtype)
+    used = 0
     for _ in range(iterations):
         hv = matvec(v)
+        used += 1
         lam = tree.vdot(v, hv)  # Rayleigh quotient, v has unit norm
         n = tree.norm(hv)
         if not bool(torch.isfinite(n)) or float(n) == 0:
             break
         v = tree.scale(hv, 1.0 / n)
-    return lam, iterations
+    return lam, used
 
 
 def neumann(

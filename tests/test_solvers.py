@@ -1,0 +1,257 @@
+"""cg and neumann: they solve, they count, they report how it went, and never return NaN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import hypergrad as hg
+
+
+def spd(n: int, cond: float, seed: int = 0, eigs: torch.Tensor | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    if eigs is None:
+        eigs = torch.logspace(0, math.log10(cond), n, dtype=torch.float64)
+    return (q * eigs) @ q.T
+
+
+def rhs(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def true_residual(A, x, b) -> float:
+    return float((b - A @ x).norm() / b.norm())
+
+
+# ---- cg -------------------------------------------------------------------------------------
+
+
+# In exact arithmetic CG ends in <= n steps; in floating point, rounding delays it on badly
+# conditioned matrices (n=30, cond=50 takes 35 steps here and in scipy's cg alike). At cond <= ~30
+# and n <= 30 the delay measured over many seeds is at most 1 step, so the bound is n + 2.
+@pytest.mark.parametrize("n", [1, 2, 10, 30])
+def test_cg_converges_in_at_most_n_iterations_and_reports_it(n):
+    A, b = spd(n, cond=10.0, seed=n), rhs(n)
+    res = hg.cg(lambda v: A @ v, b, maxiter=10 * n, tol=1e-10)
+    assert bool(res.converged)
+    assert 1 <= int(res.iterations) <= n + 2
+    assert float(res.residual_norm) <= 1e-10
+    assert float(res.residual_norm) == pytest.approx(true_residual(A, res.solution, b), abs=1e-13)
+    torch.testing.assert_close(res.solution, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
+    assert not bool(res.stats["nonpositive_curvature"])
+    assert res.iterations.dtype == torch.int64 and res.converged.dtype == torch.bool
+    assert res.residual_norm.shape == () and res.residual_norm.dtype == torch.float64
+
+
+@given(n=st.integers(1, 16), log_cond=st.floats(0.0, 1.5), seed=st.integers(0, 10_000))
+def test_cg_iteration_bound_property(n, log_cond, seed):
+    A, b = spd(n, 10**log_cond, seed), rhs(n, seed + 1)
+    res = hg.cg(lambda v: A @ v, b, maxiter=5 * n, tol=1e-10)
+    assert bool(res.converged) and int(res.iterations) <= n + 2
+    assert true_residual(A, res.solution, b) < 1e-9
+
+
+def test_cg_needs_only_as_many_iterations_as_distinct_eigenvalues():
+    eigs = torch.tensor([1.0, 4.0, 9.0]).repeat_interleave(7)  # n = 21, three distinct values
+    A, b = spd(21, 0, seed=3, eigs=eigs), rhs(21)
+    res = hg.cg(lambda v: A @ v, b, maxiter=100, tol=1e-10)
+    assert bool(res.converged) and int(res.iterations) <= 4
+
+
+def test_cg_stops_at_maxiter_and_says_so():
+    A, b = spd(20, cond=1e3), rhs(20)
+    res = hg.cg(lambda v: A @ v, b, maxiter=3, tol=1e-12)
+    assert int(res.iterations) == 3 and not bool(res.converged)
+    assert float(res.residual_norm) > 1e-12
+    assert float(res.residual_norm) == pytest.approx(true_residual(A, res.solution, b), rel=1e-8)
+    zero = hg.cg(lambda v: A @ v, b, maxiter=0)
+    assert int(zero.iterations) == 0 and float(zero.residual_norm) == 1.0
+    assert torch.equal(zero.solution, torch.zeros(20))
+
+
+@pytest.mark.parametrize("damping", [0.1, 3.0])
+def test_cg_with_damping_solves_the_shifted_system(damping):
+    A, b = spd(12, cond=100.0, seed=4), rhs(12)
+    res = hg.cg(lambda v: A @ v, b, damping=damping, tol=1e-12, maxiter=50)
+    shifted = A + damping * torch.eye(12)
+    torch.testing.assert_close(res.solution, torch.linalg.solve(shifted, b), rtol=1e-9, atol=1e-12)
+    assert float(res.residual_norm) == pytest.approx(
+        true_residual(shifted, res.solution, b), abs=1e-13
+    )
+    # damping makes a singular PSD matrix solvable
+    P = torch.diag(torch.tensor([0.0, 1.0, 2.0]))
+    r = hg.cg(lambda v: P @ v, torch.ones(3), damping=0.5, tol=1e-12)
+    torch.testing.assert_close(r.solution, 1 / (torch.tensor([0.0, 1.0, 2.0]) + 0.5))
+
+
+def test_cg_honours_x0():
+    A, b = spd(15, cond=100.0, seed=5), rhs(15)
+    x_star = torch.linalg.solve(A, b)
+    # starting at the answer: one matvec to check it, no iterations, x0 returned
+    at = hg.cg(lambda v: A @ v, b, x0=x_star, tol=1e-8)
+    assert bool(at.converged) and int(at.iterations) == 1
+    torch.testing.assert_close(at.solution, x_star, rtol=0, atol=0)
+    # maxiter=0 returns x0 itself with its true residual
+    x0 = x_star + 1e-3 * rhs(15, seed=9)
+    stay = hg.cg(lambda v: A @ v, b, x0=x0, maxiter=0)
+    torch.testing.assert_close(stay.solution, x0, rtol=0, atol=0)
+    assert float(stay.residual_norm) == pytest.approx(true_residual(A, x0, b), rel=1e-10)
+    # a warm start near the answer needs fewer matvecs to the same tolerance than a cold one
+    cold = hg.cg(lambda v: A @ v, b, tol=1e-6)
+    warm = hg.cg(lambda v: A @ v, b, x0=x0, tol=1e-6)
+    assert bool(warm.converged) and int(warm.iterations) < int(cold.iterations)
+    torch.testing.assert_close(warm.solution, x_star, rtol=1e-5, atol=1e-6)
+
+
+def test_cg_flags_nonpositive_curvature_on_indefinite_matrix():
+    g = torch.Generator().manual_seed(6)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    A = (q * torch.tensor([-2.0, -0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])) @ q.T
+    res = hg.cg(lambda v: A @ v, rhs(8), tol=1e-10, maxiter=50)
+    assert bool(res.stats["nonpositive_curvature"])
+    assert not bool(res.converged)
+    assert hg.tree.all_finite(res.solution)
+    # negative definite: flagged on the very first direction
+    neg = hg.cg(lambda v: -v, rhs(8))
+    assert bool(neg.stats["nonpositive_curvature"]) and int(neg.iterations) == 1
+    assert float(neg.stats["min_rayleigh"]) == pytest.approx(-1.0)
+
+
+def test_cg_rayleigh_bounds_bracket_the_spectrum_seen():
+    A = spd(10, cond=20.0, seed=7)
+    res = hg.cg(lambda v: A @ v, rhs(10), tol=1e-12)
+    lo, hi = float(res.stats["min_rayleigh"]), float(res.stats["max_rayleigh"])
+    assert 1.0 - 1e-9 <= lo <= hi <= 20.0 + 1e-9
+
+
+def test_cg_zero_rhs_returns_zero_solution():
+    res = hg.cg(lambda v: 2 * v, torch.zeros(4))
+    assert bool(res.converged) and int(res.iterations) == 0
+    assert torch.equal(res.solution, torch.zeros(4)) and float(res.residual_norm) == 0.0
+
+
+def test_cg_on_pytrees():
+    A1, A2 = spd(3, 5.0, seed=1), spd(4, 5.0, seed=2)
+    b = {"u": rhs(3), "v": (rhs(4, seed=2),)}
+
+    def matvec(t):
+        return {"u": A1 @ t["u"], "v": (A2 @ t["v"][0],)}
+
+    res = hg.cg(matvec, b, tol=1e-12)
+    assert bool(res.converged) and int(res.iterations) <= 7 + 1
+    torch.testing.assert_close(res.solution["u"], torch.linalg.solve(A1, b["u"]))
+    torch.testing.assert_close(res.solution["v"][0], torch.linalg.solve(A2, b["v"][0]))
+
+
+def test_cg_float32_smoke():
+    A, b = spd(10, cond=10.0).float(), rhs(10).float()
+    res = hg.cg(lambda v: A @ v, b, tol=1e-5)
+    assert bool(res.converged) and res.solution.dtype == torch.float32
+    assert res.residual_norm.dtype == torch.float32
+    torch.testing.assert_close(res.solution, torch.linalg.solve(A, b), rtol=1e-4, atol=1e-5)
+
+
+# ---- neumann --------------------------------------------------------------------------------
+
+
+def neumann_by_hand(A, b, alpha, J):
+    M = torch.eye(A.shape[0]) - alpha * A
+    x, term = torch.zeros_like(b), b.clone()
+    for _ in range(J):
+        x = x + alpha * term
+        term = M @ term
+    return x
+
+
+@pytest.mark.parametrize("J", [0, 1, 2, 5, 40])
+def test_neumann_is_the_truncated_series_with_exact_residual(J):
+    A, b = spd(6, cond=8.0, seed=8), rhs(6)
+    alpha = 0.1
+    res = hg.neumann(lambda v: A @ v, b, iterations=J, alpha=alpha)
+    torch.testing.assert_close(res.solution, neumann_by_hand(A, b, alpha, J), rtol=1e-12, atol=0)
+    assert int(res.iterations) == J
+    assert float(res.residual_norm) == pytest.approx(
+        true_residual(A, res.solution, b), rel=1e-10, abs=1e-15
+    )
+    assert bool(res.converged) == (float(res.residual_norm) <= 1e-6)
+
+
+def test_neumann_with_enough_terms_solves_the_system():
+    A, b = spd(10, cond=10.0, seed=9), rhs(10)
+    res = hg.neumann(lambda v: A @ v, b, iterations=500, alpha=1.0 / 10.0, tol=1e-10)
+    assert bool(res.converged)
+    torch.testing.assert_close(res.solution, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1e3])  # 2 / lambda_max = 0.2
+def test_neumann_too_large_alpha_diverges_loudly_and_finitely(alpha):
+    A, b = spd(10, cond=10.0, seed=9), rhs(10)
+    res = hg.neumann(lambda v: A @ v, b, iterations=400, alpha=alpha)
+    assert not bool(res.converged)
+    r = float(res.residual_norm)
+    assert r > 1.0 or math.isinf(r)
+    assert hg.tree.all_finite(res.solution), "a diverged Neumann series must not return NaN/inf"
+    if math.isfinite(r):  # the reported residual is still the residual of the returned x
+        assert r == pytest.approx(true_residual(A, res.solution, b), rel=1e-6)
+
+
+def test_neumann_overflow_stops_early_with_inf_residual():
+    A, b = spd(10, cond=10.0, seed=9), rhs(10)
+    res = hg.neumann(lambda v: A @ v, b, iterations=10_000, alpha=1e6)
+    assert math.isinf(float(res.residual_norm)) and not bool(res.converged)
+    assert int(res.iterations) < 10_000  # it stopped at the first non-finite term
+    assert hg.tree.all_finite(res.solution)
+
+
+def test_neumann_auto_alpha_converges_where_hand_picked_alpha_diverges():
+    A, b = spd(10, cond=10.0, seed=9), rhs(10)
+    lam_max = float(torch.linalg.eigvalsh(A).max())
+    bad = hg.neumann(lambda v: A @ v, b, iterations=300, alpha=2.5 / lam_max)
+    assert not bool(bad.converged)
+    auto = hg.neumann(lambda v: A @ v, b, iterations=300, alpha="auto", tol=1e-8)
+    assert bool(auto.converged)
+    assert 0.5 * lam_max < float(auto.stats["lambda_max"]) <= lam_max * (1 + 1e-12)
+    assert auto.stats["alpha"] == pytest.approx(1.0 / float(auto.stats["lambda_max"]))
+    assert 0 < auto.stats["alpha"] < 2.0 / lam_max
+    # power-iteration matvecs are counted, and the residual is still exact
+    assert int(auto.iterations) == 300 + 20
+    assert float(auto.residual_norm) == pytest.approx(
+        true_residual(A, auto.solution, b), rel=1e-6, abs=1e-15
+    )
+    torch.testing.assert_close(auto.solution, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-7)
+
+
+def test_neumann_auto_flags_a_negative_dominant_eigenvalue():
+    A = -spd(5, cond=4.0, seed=10)
+    res = hg.neumann(lambda v: A @ v, rhs(5), iterations=20, alpha="auto")
+    assert bool(res.stats["nonpositive_curvature"]) and not bool(res.converged)
+    assert hg.tree.all_finite(res.solution)
+
+
+def test_neumann_zero_rhs_and_pytrees():
+    z = hg.neumann(lambda v: 2 * v, {"a": torch.zeros(3)}, iterations=5, alpha=0.1)
+    assert bool(z.converged) and torch.equal(z.solution["a"], torch.zeros(3))
+    b = {"a": rhs(3), "b": [rhs(2, seed=3)]}
+    res = hg.neumann(
+        lambda t: {"a": 2 * t["a"], "b": [4 * t["b"][0]]}, b, iterations=60, alpha=0.2, tol=1e-10
+    )
+    assert bool(res.converged)
+    torch.testing.assert_close(res.solution["a"], b["a"] / 2)
+    torch.testing.assert_close(res.solution["b"][0], b["b"][0] / 4)
+
+
+def test_power_iteration_estimates_the_largest_eigenvalue():
+    A = spd(12, cond=30.0, seed=11)
+    lam, used = hg.power_iteration(lambda v: A @ v, rhs(12), iterations=200)
+    assert float(lam) == pytest.approx(30.0, rel=1e-6) and used == 200
+    # an exact eigenvector: the estimate is exact at once, every matvec is counted
+    lam2, used2 = hg.power_iteration(lambda v: 3.0 * v, torch.ones(4), iterations=5)
+    assert float(lam2) == pytest.approx(3.0) and used2 == 5
+    # a zero operator: one matvec, then nothing more to iterate
+    lam0, used0 = hg.power_iteration(lambda v: 0.0 * v, torch.ones(4), iterations=5)
+    assert float(lam0) == 0.0 and used0 == 1
