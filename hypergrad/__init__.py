@@ -12,6 +12,7 @@ from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import SolveResult, cg, neumann, power_iteration
 from .stochastic import stochastic_hvp
+from .transformable import functional_implicit_grad
 from .unroll import gradient_step, optimizer_step, unroll
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "stochastic_hvp",
     "implicit_grad",
     "implicit_solution",
+    "functional_implicit_grad",
     "HypergradientWarning",
     "HypergradientError",
     "unroll",
