@@ -1,0 +1,172 @@
+"""Synthetic 12-lead, 100 Hz, 10 s ECGs with known ground truth (a stand-in for PTB-XL).
+
+A small parametric beat model: every wave (P, Q, R, S, T) is a Gaussian bump in time whose
+12-lead amplitudes are the projections of a 3-D heart vector onto the lead directions; an ST
+deviation is a plateau between the J point and the T wave along its own vector. Five binary
+labels are tied to controllable features:
+
+    timing      TACHY     heart rate 105-150 bpm        (normal 50-95)
+                LONG_PR   PR interval 220-320 ms        (normal 120-190)
+                WIDE_QRS  QRS duration 125-170 ms       (normal 70-105)
+    morphology  ST_DEV    ST elevation/depression 0.1-0.25 mV along an anterior, inferior or
+                          lateral vector                (normal 0)
+                T_INV     T vector reversed             (normal upright)
+
+Each record belongs to one ground-truth group: ``normal`` (no label), ``timing`` (at least one
+timing label, no morphology label) or ``morphology`` (the converse). A strong temporal warp
+stretches QRS complexes, PR and RR intervals and so changes the timing labels; it leaves ST
+level and T polarity alone. Nuisances: electrical axis, amplitudes, rate within its class,
+heart-rate variability, baseline wander and white noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "SyntheticECG", "make_synthetic_ecg"]
+
+LABELS = ("TACHY", "LONG_PR", "WIDE_QRS", "ST_DEV", "T_INV")
+TIMING_LABELS = (0, 1, 2)
+GROUPS = ("normal", "timing", "morphology")
+FS = 100
+LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+def _lead_vectors() -> np.ndarray:
+    """(12, 3) unit directions; axes x = patient's left, y = inferior, z = anterior."""
+    frontal = np.deg2rad([0, 60, 120, -150, -30, 90])
+    limb = np.stack([np.cos(frontal), np.sin(frontal), np.zeros(6)], 1)
+    horiz = np.deg2rad([120, 95, 75, 60, 30, 0])
+    prec = np.stack([np.cos(horiz), 0.15 * np.ones(6), np.sin(horiz)], 1)
+    v = np.concatenate([limb, prec])
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+_LEADS = _lead_vectors()
+# mean wave vectors (mV): P, Q, R, S, T
+_WAVES = {
+    "P": np.array([0.10, 0.12, 0.02]),
+    "Q": np.array([-0.08, -0.02, 0.10]),
+    "R": np.array([0.90, 0.75, -0.45]),
+    "S": np.array([-0.20, -0.25, 0.35]),
+    "T": np.array([0.25, 0.25, 0.10]),
+}
+_ST_DIRS = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # ant., inf., lat.
+
+
+@dataclass
+class SyntheticECG:
+    """``x`` (N, 12, L) float32 in mV, ``y`` (N, 5) float32, ``group`` (N,) int indexing GROUPS,
+    ``features`` dict of (N,) arrays: hr (bpm), pr, qrs (ms), st (mV), t_sign."""
+
+    x: np.ndarray
+    y: np.ndarray
+    group: np.ndarray
+    features: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, idx: np.ndarray) -> SyntheticECG:
+        return SyntheticECG(self.x[idx], self.y[idx], self.group[idx],
+                            {k: v[idx] for k, v in self.features.items()})
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * z))
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    a = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
+    cx, cy, cz = np.cos(a)
+    sx, sy, sz = np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _sample_labels(rng: np.random.Generator, group: int) -> np.ndarray:
+    y = np.zeros(5)
+    if group == 0:
+        return y
+    cols = [0, 1, 2] if group == 1 else [3, 4]
+    while not y[cols].any():
+        y[cols] = rng.random(len(cols)) < 0.5
+    return y
+
+
+def _one_record(rng: np.random.Generator, y: np.ndarray, length: int) -> tuple[np.ndarray, dict]:
+    t = np.arange(length) / FS  # seconds
+    hr = rng.uniform(105, 150) if y[0] else rng.uniform(50, 95)
+    pr = rng.uniform(0.22, 0.32) if y[1] else rng.uniform(0.12, 0.19)
+    qrs = rng.uniform(0.125, 0.17) if y[2] else rng.uniform(0.07, 0.105)
+    st = rng.uniform(0.1, 0.25) * rng.choice([-1.0, 1.0]) if y[3] else 0.0
+    t_sign = -rng.uniform(0.6, 1.0) if y[4] else 1.0
+    rr = 60.0 / hr
+    # beat times with mild heart-rate variability, covering the window with margins
+    n_beats = int(np.ceil((length / FS + 2.0) / rr)) + 2
+    rrs = rr * (1 + 0.03 * rng.standard_normal(n_beats))
+    r_times = -1.0 + rng.uniform(0, rr) + np.concatenate([[0.0], np.cumsum(rrs[:-1])])
+    rot = _rotation(rng, 20.0)
+    gain = rng.uniform(0.8, 1.25)
+    vec = {k: gain * rot @ (v * rng.uniform(0.85, 1.15)) for k, v in _WAVES.items()}
+    vec["T"] = vec["T"] * t_sign
+    st_vec = gain * st * _ST_DIRS[rng.integers(3)]
+    qt = 0.40 * np.sqrt(rr)  # Bazett
+    d = t[None, :] - r_times[:, None]  # (beats, time): time since each R peak
+    # waves: (centre relative to R, std) in seconds
+    onset = -qrs / 2
+    waves = {
+        "P": (onset - pr + 0.05, 0.022),
+        "Q": (-0.36 * qrs, qrs / 11),
+        "R": (0.0, qrs / 7.5),
+        "S": (0.36 * qrs, qrs / 11),
+        "T": (qt - 0.09, 0.045),
+    }
+    x = np.zeros((12, length))
+    for name, (c, s) in waves.items():
+        bump = np.exp(-0.5 * ((d - c) / s) ** 2).sum(0)  # (time,)
+        x += np.outer(_LEADS @ vec[name], bump)
+    if st != 0.0:
+        j, t_on = qrs / 2, qt - 0.09
+        plateau = _sigmoid((d - j) / 0.01) * _sigmoid((t_on - d) / 0.03)
+        x += np.outer(_LEADS @ st_vec, plateau.sum(0))
+    # nuisances: baseline wander (shared + per lead) and white noise
+    for _ in range(2):
+        f, ph = rng.uniform(0.05, 0.5), rng.uniform(0, 2 * np.pi)
+        amp = rng.uniform(0.02, 0.12) * (1 + 0.3 * rng.standard_normal((12, 1)))
+        x += amp * np.sin(2 * np.pi * f * t + ph)[None, :]
+    x += rng.uniform(0.01, 0.03) * rng.standard_normal(x.shape)
+    feats = {"hr": hr, "pr": 1000 * pr, "qrs": 1000 * qrs, "st": st, "t_sign": t_sign}
+    return x, feats
+
+
+def make_synthetic_ecg(
+    n: int, seed: int = 0, *, length: int = 1000, group_probs: tuple[float, float, float] = (
+        0.3, 0.35, 0.35)
+) -> SyntheticECG:
+    """``n`` synthetic records of ``length`` samples at 100 Hz (see the module docstring)."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"`n` must be a positive integer, got {n!r}")
+    if length < 200:
+        raise ValueError(f"`length` must be >= 200 samples (2 s), got {length}")
+    p = np.asarray(group_probs, dtype=float)
+    if p.shape != (3,) or (p < 0).any() or not np.isclose(p.sum(), 1.0):
+        raise ValueError(f"`group_probs` must be 3 non-negative numbers summing to 1, got {p}")
+    rng = np.random.default_rng(seed)
+    group = rng.choice(3, size=int(n), p=p)
+    xs, ys, feats = [], [], {k: [] for k in ("hr", "pr", "qrs", "st", "t_sign")}
+    for g in group:
+        y = _sample_labels(rng, int(g))
+        x, f = _one_record(rng, y, length)
+        xs.append(x)
+        ys.append(y)
+        for k in feats:
+            feats[k].append(f[k])
+    return SyntheticECG(
+        np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32), group.astype(np.int64),
+        {k: np.asarray(v) for k, v in feats.items()},
+    )
