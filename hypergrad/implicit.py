@@ -96,11 +96,17 @@ def _diagnose(
 def _report(info: dict[str, Any], on_failure: str) -> None:
     if info["trusted"] or on_failure == "ignore":
         return
-    text = "hypergradient may be wrong: " + "; ".join(info["reasons"])
     if on_failure == "raise":
-        raise HypergradientError(text)
-    # A fixed message per reason, so Python's default filter shows each once per call site.
-    warnings.warn(text, HypergradientWarning, stacklevel=3)
+        raise HypergradientError("hypergradient may be wrong: " + "; ".join(info["reasons"]))
+    # One warning per reason, each with a fixed message, so Python's default filter shows each
+    # reason once per call site (a joined message would repeat for every combination).
+    for reason in info["reasons"]:
+        warnings.warn("hypergradient may be wrong: " + reason, HypergradientWarning, stacklevel=3)
+
+
+def _check_stationarity_tol(stationarity_tol: float | None) -> None:
+    if stationarity_tol is not None:
+        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
 
 
 def implicit_grad(
@@ -136,6 +142,7 @@ def implicit_grad(
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(outer_loss, "outer_loss")
     _check_policy(on_failure)
+    _check_stationarity_tol(stationarity_tol)
     _checks.callable_(solver, "solver")
     p_flat = _checks.tensor_tree(params, "params")
     h_flat = _checks.tensor_tree(hparams, "hparams")
@@ -220,16 +227,21 @@ def implicit_solution(
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(solver, "solver")
     _check_policy(on_failure)
+    _check_stationarity_tol(stationarity_tol)
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
     p_flat, p_spec = tree.flatten(params)
     h_flat, h_spec = tree.flatten(hparams)
     _checks.tensor_tree(params, "params")
     _checks.tensor_tree(hparams, "hparams")
+    _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
     if not any(x.requires_grad for x in h_flat):
         raise ValueError(
             "`hparams` must require grad for implicit_solution to carry a hypergradient; "
             "call .requires_grad_() on them (or use hg.implicit_grad, which needs none)"
         )
     _checks.finite(params, "params")
+    _checks.finite(hparams, "hparams")
     cfg = {
         "inner_loss": inner_loss,
         "solver": solver,

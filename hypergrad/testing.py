@@ -153,10 +153,14 @@ def logistic_problem(
         return bce(Xv @ w, yv)
 
     w = torch.zeros(n_features, dtype=dtype)
+    eps = torch.finfo(dtype).eps
     for _ in range(newton_steps):
         H = dense_hessian(inner, w, h)
         gr = torch.func.grad(inner)(w, h)
-        w = w - torch.linalg.solve(H, gr)
+        step = torch.linalg.solve(H, gr)
+        w = w - step
+        if float(step.norm()) <= eps * (1 + float(w.norm())):
+            break  # converged to machine precision (Newton is quadratic; ~6 steps here)
     return Problem(inner, outer, w, h, None, {"X": X, "y": y})
 
 

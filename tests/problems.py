@@ -12,6 +12,8 @@ Use ``problem(name)`` or iterate over ``NAMES`` (e.g. in ``pytest.mark.parametri
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -115,5 +117,12 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
 NAMES = list(PROBLEMS)
 
 
-def problem(name: str) -> Problem:
+@functools.cache
+def _cached(name: str) -> Problem:
     return PROBLEMS[name]()
+
+
+def problem(name: str) -> Problem:
+    """A fresh copy of the table's problem ``name`` (built once per session, then copied, so a
+    test that modifies its tensors cannot affect another)."""
+    return copy.deepcopy(_cached(name))

@@ -1,0 +1,447 @@
+"""implicit_grad and implicit_solution: the IFT hypergradient, its premise checks, composition."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import hypergrad as hg
+from hypergrad import testing
+from tests import problems
+
+TIGHT_CG = functools.partial(hg.cg, tol=1e-12, maxiter=1000)
+
+
+def rel_error(approx, ref) -> float:
+    return testing.compare(approx, ref).rel_error
+
+
+def caught(fn):
+    """Run ``fn``; return (result, list of HypergradientWarnings raised), all warnings shown."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [x for x in w if issubclass(x.category, hg.HypergradientWarning)]
+
+
+# ---- accuracy against closed forms and references --------------------------------------------
+
+
+@given(testing.quadratic_problems())
+def test_cg_ift_matches_closed_form_on_random_quadratics(prob):
+    g = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=TIGHT_CG
+    )
+    assert rel_error(g, prob.hypergrad) < 1e-8
+
+
+@given(testing.ridge_problems())
+def test_cg_ift_matches_closed_form_on_per_feature_ridge(prob):
+    g = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=TIGHT_CG
+    )
+    assert rel_error(g, prob.hypergrad) < 1e-8
+
+
+@settings(max_examples=8)
+@given(testing.quadratic_problems(max_params=8, max_cond=10.0))
+def test_neumann_auto_ift_matches_closed_form_on_random_quadratics(prob):
+    # alpha = 1/lambda_max contracts the error by (1 - 1/cond) per term: 0.9^400 ~ 5e-19
+    solver = functools.partial(hg.neumann, iterations=400, alpha="auto", tol=1e-10)
+    g, info = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=solver, return_info=True
+    )
+    assert bool(info["solve"].converged)
+    assert rel_error(g, prob.hypergrad) < 1e-6
+
+
+# terms needed grow with the condition number (about 4, 6 and 30 here)
+@pytest.mark.parametrize(
+    ("name", "terms"), [("ridge", 300), ("logistic", 300), ("nested_pytrees", 1000)]
+)
+def test_neumann_auto_ift_on_table_problems(name, terms):
+    prob = problems.problem(name)
+    solver = functools.partial(hg.neumann, iterations=terms, alpha="auto", tol=1e-10)
+    g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=solver)
+    assert rel_error(g, prob.hypergrad) < 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cg_ift_on_logistic_regression_matches_dense_reference(seed):
+    prob = testing.logistic_problem(seed=seed, n_features=6)
+    ref = testing.reference_implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams
+    )
+    g = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=TIGHT_CG
+    )
+    assert rel_error(g, ref) < 1e-6
+
+
+@pytest.mark.parametrize("name", problems.NAMES)
+def test_cg_ift_on_every_table_problem(name):
+    prob = problems.problem(name)
+    g, info = hg.implicit_grad(
+        prob.inner_loss,
+        prob.outer_loss,
+        prob.params,
+        prob.hparams,
+        solver=TIGHT_CG,
+        return_info=True,
+    )
+    assert hg.tree.flatten(g)[1] == hg.tree.flatten(prob.hparams)[1]
+    assert rel_error(g, prob.hypergrad) < 1e-8
+    assert info["trusted"], info["reasons"]
+
+
+def test_hparams_unused_by_inner_loss_get_exact_zero_not_an_error():
+    prob = problems.problem("unused_hparam")
+    (g, info), ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, return_info=True
+        )
+    )
+    assert torch.equal(g["unused"], torch.zeros(2)) and not ws and info["trusted"]
+
+
+def test_outer_loss_that_depends_on_hparams_only():
+    prob = problems.problem("quadratic")
+
+    def outer(p, h):  # no dependence on params: the hypergradient is the direct term alone
+        return (torch.cos(h["h"]) * h["h"]).sum()
+
+    g = hg.implicit_grad(prob.inner_loss, outer, prob.params, prob.hparams)
+    h = prob.hparams["h"]
+    torch.testing.assert_close(g["h"], torch.cos(h) - h * torch.sin(h), rtol=1e-14, atol=0)
+
+
+def test_outer_loss_that_depends_on_nothing_differentiable_gives_zero():
+    prob = problems.problem("ridge")
+    g = hg.implicit_grad(prob.inner_loss, lambda p, h: torch.tensor(1.0), prob.params, prob.hparams)
+    assert torch.equal(g, torch.zeros_like(prob.hparams))
+
+
+def test_hparam_used_only_by_outer_loss():
+    prob = problems.problem("ridge")
+    hparams = {"reg": prob.hparams, "scale": torch.tensor(2.0)}
+
+    def outer(w, h):
+        return h["scale"] ** 2 * prob.outer_loss(w, h["reg"])
+
+    g = hg.implicit_grad(lambda w, h: prob.inner_loss(w, h["reg"]), outer, prob.params, hparams)
+    torch.testing.assert_close(g["scale"], 2 * 2.0 * prob.outer_loss(prob.params, prob.hparams))
+    torch.testing.assert_close(g["reg"], 4.0 * prob.hypergrad, rtol=1e-8, atol=0)
+
+
+def test_custom_solver_protocol_and_return_info():
+    prob = problems.problem("quadratic")
+    A = prob.extras["A"]
+    seen = {}
+
+    def direct_solver(matvec, b):
+        seen["b"] = b
+        x = {"x": torch.linalg.solve(A, b["x"])}
+        r = hg.tree.norm(hg.tree.sub(b, matvec(x))) / hg.tree.norm(b)
+        return hg.SolveResult(x, torch.tensor(1), r, r < 1e-10)
+
+    g, info = hg.implicit_grad(
+        prob.inner_loss,
+        prob.outer_loss,
+        prob.params,
+        prob.hparams,
+        solver=direct_solver,
+        return_info=True,
+    )
+    assert rel_error(g, prob.hypergrad) < 1e-12
+    # the solver is handed dL/dparams as its right-hand side
+    torch.testing.assert_close(seen["b"]["x"], prob.params["x"] - _outer_target(prob))
+    assert info["solve"].solution["x"].shape == prob.params["x"].shape
+
+
+def _outer_target(prob):
+    # outer = 0.5 ||p - t||^2 + ...: recover t from dL/dp at p=0
+    zero = {"x": torch.zeros_like(prob.params["x"])}
+    return -torch.func.grad(prob.outer_loss)(zero, prob.hparams)["x"]
+
+
+def test_implicit_grad_is_pure():
+    prob = problems.problem("logistic")
+    w = prob.params.clone().requires_grad_(True)
+    h = prob.hparams.clone().requires_grad_(True)
+    g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, w, h)
+    assert w.grad is None and h.grad is None and not g.requires_grad
+    assert torch.equal(w.detach(), prob.params)
+
+
+# ---- diagnostics -----------------------------------------------------------------------------
+
+
+def test_return_info_reports_the_premise_at_an_optimum():
+    prob = problems.problem("logistic")
+    g, info = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, return_info=True
+    )
+    assert {"solve", "inner_grad_norm", "stationarity", "nonpositive_curvature", "trusted"} <= set(
+        info
+    )
+    assert isinstance(info["solve"], hg.SolveResult) and bool(info["solve"].converged)
+    assert float(info["stationarity"]) < 1e-10 and float(info["inner_grad_norm"]) < 1e-12
+    assert info["nonpositive_curvature"] is False and info["trusted"] is True
+    assert info["reasons"] == []
+
+
+def test_stationarity_is_the_relative_residual_of_the_optimality_condition():
+    # quadratic f = 0.5 p^T A p - p^T c: stationarity = ||A p - c|| / max(||A p||, ||c||)
+    prob = problems.problem("quadratic")
+    A, B = prob.extras["A"], prob.extras["B"]
+    c = A @ prob.params["x"] - B @ prob.hparams["h"] + B @ prob.hparams["h"]
+    p = {"x": prob.params["x"] + 0.1}
+    _, info = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, p, prob.hparams, return_info=True, on_failure="ignore"
+    )
+    Ap = A @ p["x"]
+    expected = (Ap - c).norm() / torch.maximum(Ap.norm(), c.norm())
+    torch.testing.assert_close(info["stationarity"], expected, rtol=1e-10, atol=0)
+
+
+def _perturbed_logistic():
+    prob = problems.problem("logistic")
+    return prob, prob.params + 0.5  # far from the optimum, Hessian still positive definite
+
+
+def test_non_stationary_params_warn_exactly_once():
+    prob, bad = _perturbed_logistic()
+    (g, info), ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, bad, prob.hparams, return_info=True
+        )
+    )
+    assert len(ws) == 1, [str(w.message) for w in ws]
+    assert "stationary" in str(ws[0].message)
+    assert info["trusted"] is False and float(info["stationarity"]) > 1e-3
+    assert bool(info["solve"].converged) and info["nonpositive_curvature"] is False
+    assert hg.tree.all_finite(g)  # still computed: the caller decides
+
+
+def test_each_failed_premise_warns_once():
+    prob, bad = _perturbed_logistic()
+    one_step = functools.partial(hg.cg, maxiter=1, tol=1e-12)
+    _, ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, bad, prob.hparams, solver=one_step
+        )
+    )
+    messages = sorted(str(w.message) for w in ws)
+    assert len(messages) == 2
+    assert sum("did not converge" in m for m in messages) == 1
+    assert sum("stationary" in m for m in messages) == 1
+    # only the solve failing, at the optimum
+    _, ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=one_step
+        )
+    )
+    assert [("did not converge" in str(w.message)) for w in ws] == [True]
+
+
+def test_nonpositive_curvature_at_a_saddle_is_reported():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
+    A = (q * torch.tensor([-1.0, 1.0, 2.0, 3.0, 4.0])) @ q.T
+    B = torch.randn(5, 2, generator=g)
+    h = torch.randn(2, generator=g)
+
+    def inner(p, h):
+        return 0.5 * p @ A @ p - p @ (B @ h)
+
+    p_saddle = torch.linalg.solve(A, B @ h)  # stationary, but not a minimum
+    (_, info), ws = caught(
+        lambda: hg.implicit_grad(
+            inner, lambda p, h: (p**2).sum(), p_saddle, h, solver=TIGHT_CG, return_info=True
+        )
+    )
+    assert info["nonpositive_curvature"] is True and info["trusted"] is False
+    assert float(info["stationarity"]) < 1e-12
+    curvature = [w for w in ws if "non-positive curvature" in str(w.message)]
+    assert len(curvature) == 1
+    assert not any("stationary" in str(w.message) for w in ws)
+    with pytest.raises(hg.HypergradientError, match="non-positive curvature"):
+        hg.implicit_grad(inner, lambda p, h: (p**2).sum(), p_saddle, h, on_failure="raise")
+
+
+def test_on_failure_raise_and_ignore():
+    prob, bad = _perturbed_logistic()
+    with pytest.raises(hg.HypergradientError, match="not a stationary point"):
+        hg.implicit_grad(prob.inner_loss, prob.outer_loss, bad, prob.hparams, on_failure="raise")
+    (g, info), ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss,
+            prob.outer_loss,
+            bad,
+            prob.hparams,
+            on_failure="ignore",
+            return_info=True,
+        )
+    )
+    assert ws == [] and info["trusted"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing at all may be emitted at a good optimum
+        hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams)
+
+
+def test_stationarity_check_can_be_switched_off():
+    prob, bad = _perturbed_logistic()
+    (_, info), ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss,
+            prob.outer_loss,
+            bad,
+            prob.hparams,
+            stationarity_tol=None,
+            return_info=True,
+        )
+    )
+    assert ws == [] and "stationarity" not in info and info["trusted"] is True
+    # a loose threshold accepts it, a tight one does not
+    _, ws = caught(
+        lambda: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, bad, prob.hparams, stationarity_tol=10.0
+        )
+    )
+    assert ws == []
+
+
+# ---- implicit_solution -----------------------------------------------------------------------
+
+
+def test_implicit_solution_forward_is_params_and_backward_is_the_ift():
+    prob = problems.problem("nested_pytrees")
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    info: dict = {}
+    p_star = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=TIGHT_CG, info=info)
+    assert hg.tree.flatten(p_star)[1] == hg.tree.flatten(prob.params)[1]
+    for a, b in zip(hg.tree.leaves(p_star), hg.tree.leaves(prob.params)):
+        assert torch.equal(a, b) and a.requires_grad
+    assert info == {}  # diagnostics arrive with the backward
+    prob.outer_loss(p_star, h).backward()
+    grads = [x.grad for x in hg.tree.leaves(h)]
+    assert rel_error(hg.tree.unflatten(grads, hg.tree.flatten(h)[1]), prob.hypergrad) < 1e-8
+    assert info["trusted"] is True and float(info["stationarity"]) < 1e-10
+    assert bool(info["solve"].converged) and info["nonpositive_curvature"] is False
+
+
+def test_implicit_solution_does_not_touch_params_grad_and_chains_through_hparams():
+    prob = problems.problem("ridge")
+    w = prob.params.clone().requires_grad_(True)
+    raw = (prob.hparams / 2).clone().requires_grad_(True)
+    h = 2 * raw  # hparams computed from a meta-parameter: the chain rule must apply
+    w_star = hg.implicit_solution(prob.inner_loss, w, h, solver=TIGHT_CG)
+    prob.outer_loss(w_star, h).backward()
+    assert w.grad is None
+    torch.testing.assert_close(raw.grad, 2 * prob.hypergrad, rtol=1e-8, atol=0)
+
+
+def test_implicit_solution_with_direct_hparam_dependence_and_unused_hparam():
+    prob = problems.problem("unused_hparam")
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    w_star = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=TIGHT_CG)
+    loss = prob.outer_loss(w_star, h) + (h["unused"] ** 2).sum() + h["used"].sum()
+    loss.backward()
+    torch.testing.assert_close(h["unused"].grad, 2 * prob.hparams["unused"])
+    torch.testing.assert_close(h["used"].grad, prob.hypergrad["used"] + 1.0, rtol=1e-8, atol=1e-12)
+
+
+def _composed_reference(pt_loss, ft_loss, outer, p_star, h, K, lr):
+    """By hand: p_K = Phi(p*(h), h) with Phi = K gradient steps on ft_loss, L(p_K, h).
+
+    dL/dh = dL/dh|direct + J_h^T g + (dp*/dh)^T J_p^T g,   dp*/dh = -H^{-1} M,
+    with g = dL/dp_K, J_p = dPhi/dp, J_h = dPhi/dh (dense, torch.func.jacrev), H and M the
+    dense Hessian and mixed derivative of the pre-training loss.
+    """
+
+    def phi(p, h):
+        for _ in range(K):
+            p = p - lr * torch.func.grad(ft_loss)(p, h)
+        return p
+
+    p_K = phi(p_star, h)
+    g_p, g_h = torch.func.grad(outer, argnums=(0, 1))(p_K, h)
+    J_p, J_h = torch.func.jacrev(phi, argnums=(0, 1))(p_star, h)
+    H = testing.dense_hessian(pt_loss, p_star, h)
+    M = testing.dense_mixed(pt_loss, p_star, h)
+    dp_dh = -torch.linalg.solve(H, M)
+    return g_h + J_h.T @ g_p + dp_dh.T @ (J_p.T @ g_p)
+
+
+@pytest.mark.parametrize("K", [0, 1, 3])
+def test_implicit_solution_then_k_steps_matches_the_hand_formula(K):
+    prob = testing.logistic_problem(seed=7, n_features=5)
+    gen = torch.Generator().manual_seed(8)
+    Xf, yf = torch.randn(20, 5, generator=gen), torch.randn(20, generator=gen)
+
+    def ft_loss(w, h):  # fine-tuning loss that itself depends on the hyperparameters
+        return ((Xf @ w - yf) ** 2).mean() / 2 + 0.1 * (torch.tanh(h) * w).sum()
+
+    def outer(w, h):
+        return prob.outer_loss(w, h) + 0.01 * (h**2).sum()
+
+    lr = 0.1
+    expected = _composed_reference(
+        prob.inner_loss, ft_loss, outer, prob.params, prob.hparams, K, lr
+    )
+    h = prob.hparams.clone().requires_grad_(True)
+    info: dict = {}
+    w = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=TIGHT_CG, info=info)
+    w_K = hg.unroll(hg.gradient_step(ft_loss, lr=lr), w, h, steps=K)
+    outer(w_K, h).backward()
+    assert rel_error(h.grad, expected) < 1e-8
+    assert info["trusted"]
+
+
+def test_implicit_solution_warns_or_raises_on_backward():
+    prob, bad = _perturbed_logistic()
+    h = prob.hparams.clone().requires_grad_(True)
+    w = hg.implicit_solution(prob.inner_loss, bad, h)  # nothing is checked in the forward
+    _, ws = caught(lambda: prob.outer_loss(w, h).backward())
+    assert len(ws) == 1 and "stationary" in str(ws[0].message)
+    h.grad = None
+    w = hg.implicit_solution(prob.inner_loss, bad, h, on_failure="raise")
+    with pytest.raises(hg.HypergradientError, match="stationary"):
+        prob.outer_loss(w, h).backward()
+    info: dict = {"stale": 1}
+    w = hg.implicit_solution(prob.inner_loss, bad, h, on_failure="ignore", info=info)
+    _, ws = caught(lambda: prob.outer_loss(w, h).backward())
+    assert ws == [] and info["trusted"] is False and "stale" not in info
+
+
+def test_implicit_solution_accepts_a_neumann_solver():
+    prob = problems.problem("ridge")
+    h = prob.hparams.clone().requires_grad_(True)
+    solver = functools.partial(hg.neumann, iterations=3000, alpha="auto", tol=1e-10)
+    prob.outer_loss(
+        hg.implicit_solution(prob.inner_loss, prob.params, h, solver=solver), h
+    ).backward()
+    assert rel_error(h.grad, prob.hypergrad) < 1e-6
+
+
+# ---- float32 smoke ---------------------------------------------------------------------------
+
+
+def test_float32_smoke():
+    prob = testing.quadratic_problem(seed=0, dtype=torch.float32)
+    ref = hg.tree.map(torch.Tensor.double, prob.hypergrad)  # its closed form, in float32
+    solver = functools.partial(hg.cg, tol=1e-5)
+    g, info = hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=solver, return_info=True
+    )
+    assert g["h"].dtype == torch.float32 and info["trusted"]
+    assert rel_error(g, ref) < 1e-3
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    p = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=solver)
+    prob.outer_loss(p, h).backward()
+    assert h["h"].grad.dtype == torch.float32
+    torch.testing.assert_close(h["h"].grad, g["h"], rtol=1e-5, atol=1e-6)
