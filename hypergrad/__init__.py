@@ -3,7 +3,7 @@
 See README.md for the quickstart and the API table.
 """
 
-from . import testing, tree
+from . import distributed, testing, tree
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .krylov import gmres, minres, normal_cg
 from .meta_loop import MetaPretrainer
@@ -17,6 +17,7 @@ from .unroll import gradient_step, optimizer_step, unroll
 
 __all__ = [
     "tree",
+    "distributed",
     "testing",
     "hvp",
     "make_hvp",

@@ -7,6 +7,9 @@ its value after the K FT steps. theta_PT, psi_PT and psi_FT are kept online (nev
 re-initialised). With ``meta=False`` the same loop is plain pre-training (the baseline and the
 denominator of the cost ratio).
 
+Data parallel: wrap both losses with ``hypergrad.distributed.data_parallel`` and give each
+rank its shard of every batch; only rank 0 writes checkpoints and shows progress.
+
 Resumability: batches come from functions of the step index, and the checkpoint holds
 parameters, optimizer states, counters, history and the global RNG state, so a run killed and
 resumed ends where an uninterrupted run with the same seed ends.
@@ -36,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import _checks, tree
+from . import _checks, distributed, tree
 from .implicit import HypergradientError
 from .pretraining import pretraining_hypergrad
 from .solvers import SolveResult, neumann
@@ -171,7 +174,7 @@ class MetaPretrainer:
         if path is not None and path.exists():
             self.load_state_dict(torch.load(path, weights_only=False))
         bar = None
-        if progress:
+        if progress and distributed.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=meta_steps, initial=self.meta_steps_done, desc="meta-PT" if self.meta
@@ -196,8 +199,10 @@ class MetaPretrainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(pt_loss=f"{pt_loss:.4f}")
-            if path is not None and (self.meta_steps_done % checkpoint_every == 0
-                                     or self.meta_steps_done == meta_steps):
+            if path is not None and distributed.is_main() and (
+                self.meta_steps_done % checkpoint_every == 0 or self.meta_steps_done == meta_steps
+            ):
+                # rank 0 writes; every rank holds identical state (see hypergrad.distributed)
                 _atomic_save(self.state_dict(), path)
         if bar is not None:
             bar.close()
