@@ -1,0 +1,319 @@
+"""``python -m tasks ecg``: No PT / SimCLR / Meta SimCLR on PTB-XL or the synthetic stand-in.
+
+Example (the synthetic validation of tasks/ecg/RESULTS.md)::
+
+    python -m tasks ecg --synthetic --method no_pt,simclr,meta_simclr --n-ft 100,250,500 \\
+        --seeds 3 --config default --out runs/ecg
+
+Resumable: every fine-tuning result is a JSON file under ``OUT/runs`` and every pre-training
+result a file under ``OUT/pt``; finished ones are skipped, and an interrupted pre-training
+resumes from its ``hg.MetaPretrainer`` checkpoint under ``OUT/ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.common import atomic_save, mean_std, seed_everything, write_json
+from tasks.ecg.data import load_ptbxl, sample_ft_split
+from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
+from tasks.ecg.plots import plot_augmentations, plot_auroc, plot_strengths
+from tasks.ecg.synthetic import GROUPS, LABELS, TIMING_LABELS, make_synthetic_ecg
+
+METHODS = ("no_pt", "simclr", "meta_simclr", "meta_simclr_partial")
+
+
+@dataclass
+class Task:
+    """Non-test signals ``x``/``y`` with PT indices and D_FT candidate indices; the test set;
+    ground-truth groups (synthetic only)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    pt_idx: np.ndarray
+    ft_train_idx: np.ndarray
+    ft_val_idx: np.ndarray | None  # None: D_FT val drawn from ft_train_idx (paper, 80/20)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    label_names: tuple[str, ...]
+    name: str
+    group_test: np.ndarray | None = None
+
+    def ft_split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.ft_val_idx is None:
+            return sample_ft_split(self.ft_train_idx, n, seed)
+        n_tr = int(0.8 * n)
+        rng = np.random.RandomState(seed)
+        return (rng.permutation(self.ft_train_idx)[:n_tr],
+                rng.permutation(self.ft_val_idx)[: n - n_tr])
+
+
+def synthetic_task(n_pool: int, n_test: int, seed: int = 12345) -> Task:
+    """Pool and test set from ``make_synthetic_ecg``, paper conventions (scalar standardisation
+    fitted on the pool, zero-padding to 1024)."""
+    pool, test = make_synthetic_ecg(n_pool, seed), make_synthetic_ecg(n_test, seed + 1)
+    mean, std = float(pool.x.mean(dtype=np.float64)), float(pool.x.std(dtype=np.float64))
+
+    def prep(a: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.pad(torch.from_numpy((a - mean) / std).float(), (0, 24))
+
+    idx = np.arange(n_pool)
+    return Task(prep(pool.x), torch.from_numpy(pool.y), idx, idx, None, prep(test.x),
+                torch.from_numpy(test.y), LABELS, "synthetic", test.group)
+
+
+def ptbxl_task(data_dir: str, labels: str, cache: str | None) -> Task:
+    d = load_ptbxl(data_dir, labels, cache=cache)
+    x, y = torch.from_numpy(d.x), torch.from_numpy(d.y)
+    te = d.splits["test"]
+    if labels == "paper":
+        pool = d.splits["pool"]
+        return Task(x, y, pool, pool, None, x[te], y[te], d.label_names, "ptbxl-paper")
+    tr = d.splits["train"]
+    return Task(x, y, tr, tr, d.splits["val"], x[te], y[te], d.label_names, "ptbxl-benchmark")
+
+
+def _parse_ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) <= 0:
+        raise SystemExit(f"{name} must be positive integers, got {text!r}")
+    return vals
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    fields = asdict(CONFIGS["default"])
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        if k not in fields:
+            raise SystemExit(f"--set: unknown config field {k!r}; known: {sorted(fields)}")
+        out[k] = type(fields[k])(v)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tasks ecg", description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="no_pt,simclr,meta_simclr",
+                   help=f"comma-separated subset of {','.join(METHODS)} or 'all'")
+    p.add_argument("--n-ft", default="100,250,500", help="|D_FT| values (comma-separated)")
+    p.add_argument("--seeds", type=int, default=3, help="PT seeds (also draw D_FT)")
+    p.add_argument("--ft-seeds", type=int, default=1, help="FT seeds per PT seed")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", help="PTB-XL directory (ptbxl_database.csv, records100/)")
+    src.add_argument("--synthetic", action="store_true", help="synthetic 12-lead stand-in")
+    p.add_argument("--labels", choices=("paper", "benchmark"), default="paper")
+    p.add_argument("--cache", help="npz cache of the PTB-XL signals")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
+    p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
+    p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
+    p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
+                   help="also time OUTER outer iterations with meta=False vs meta=True")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, seed: int,
+               meta_sets, progress: bool) -> dict[str, Any]:
+    path = out / "pt" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    res = pretrain(method, task.x[task.pt_idx], cfg, seed, meta_sets=meta_sets,
+                   checkpoint=out / "ckpt" / f"{key}.pt", progress=progress)
+    if res["phi"] is not None:
+        res["strengths"] = _strength_report(res["phi"], task, cfg)
+    atomic_save(res, path)
+    return res
+
+
+def _strength_report(phi_params, task: Task, cfg: ECGConfig) -> dict[str, Any]:
+    from models.ecg_phi import WarpStrengthNet
+
+    phi = WarpStrengthNet(task.x.shape[1], cfg.phi_channels, init_strength=cfg.warp,
+                          max_strength=cfg.warp_max)
+    s = phi_strengths(phi, phi_params, task.x_test).numpy()
+    rep: dict[str, Any] = {"all": float(s.mean()), "init": cfg.warp}
+    if task.group_test is not None:
+        rep["by_group"] = {g: float(s[task.group_test == i].mean()) for i, g in enumerate(GROUPS)}
+        rep["values_by_group"] = {g: s[task.group_test == i].tolist() for i, g in enumerate(GROUPS)}
+    y = task.y_test.numpy()
+    rep["by_label"] = {name: float(s[y[:, j] == 1].mean()) if (y[:, j] == 1).any() else None
+                       for j, name in enumerate(task.label_names)}
+    rep["no_label"] = float(s[y.sum(1) == 0].mean()) if (y.sum(1) == 0).any() else None
+    return rep
+
+
+def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, out: Path,
+            meta_n: int, progress: bool) -> dict[str, Any] | None:
+    key = f"{method}_n{n}_s{seed}_f{f}"
+    path = out / "runs" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tr, va = task.ft_split(n, seed)
+    pt: dict[str, Any] | None = None
+    if method == "simclr":
+        pt = _pt_result(f"simclr_s{seed}", out, "simclr", task, cfg, seed, None, progress)
+    elif method in ("meta_simclr", "meta_simclr_partial"):
+        if method == "meta_simclr_partial":
+            if meta_n >= n:
+                return None
+            m_tr = int(0.8 * meta_n)
+            mtr, mva, pkey = tr[:m_tr], va[: meta_n - m_tr], f"{method}_n{n}_m{meta_n}_s{seed}"
+        else:
+            mtr, mva, pkey = tr, va, f"{method}_n{n}_s{seed}"
+        sets = ((task.x[mtr], task.y[mtr]), (task.x[mva], task.y[mva]))
+        pt = _pt_result(pkey, out, "meta_simclr", task, cfg, seed, sets, progress)
+    t0 = time.perf_counter()
+    res = finetune(None if pt is None else pt["enc_state"], (task.x[tr], task.y[tr]),
+                   (task.x[va], task.y[va]), (task.x_test, task.y_test), cfg, 1000 * seed + f)
+    res.update(method=method, n_ft=n, seed=seed, ft_seed=f, ft_time=time.perf_counter() - t0,
+               n_train=len(tr), n_val=len(va))
+    if pt is not None:
+        res.update(pt_wall_time=pt["wall_time"], pt_meta_steps=pt["meta_steps"],
+                   pt_outer=pt["outer_iterations"])
+        if pt.get("strengths"):
+            res["strengths"] = {k: v for k, v in pt["strengths"].items() if k != "values_by_group"}
+    write_json(path, res)
+    return res
+
+
+def time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int, out: Path) -> dict[str, Any]:
+    """Wall time of ``outer`` outer iterations of MetaPretrainer with meta=False vs meta=True
+    (same loss, data and phi network), twice each, alternating."""
+    path = out / "time_ratio.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tr, va = task.ft_split(n, 0)
+    sets = ((task.x[tr], task.y[tr]), (task.x[va], task.y[va]))
+    cfg0 = with_overrides(cfg, warmup=0)
+    times: dict[str, list[float]] = {"plain": [], "meta": []}
+    for _ in range(2):
+        for meta, name in ((False, "plain"), (True, "meta")):
+            r = pretrain("meta_simclr", task.x[task.pt_idx], cfg0, 0, meta_sets=sets, meta=meta,
+                         outer=outer, progress=False)
+            times[name].append(r["wall_time"])
+    res = {"outer_iterations": outer, "P": cfg.P, "K": cfg.K, "neumann_terms": cfg.neumann_terms,
+           "plain_s": times["plain"], "meta_s": times["meta"],
+           "ratio": float(np.mean(times["meta"]) / np.mean(times["plain"]))}
+    write_json(path, res)
+    return res
+
+
+def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[str],
+              cfg: ECGConfig, ratio: dict[str, Any] | None) -> dict[str, Any]:
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    ns = sorted({r["n_ft"] for r in results})
+    table: dict[str, dict[int, tuple[float, float, int]]] = {}
+    groups: dict[str, dict[int, Any]] = {}
+    for m in methods:
+        table[m], groups[m] = {}, {}
+        for n in ns:
+            rs = [r for r in results if r["method"] == m and r["n_ft"] == n]
+            if not rs:
+                continue
+            table[m][n] = (*mean_std([r["test_auroc"] for r in rs]), len(rs))
+            if task.group_test is not None:
+                per = np.array([r["test_auroc_per_label"] for r in rs], dtype=float)
+                groups[m][n] = {
+                    "timing": mean_std(list(np.nanmean(per[:, list(TIMING_LABELS)], 1))),
+                    "morphology": mean_std(list(np.nanmean(per[:, 3:], 1))),
+                }
+    seen: dict[tuple[int, int], dict] = {}  # one entry per full-access Meta SimCLR pre-training
+    for r in results:
+        if r["method"] == "meta_simclr" and r.get("strengths"):
+            seen[(r["n_ft"], r["seed"])] = r["strengths"]
+    strengths = list(seen.values())
+    lines = [f"# ECG reproduction: {task.name}", "", "Command: `python -m tasks ecg "
+             + " ".join(argv) + "`", "", "Test macro AUROC (%), mean +- std over seeds (count):",
+             "", "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
+             "| --- |" + " --- |" * len(ns)]
+    for m in methods:
+        cells = [f"{100 * table[m][n][0]:.1f} +- {100 * table[m][n][1]:.1f} ({table[m][n][2]})"
+                 if n in table[m] else "-" for n in ns]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if task.group_test is not None:
+        lines += ["", "Macro AUROC (%) over the timing labels / the morphology labels:", "",
+                  "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
+                  "| --- |" + " --- |" * len(ns)]
+        for m in methods:
+            cells = [f"{100 * groups[m][n]['timing'][0]:.1f} / "
+                     f"{100 * groups[m][n]['morphology'][0]:.1f}" if n in groups[m] else "-"
+                     for n in ns]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    summary_strengths = None
+    if strengths and all("by_group" in s for s in strengths):
+        summary_strengths = {g: mean_std([s["by_group"][g] for s in strengths]) for g in GROUPS}
+        lines += ["", f"Learned warp strength w(x; phi) on the test set by ground-truth group "
+                  f"(initial {cfg.warp:g}), mean +- std over {len(strengths)} Meta SimCLR "
+                  "pre-trainings:", ""]
+        lines += [f"- {g}: {m:.2f} +- {s:.2f}" for g, (m, s) in summary_strengths.items()]
+    if ratio:
+        lines += ["", f"Meta/plain PT wall-time ratio ({ratio['outer_iterations']} outer "
+                  f"iterations, P={ratio['P']}, K={ratio['K']}): {ratio['ratio']:.2f} "
+                  f"(plain {ratio['plain_s']} s, meta {ratio['meta_s']} s)"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    summary = {"table": {m: {str(n): v for n, v in t.items()} for m, t in table.items()},
+               "timing_morphology": {m: {str(n): v for n, v in t.items()}
+                                     for m, t in groups.items()},
+               "strengths_by_group": summary_strengths, "time_ratio": ratio,
+               "config": asdict(cfg), "argv": argv, "task": task.name}
+    write_json(out / "results.json", summary)
+    if table:
+        plot_auroc(table, out / "auroc_vs_nft.png", title=f"ECG ({task.name})")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    methods = list(METHODS) if args.method == "all" else args.method.split(",")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--method: unknown {bad}; choose from {METHODS}")
+    ns = _parse_ints(args.n_ft, "--n-ft")
+    if args.seeds < 1 or args.ft_seeds < 1:
+        raise SystemExit("--seeds and --ft-seeds must be >= 1")
+    torch.set_num_threads(max(1, args.threads))
+    seed_everything(0)
+    cfg = with_overrides(CONFIGS[args.config], **_overrides(args.set))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = (synthetic_task(args.n_pool, args.n_test) if args.synthetic
+            else ptbxl_task(args.data_dir, args.labels, args.cache))
+    plot_augmentations(task.x[int(task.pt_idx[0])], out / "augmentations.png", crop=cfg.crop,
+                       noise=cfg.noise, warps=(cfg.warp, cfg.warp_max), sigma=cfg.warp_sigma)
+    jobs = [(m, n, s, f) for s in range(args.seeds) for n in ns for m in methods
+            for f in range(args.ft_seeds)]
+    from tqdm.auto import tqdm
+
+    results = []
+    for m, n, s, f in tqdm(jobs, desc="ECG runs", disable=args.no_progress):
+        r = run_one(m, n, s, f, task, cfg, out, args.meta_n, not args.no_progress)
+        if r is not None:
+            results.append(r)
+    ratio = time_ratio(task, cfg, ns[0], args.time_ratio, out) if args.time_ratio else None
+    summary = summarize(results, task, out, argv, cfg, ratio)
+    pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
+    if pts and task.group_test is not None:
+        vals = torch.load(pts[-1], weights_only=False)["strengths"]["values_by_group"]
+        plot_strengths(vals, out / "strengths.png")
+    print((out / "results.md").read_text())
+    return 0 if summary else 1

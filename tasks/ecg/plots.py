@@ -1,0 +1,84 @@
+"""Figures for the ECG reproduction: AUROC vs |D_FT| and example augmented signals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.ecg.augment import jitter, random_crop, temporal_warp
+
+__all__ = ["plot_auroc", "plot_augmentations", "plot_strengths"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_auroc(summary: dict[str, dict[int, tuple[float, float, int]]], path: str | Path,
+               title: str = "") -> Path:
+    """``summary[method][n_ft] = (mean, std, count)`` -> errorbar plot of test macro AUROC."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, rows in summary.items():
+        ns = sorted(rows)
+        m = np.array([rows[n][0] for n in ns])
+        s = np.array([rows[n][1] for n in ns])
+        ax.errorbar(ns, 100 * m, yerr=100 * s, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("|D_FT|")
+    ax.set_ylabel("test macro AUROC (%)")
+    ax.set_title(title or "AUROC vs |D_FT| (mean +- std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_augmentations(x: torch.Tensor, path: str | Path, *, crop: float = 0.5,
+                       noise: float = 0.1, warps: tuple[float, ...] = (25.0, 100.0),
+                       sigma: float = 15.0, lead: int = 1, seed: int = 0,
+                       length: int = 400) -> Path:
+    """One signal (``x`` is (leads, time)) before/after each augmentation, in the paper's order."""
+    plt = _plt()
+    x = x.unsqueeze(0).double()
+    g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+    panels = [("original", x), (f"random crop (up to {crop:.0%})", random_crop(x, crop, g())),
+              (f"jitter (std up to {noise:g} x lead std)", jitter(x, noise, g()))]
+    for w in warps:
+        y, pos = temporal_warp(x, w, g(), sigma=sigma, return_positions=True)
+        disp = float((pos - torch.arange(x.shape[-1])).abs().max())
+        panels.append((f"temporal warp, strength {w:g} (max |u| = {disp:.1f} samples)", y))
+    fig, axs = plt.subplots(len(panels), 1, figsize=(9, 1.6 * len(panels)), sharex=True)
+    for ax, (name, y) in zip(axs, panels):
+        ax.plot(x[0, lead, :length].numpy(), color="0.75", lw=1)
+        ax.plot(y[0, lead, :length].numpy(), lw=1)
+        ax.set_title(name, fontsize=9)
+    axs[-1].set_xlabel("sample (100 Hz)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_strengths(by_group: dict[str, list[float]], path: str | Path) -> Path:
+    """Histogram of learned warp strengths per ground-truth group."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, vals in by_group.items():
+        ax.hist(vals, bins=40, alpha=0.5, label=f"{name} (mean {np.mean(vals):.1f})")
+    ax.set_xlabel("learned warp strength w(x; phi) (samples^2)")
+    ax.set_ylabel("test examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
