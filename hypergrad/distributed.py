@@ -70,41 +70,53 @@ def init(backend: str | None = None, timeout_s: float = 120.0) -> bool:
     return True
 
 
+def _flat_all_reduce_mean(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """One all-reduce for all tensors (flattened into one buffer): one message, not one per
+    parameter tensor."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 class _AllReduceMean(torch.autograd.Function):
-    """y = mean over ranks of x; self-adjoint, so its backward is itself (twice differentiable)."""
+    """y_i = mean over ranks of x_i; self-adjoint, so its backward is itself (differentiable
+    any number of times)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = x.detach().clone()
-        dist.all_reduce(y)
-        return y / dist.get_world_size()
+    def forward(ctx, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(_flat_all_reduce_mean(xs))
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _AllReduceMean.apply(g)
+    def backward(ctx, *gs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return _AllReduceMean.apply(*gs)  # None grads arrive materialised as zeros
 
 
 class _Synced(torch.autograd.Function):
-    """Identity forward; the gradient is averaged over ranks (differentiably)."""
+    """Identity forward; the gradients are averaged over ranks (differentiably, in one
+    all-reduce for the whole pytree)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
+    def forward(ctx, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _AllReduceMean.apply(g)
+    def backward(ctx, *gs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return _AllReduceMean.apply(*gs)
 
 
 def synced(t: Tree) -> Tree:
     """``t`` unchanged, with gradients averaged over ranks (identity when not distributed)."""
     if world_size() == 1:
         return t
-    return tree.map(
-        lambda x: _Synced.apply(x) if isinstance(x, torch.Tensor) and x.is_floating_point()
-        else x,
-        t,
-    )
+    flat, spec = tree.flatten(t)
+    idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if not idx:
+        return t
+    outs = _Synced.apply(*[flat[i] for i in idx])
+    for i, o in zip(idx, outs):
+        flat[i] = o
+    return tree.unflatten(flat, spec)
 
 
 def data_parallel(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
