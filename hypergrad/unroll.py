@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.utils.checkpoint as _ckpt
 
 from . import _checks, tree
 from .tree import Tree
@@ -50,9 +49,10 @@ def unroll(
         truncate: number of final steps recorded (``None`` = all). The first
             ``steps - truncate`` run on detached tensors, so no graph is kept for them.
         checkpoint_every: recompute recorded steps in backward from checkpoints taken every
-            this many steps (``torch.utils.checkpoint``): memory grows with ``steps /
-            checkpoint_every + checkpoint_every`` states instead of ``steps``, at the price of one
-            more forward pass per step.
+            this many steps: memory grows with ``steps / checkpoint_every + checkpoint_every``
+            states instead of ``steps``, at the price of one more forward pass per step (the
+            RNG state is restored for the recomputation). Works with ``.backward()``,
+            ``torch.autograd.grad`` and double backward (``create_graph=True``).
     """
     _checks.callable_(step, "step")
     steps = _checks.nonneg_int(steps, "steps")
@@ -98,28 +98,90 @@ def _check_state(state: Tree, spec: Any, t: int) -> None:
 
 
 def _checkpointed(step: Step, state: Tree, hparams: Tree, t0: int, n: int, spec: Any) -> Tree:
+    """Steps ``t0 .. t0+n-1`` as one autograd node that keeps only its inputs and recomputes the
+    steps (with the same RNG state) in its backward."""
     s_flat, s_spec = tree.flatten(state)
     h_flat, h_spec = tree.flatten(hparams)
-    tensor_idx = [i for i, x in enumerate(s_flat) if isinstance(x, torch.Tensor)]
+    s_idx = [i for i, x in enumerate(s_flat) if isinstance(x, torch.Tensor)]
+    h_idx = [i for i, x in enumerate(h_flat) if isinstance(x, torch.Tensor)]
 
-    def segment(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = list(s_flat)
-        for i, x in zip(tensor_idx, tensors[: len(tensor_idx)]):
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s, h = list(s_flat), list(h_flat)
+        for i, x in zip(s_idx, tensors[: len(s_idx)]):
             s[i] = x
-        h = tree.unflatten(list(tensors[len(tensor_idx) :]), h_spec)
-        cur = tree.unflatten(s, s_spec)
+        for i, x in zip(h_idx, tensors[len(s_idx) :]):
+            h[i] = x
+        cur, hp = tree.unflatten(s, s_spec), tree.unflatten(h, h_spec)
         for k in range(n):
-            cur = step(cur, h, t0 + k)
+            cur = step(cur, hp, t0 + k)
+            _check_state(cur, spec, t0 + k)
         out = tree.flatten(cur)[0]
-        return tuple(out[i] for i in tensor_idx)
+        return tuple(out[i] for i in s_idx)
 
-    outs = _ckpt.checkpoint(
-        segment, *[s_flat[i] for i in tensor_idx], *h_flat, use_reentrant=False
-    )
+    outs = _Segment.apply(run, *[s_flat[i] for i in s_idx], *[h_flat[i] for i in h_idx])
     s = list(s_flat)
-    for i, x in zip(tensor_idx, outs):
+    for i, x in zip(s_idx, outs):
         s[i] = x
     return tree.unflatten(s, spec)
+
+
+class _Segment(torch.autograd.Function):
+    """Checkpointing for steps that differentiate inside themselves (``gradient_step`` calls
+    ``torch.autograd.grad``). ``torch.utils.checkpoint(use_reentrant=False)`` re-runs the
+    segment from its start every time such an inner backward unpacks a saved tensor, which made
+    the forward quadratic in the segment length (20,300 step calls for 200 steps); the reentrant
+    variant does not support ``torch.autograd.grad``. Here the forward runs without a graph and
+    the backward recomputes the segment once, then differentiates it."""
+
+    @staticmethod
+    def forward(ctx, run, *tensors):  # type: ignore[override]
+        ctx.run = run
+        ctx.devices = sorted({x.device.index or 0 for x in tensors if x.is_cuda})
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            outs = tuple(run(*[x.detach() for x in tensors]))
+        outs = tuple(o.detach() if o.requires_grad else o for o in outs)
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):  # type: ignore[override]
+        needs = ctx.needs_input_grad[1:]
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True)
+        if create_graph:
+            # Recompute on aliases of the saved inputs: the gradients built from the recomputed
+            # graph stay connected to the inputs' history (double backward works), while
+            # differentiating with respect to the aliases (not the inputs themselves) keeps the
+            # gradients partial: no path through the inputs' history is counted twice.
+            with torch.enable_grad():
+                inputs = [x.view_as(x) if x.requires_grad else x for x in ctx.saved_tensors]
+        else:
+            inputs = [
+                x.detach().requires_grad_(need and x.is_floating_point())
+                for x, need in zip(ctx.saved_tensors, needs)
+            ]
+        with torch.random.fork_rng(devices=ctx.devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            for d, state in zip(ctx.devices, ctx.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            with torch.enable_grad():
+                outs = ctx.run(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
+        wanted = [i for i, (x, need) in enumerate(zip(inputs, needs)) if need and x.requires_grad]
+        result: list[torch.Tensor | None] = [None] * len(inputs)
+        if pairs and wanted:
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [inputs[i] for i in wanted],
+                [g for _, g in pairs],
+                allow_unused=True,
+                create_graph=create_graph,
+            )
+            for i, g in zip(wanted, grads):
+                result[i] = g
+        return (None, *result)
 
 
 def _needs_graph(*trees: Tree) -> bool:
