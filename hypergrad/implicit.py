@@ -147,7 +147,7 @@ def implicit_grad(
     p_flat = _checks.tensor_tree(params, "params")
     h_flat = _checks.tensor_tree(hparams, "hparams")
     _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
-    op = HessianOperator(inner_loss, params, hparams, ())
+    op = HessianOperator(inner_loss, params, hparams, (), name="inner_loss")
 
     p_spec, h_spec = tree.flatten(params)[1], tree.flatten(hparams)[1]
     p = [x.detach().requires_grad_(True) for x in p_flat]
@@ -187,7 +187,7 @@ class _Implicit(torch.autograd.Function):
         v = [torch.zeros_like(x) if g is None else g for x, g in zip(p_flat, grad_outputs)]
         params = tree.unflatten(p_flat, cfg["p_spec"])
         hparams = tree.unflatten(h_flat, cfg["h_spec"])
-        op = HessianOperator(cfg["inner_loss"], params, hparams, ())
+        op = HessianOperator(cfg["inner_loss"], params, hparams, (), name="inner_loss")
         res = _solve(op, tree.unflatten(v, cfg["p_spec"]), cfg["solver"])
         mixed = tree.leaves(op.mixed_vjp(res.solution))
         info = _diagnose(op, params, res, cfg["stationarity_tol"])

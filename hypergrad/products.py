@@ -56,8 +56,16 @@ class HessianOperator:
     ``mixed_vjp(v)`` gives ``v^T d2 fn / (d params d hparams)`` when ``hparams`` were given.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], params: Tree, hparams: Tree | None, args):
-        _checks.callable_(fn, "fn")
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        params: Tree,
+        hparams: Tree | None,
+        args,
+        *,
+        name: str = "fn",
+    ):
+        _checks.callable_(fn, name)
         p_flat = _checks.tensor_tree(params, "params")
         _checks.finite(params, "params")
         self._spec = tree.flatten(params)[1]
@@ -74,7 +82,7 @@ class HessianOperator:
             self._h_spec = h_spec
             call_args = [tree.unflatten(self._h, h_spec), *call_args]
         with torch.enable_grad():
-            value = _checks.scalar_loss(fn(tree.unflatten(self._p, self._spec), *call_args), "fn")
+            value = _checks.scalar_loss(fn(tree.unflatten(self._p, self._spec), *call_args), name)
             self.value = value.detach()
             self._g = _grads_or_zeros_create_graph(value, self._p)
         self.grad = tree.unflatten([g.detach() for g in self._g], self._spec)

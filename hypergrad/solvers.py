@@ -87,8 +87,13 @@ def cg(
     tol = _checks.nonneg_number(tol, "tol")
     damping = _checks.nonneg_number(damping, "damping")
 
+    checked = []
+
     def A(v: Tree) -> Tree:
         hv = matvec(v)
+        if not checked:  # once: the structure of matvec's output, before any arithmetic on it
+            _check_matvec_output(hv, b)
+            checked.append(True)
         return tree.axpy(damping, v, hv) if damping else hv
 
     b_norm = tree.norm(b)
@@ -100,9 +105,7 @@ def cg(
         _checks.like(x0, "x0", b, "b")
         _checks.finite(x0, "x0")
         x = x0
-        ax = A(x0)
-        _check_matvec_output(ax, b)
-        r = tree.sub(b, ax)
+        r = tree.sub(b, A(x0))
         iters = 1
     if float(b_norm) == 0.0:
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
@@ -118,8 +121,6 @@ def cg(
         if bool(rs <= threshold):
             break
         ap = A(p)
-        if iters == 0:
-            _check_matvec_output(ap, b)
         iters += 1
         pap = tree.vdot(p, ap)
         rayleigh = pap / tree.vdot(p, p)
@@ -199,6 +200,7 @@ def neumann(
     ref = _validate_b(b)
     J = _checks.nonneg_int(iterations, "iterations")
     tol = _checks.nonneg_number(tol, "tol")
+    power_iterations = _checks.positive_int(power_iterations, "power_iterations")
     spent = 0
     stats: dict[str, Any] = {}
     if isinstance(alpha, str):
