@@ -148,7 +148,7 @@ def _strength_report(phi_params, task: Task, cfg: ECGConfig) -> dict[str, Any]:
     from models.ecg_phi import WarpStrengthNet
 
     phi = WarpStrengthNet(task.x.shape[1], cfg.phi_channels, init_strength=cfg.warp,
-                          max_strength=cfg.warp_max)
+                          max_strength=cfg.warp_max).to(task.x.dtype)
     s = phi_strengths(phi, phi_params, task.x_test).numpy()
     rep: dict[str, Any] = {"all": float(s.mean()), "init": cfg.warp}
     if task.group_test is not None:

@@ -178,18 +178,20 @@ def pretrain(
     if method == "meta_simclr" and meta_sets is None:
         raise ValueError("`meta_sets` ((x_tr, y_tr), (x_val, y_val)) is needed for meta_simclr")
     torch.manual_seed(seed)
-    net = SimCLRNet(cfg, x_pool.shape[1])
+    dt = x_pool.dtype  # the models follow the data's dtype
+    net = SimCLRNet(cfg, x_pool.shape[1]).to(dt)
     head = LinearHead(net.enc.feature_dim, 5 if meta_sets is None else meta_sets[0][1].shape[1])
+    head = head.to(dt)
     is_meta = method == "meta_simclr"
     phi = WarpStrengthNet(x_pool.shape[1], cfg.phi_channels, init_strength=cfg.warp,
-                          max_strength=cfg.warp_max)
+                          max_strength=cfg.warp_max).to(dt)
     if is_meta:
         hparams = dict(phi.named_parameters())
 
         def strength(h: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_forward(phi, h, x)
     else:
-        hparams = {"warp": torch.tensor(float(cfg.warp))}
+        hparams = {"warp": torch.tensor(float(cfg.warp), dtype=dt)}
 
         def strength(h: dict[str, Tensor], x: Tensor) -> Tensor:
             return h["warp"].expand(x.shape[0])
@@ -285,10 +287,11 @@ def finetune(
 ) -> dict[str, Any]:
     """FT the whole encoder and a new linear head; early stopping on val macro AUROC."""
     torch.manual_seed(seed)
-    enc = ResNet1d(train[0].shape[1], **RESNET_CONFIGS[cfg.encoder])
+    dt = train[0].dtype
+    enc = ResNet1d(train[0].shape[1], **RESNET_CONFIGS[cfg.encoder]).to(dt)
     if enc_state is not None:
         enc.load_state_dict(enc_state)
-    head = LinearHead(enc.feature_dim, train[1].shape[1])
+    head = LinearHead(enc.feature_dim, train[1].shape[1]).to(dt)
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=cfg.ft_lr)
     g = _gen(seed, 7)
     best, best_epoch, best_state, curve = -np.inf, -1, None, []

@@ -1,0 +1,168 @@
+"""No PT / SimCLR / Meta SimCLR end to end on a tiny synthetic set, plus their pieces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hypergrad as hg
+from models.ecg_phi import WarpStrengthNet
+from models.resnet1d import functional_forward
+from tasks.ecg import cli
+from tasks.ecg.augment import augment
+from tasks.ecg.methods import (
+    CONFIGS,
+    SimCLRNet,
+    finetune,
+    macro_auroc,
+    nt_xent,
+    pretrain,
+    with_overrides,
+)
+from tasks.ecg.synthetic import GROUPS, make_synthetic_ecg
+
+CFG = with_overrides(CONFIGS["smoke"], pt_batch=8, meta_batch=8, ft_batch=8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = make_synthetic_ecg(48, seed=3, length=200)
+    x = torch.from_numpy((d.x - d.x.mean()) / d.x.std())
+    return x, torch.from_numpy(d.y)
+
+
+def test_synthetic_ground_truth():
+    d = make_synthetic_ecg(60, seed=0)
+    assert d.x.shape == (60, 12, 1000) and d.y.shape == (60, 5)
+    timing, morph = d.y[:, :3].any(1), d.y[:, 3:].any(1)
+    np.testing.assert_array_equal(d.group == 0, ~timing & ~morph)
+    np.testing.assert_array_equal(d.group == 1, timing & ~morph)
+    np.testing.assert_array_equal(d.group == 2, morph & ~timing)
+    f = d.features
+    assert ((f["hr"] > 100) == (d.y[:, 0] == 1)).all()
+    assert ((f["pr"] > 200) == (d.y[:, 1] == 1)).all()
+    assert ((f["qrs"] > 115) == (d.y[:, 2] == 1)).all()
+    assert ((f["st"] != 0) == (d.y[:, 3] == 1)).all()
+    assert ((f["t_sign"] < 0) == (d.y[:, 4] == 1)).all()
+    np.testing.assert_array_equal(make_synthetic_ecg(60, seed=0).x, d.x)  # deterministic
+    assert len(GROUPS) == 3
+    with pytest.raises(ValueError, match="`n`"):
+        make_synthetic_ecg(0)
+
+
+def test_nt_xent_matches_definition():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / 0.5
+    ref = 0.0
+    for i in range(6):
+        pos = (i + 3) % 6
+        others = [j for j in range(6) if j != i]
+        ref += -sim[i, pos] + torch.logsumexp(sim[i, others], 0)
+    torch.testing.assert_close(nt_xent(z1, z2, 0.5), ref / 6)
+    assert nt_xent(z1, z1, 0.5) < nt_xent(z1, z2, 0.5)
+
+
+def test_macro_auroc_skips_single_class_labels():
+    y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
+    s = np.array([[0.9, 0.1], [0.2, 0.3], [0.8, 0.5], [0.1, 0.2]])
+    m, per = macro_auroc(y, s)
+    assert m == 1.0 and per[0] == 1.0 and np.isnan(per[1])
+
+
+def test_mixed_product_flows_through_warp_into_phi():
+    """d/dphi <dL_PT/dtheta, v> (what the IFT needs) vs central finite differences in phi."""
+    torch.manual_seed(0)
+    cfg = CFG
+    net, phi = SimCLRNet(cfg, 3).double(), WarpStrengthNet(3, 4, init_strength=25.0).double()
+    with torch.no_grad():
+        phi.out.weight.normal_(0, 0.3)
+    x = torch.randn(4, 3, 64, dtype=torch.float64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    h = {k: v.detach() for k, v in phi.named_parameters()}
+
+    def pt_loss(p, hp):
+        g = torch.Generator().manual_seed(5)
+        s = functional_forward(phi, hp, x)
+        views = torch.cat([augment(x, g, warp=s) for _ in range(2)])
+        enc = {k[4:]: v for k, v in p.items() if k.startswith("enc.")}
+        proj = {k[5:]: v for k, v in p.items() if k.startswith("proj.")}
+        z = functional_forward(net.proj, proj, functional_forward(net.enc, enc, views))
+        return nt_xent(z[:4], z[4:], 0.5)
+
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    mixed = hg.mixed_vjp(pt_loss, params, h, v)
+    assert float(mixed["out.bias"].abs()) > 0
+
+    def gv(bias):
+        hp = dict(h, **{"out.bias": bias})
+        p = {k: t.clone().requires_grad_() for k, t in params.items()}
+        gs = torch.autograd.grad(pt_loss(p, hp), list(p.values()))
+        return sum((g * v[k]).sum() for g, k in zip(gs, p))
+
+    eps = 1e-5
+    b = h["out.bias"]
+    fd = (gv(b + eps) - gv(b - eps)) / (2 * eps)
+    torch.testing.assert_close(mixed["out.bias"].reshape(()), fd, rtol=1e-3, atol=1e-8)
+
+
+def test_simclr_and_meta_simclr_end_to_end(data, tmp_path):
+    x, y = data
+    pool, sets = x[:32], ((x[32:40], y[32:40]), (x[40:48], y[40:48]))
+    r = pretrain("simclr", pool, CFG, 0, progress=False, outer=2)
+    assert r["meta_steps"] == 0 and r["phi"] is None and r["outer_iterations"] == 2
+    assert any(k.endswith("running_mean") for k in r["enc_state"])
+    m = pretrain("meta_simclr", pool, CFG, 0, meta_sets=sets, progress=False, outer=3,
+                 probe=x[:5])
+    assert m["meta_steps"] == 3 - CFG.warmup
+    hist = [h for h in m["history"] if "hypergrad_norm" in h]
+    assert all(np.isfinite(h["hypergrad_norm"]) and h["hypergrad_norm"] > 0 for h in hist)
+    assert float((m["phi"]["out.bias"] - torch.logit(torch.tensor(0.25))).abs()) > 1e-6
+    assert len(m["probe_strengths"]) == len(hist) and len(m["probe_strengths"][0]) == 5
+    f = finetune(m["enc_state"], sets[0], sets[1], (x[:16], y[:16]), CFG, 0)
+    assert 0 <= f["test_auroc"] <= 1 and f["epochs_run"] <= CFG.ft_epochs
+    n = finetune(None, sets[0], sets[1], (x[:16], y[:16]), CFG, 0)  # No PT
+    assert 0 <= n["test_auroc"] <= 1
+    with pytest.raises(ValueError, match="`meta_sets`"):
+        pretrain("meta_simclr", pool, CFG, 0)
+    with pytest.raises(ValueError, match="`method`"):
+        pretrain("byol", pool, CFG, 0)
+
+
+def test_meta_pretraining_resumes_exactly(data, tmp_path):
+    x, y = data
+    pool, sets = x[:32], ((x[32:40], y[32:40]), (x[40:48], y[40:48]))
+    full = pretrain("meta_simclr", pool, CFG, 1, meta_sets=sets, progress=False, outer=3)
+    ck = tmp_path / "ck.pt"
+    pretrain("meta_simclr", pool, CFG, 1, meta_sets=sets, progress=False, outer=2, checkpoint=ck)
+    resumed = pretrain("meta_simclr", pool, CFG, 1, meta_sets=sets, progress=False, outer=3,
+                       checkpoint=ck)
+    for k, v in full["enc_state"].items():
+        torch.testing.assert_close(resumed["enc_state"][k], v)
+    for k, v in full["phi"].items():
+        torch.testing.assert_close(resumed["phi"][k], v)
+
+
+def test_cli_end_to_end_and_resume(tmp_path, capsys):
+    argv = ["--synthetic", "--config", "smoke", "--method", "all", "--n-ft", "20", "--seeds", "1",
+            "--n-pool", "40", "--n-test", "30", "--meta-n", "10", "--time-ratio", "1",
+            "--set", "pt_batch=8", "--set", "meta_batch=8", "--out", str(tmp_path),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["table"]) == {"no_pt", "simclr", "meta_simclr", "meta_simclr_partial"}
+    assert set(res["strengths_by_group"]) == set(GROUPS)
+    assert res["time_ratio"]["ratio"] > 0
+    for f in ("results.md", "auroc_vs_nft.png", "augmentations.png", "strengths.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 4
+    before = {p: (tmp_path / "runs" / p).read_text() for p in runs}
+    assert cli.main(argv) == 0  # resumed: every result is reused, nothing recomputed
+    assert {p: (tmp_path / "runs" / p).read_text() for p in runs} == before
+    with pytest.raises(SystemExit):
+        cli.main(["--synthetic", "--method", "nope", "--out", str(tmp_path)])
