@@ -1,0 +1,227 @@
+"""``python -m tasks ppi``: run PT methods x seeds x access protocols, write results and plots.
+
+Example (the synthetic validation of RESULTS.md):
+    python -m tasks ppi --method all --access both --seeds 3 --synthetic --config synthetic \\
+        --out runs/ppi_synthetic
+
+Each (method, protocol, fold, seed) writes ``OUT/runs/<name>.json`` and is skipped when that
+file exists (resumable); PT checkpoints live in ``OUT/ckpt/`` (Meta-PT / Graph Sup PT resume
+mid-run through ``hg.MetaPretrainer`` checkpoints). After the runs, ``OUT/results.json``,
+``OUT/results.md`` and the PNG plots are (re)built from every finished run in ``OUT/runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tasks.common import mean_std, seed_everything, write_json
+
+from .config import CONFIGS, METHODS, Settings, get_config
+from .data import load_ppi
+from .finetune import Problem, finetune, macro, make_problem
+from .methods import pretrain
+
+__all__ = ["main", "run_all", "aggregate"]
+
+FIVE = METHODS[:5]
+FOLD_FREE = ("no_pt", "graph_sup_pt")  # PT does not see FT labels: one run serves all folds
+MODES = ("full", "linear")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tasks ppi", description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="all",
+                   help=f"comma list of {', '.join(METHODS)}, or 'all' (the five of Table 1)")
+    p.add_argument("--access", default="full", choices=("full", "partial", "both"))
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (paper: 5)")
+    p.add_argument("--seed-offset", type=int, default=0)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", help="Hu et al.'s dataset/supervised folder (or the .pt file)")
+    src.add_argument("--synthetic", action="store_true", help="generate the synthetic stand-in")
+    p.add_argument("--config", default="synthetic", choices=sorted(CONFIGS))
+    p.add_argument("--out", required=True, help="output folder (runs, checkpoints, tables)")
+    p.add_argument("--meta-steps", type=int, help="override: outer iterations (PT steps / P)")
+    p.add_argument("--ft-train-size", type=int, help="override: FT train graphs (0 = all)")
+    p.add_argument("--meta-lr", type=float, help="override: Adam lr of the task weights")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _methods(arg: str) -> list[str]:
+    names = list(FIVE) if arg == "all" else [m.strip() for m in arg.split(",") if m.strip()]
+    names = [n for m in names for n in (FIVE if m == "all" else [m])]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--method: unknown {bad}; choose from {METHODS} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def _run_one(method: str, problem: Problem, s: Settings, seed: int, fold: int | None,
+             out: Path, progress: bool) -> dict[str, Any]:
+    seed_everything(seed)
+    tag = f"{method}__{'shared' if fold is None else f'f{fold}'}__s{seed}"
+    t0 = time.perf_counter()
+    res = pretrain(method, problem, s, seed, fold, out / "ckpt" / f"{tag}.pt", progress)
+    pt_time = time.perf_counter() - t0
+    ft = {mode: finetune(res.encoder, problem, s, mode, seed) for mode in MODES}
+    rec: dict[str, Any] = {
+        "method": method, "fold": fold, "seed": seed, "ft": ft, "pt_info": res.info,
+        "pt_wall_time": pt_time, "weights": res.weights,
+        "heldout_tasks": None if fold is None else problem.folds[fold].tolist(),
+    }
+    if res.weights is not None and problem.relevance is not None:
+        rec["weight_relevance_auroc"] = float(roc_auc_score(problem.relevance, res.weights))
+    return rec
+
+
+def run_all(methods: list[str], access: str, seeds: list[int], problem: Problem, s: Settings,
+            out: Path, progress: bool = True) -> None:
+    """Run every missing (method, fold, seed); fold None = full access (and fold-free PT)."""
+    jobs = []
+    for seed in seeds:
+        for m in methods:
+            folds: list[int | None] = []
+            if access in ("full", "both") or m in FOLD_FREE:
+                folds.append(None)
+            if access in ("partial", "both") and m not in FOLD_FREE:
+                folds += list(range(len(problem.folds)))
+            jobs += [(m, f, seed) for f in folds]
+    from tqdm.auto import tqdm
+
+    for m, f, seed in tqdm(jobs, desc="ppi runs", disable=not progress):
+        path = out / "runs" / f"{m}__{'shared' if f is None else f'f{f}'}__s{seed}.json"
+        if path.exists():
+            continue
+        write_json(path, _run_one(m, problem, s, seed, f, out, progress))
+
+
+def _scores(rec: dict[str, Any], tasks: list[int] | None, split: str = "test_hard"):
+    """AUROC (macro over ``tasks``) for each FT mode and for the mode chosen on validation."""
+    val = {m: macro(rec["ft"][m]["valid"]) for m in MODES}
+    best = max(MODES, key=lambda m: val[m])
+    out = {m: macro(rec["ft"][m][split], tasks) for m in MODES}
+    out["best"] = out[best]
+    return out
+
+
+def aggregate(out: Path, folds: list[list[int]]) -> dict[str, Any]:
+    """Table over seeds from every run file: full and partial access, both FT modes."""
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    table: dict[str, Any] = {}
+    for m in METHODS:
+        mine = [r for r in recs if r["method"] == m]
+        if not mine:
+            continue
+        row: dict[str, Any] = {}
+        seeds = sorted({r["seed"] for r in mine})
+        for access in ("full", "partial"):
+            per_seed: dict[str, list[float]] = {k: [] for k in (*MODES, "best", "easy")}
+            for sd in seeds:
+                if access == "full":
+                    rs = [(r, None) for r in mine if r["seed"] == sd and r["fold"] is None]
+                elif m in FOLD_FREE:
+                    rs = [(r, folds[f]) for r in mine if r["seed"] == sd and r["fold"] is None
+                          for f in range(len(folds))]
+                else:
+                    rs = [(r, r["heldout_tasks"]) for r in mine
+                          if r["seed"] == sd and r["fold"] is not None]
+                if not rs or (access == "partial" and len(rs) != len(folds)):
+                    continue
+                sc = [_scores(r, t) for r, t in rs]
+                for k in (*MODES, "best"):
+                    per_seed[k].append(float(np.mean([x[k] for x in sc])))
+                per_seed["easy"].append(float(np.mean([_scores(r, t, "test_easy")["best"]
+                                                       for r, t in rs])))
+            if per_seed["best"]:
+                row[access] = {k: {"mean": mean_std(v)[0], "std": mean_std(v)[1], "values": v}
+                               for k, v in per_seed.items()}
+                row[access]["n_seeds"] = len(per_seed["best"])
+        wa = [r["weight_relevance_auroc"] for r in mine
+              if "weight_relevance_auroc" in r and r["fold"] is None]
+        if wa:
+            row["weight_relevance_auroc"] = {"mean": mean_std(wa)[0], "std": mean_std(wa)[1],
+                                             "values": wa}
+        info = [r["pt_info"] for r in mine if r["pt_info"]]
+        if info and "pt_step_time" in info[0]:
+            row["timing"] = {k: float(np.mean([i[k] for i in info])) for k in
+                             ("pt_step_time", "meta_step_time", "total_time")}
+        table[m] = row
+    return table
+
+
+def _fmt(c: dict[str, Any] | None, key: str) -> str:
+    if not c:
+        return "-"
+    return f"{100 * c[key]['mean']:.1f} +- {100 * c[key]['std']:.1f}"
+
+
+def write_tables(out: Path, table: dict[str, Any], header: str) -> None:
+    """results.json and results.md (AUROC x 100, mean +- std over seeds)."""
+    write_json(out / "results.json", table)
+    lines = [header, "",
+             "| method | full: best (val) | full: FT all | full: linear | partial: best (val) "
+             "| partial: FT all | partial: linear | seeds | weight-relevance AUROC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, row in table.items():
+        f, p = row.get("full"), row.get("partial")
+        n = "/".join(str(x["n_seeds"]) for x in (f, p) if x)
+        wa = row.get("weight_relevance_auroc")
+        was = f"{wa['mean']:.3f} +- {wa['std']:.3f}" if wa else "-"
+        lines.append(f"| {m} | {_fmt(f, 'best')} | {_fmt(f, 'full')} | {_fmt(f, 'linear')} | "
+                     f"{_fmt(p, 'best')} | {_fmt(p, 'full')} | {_fmt(p, 'linear')} | {n} | {was} |")
+    tim = {m: r["timing"] for m, r in table.items() if "timing" in r}
+    if tim:
+        lines += ["", "| method | PT step (s) | meta step (s) | PT-stage wall time (s) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {m} | {t['pt_step_time']:.4f} | {t['meta_step_time']:.4f} | "
+                  f"{t['total_time']:.1f} |" for m, t in tim.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    ft_size = None if args.ft_train_size == 0 else args.ft_train_size
+    s = get_config(args.config, meta_steps=args.meta_steps, meta_lr=args.meta_lr)
+    if args.ft_train_size is not None:
+        from dataclasses import replace
+
+        s = replace(s, ft_train_size=ft_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    relevance = None
+    if args.synthetic:
+        from .synthetic import read_meta, write_synthetic
+
+        root = write_synthetic(out / "data", s.synthetic)
+        relevance = read_meta(root)["relevance"]
+        store = load_ppi(root)
+    else:
+        store = load_ppi(args.data_dir)
+    problem = make_problem(store, s, relevance)
+    cfg_path = out / "config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text())["settings"] != json.loads(
+            json.dumps(s.to_dict())):
+        raise SystemExit(f"--out {out} holds runs made with other settings ({cfg_path}); "
+                         "use a new --out folder")
+    write_json(cfg_path, {"settings": s.to_dict(), "split": problem.split.sizes(),
+                          "ft_train": problem.ft_train.numel()})
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    run_all(_methods(args.method), args.access, seeds, problem, s, out, not args.no_progress)
+    table = aggregate(out, [f.tolist() for f in problem.folds])
+    src = "synthetic stand-in" if args.synthetic else f"data {args.data_dir}"
+    write_tables(out, table, f"PPI ({src}, config {args.config}): test AUROC x 100 (hard half "
+                             "of the test species), mean +- std over seeds")
+    from .plots import plot_all
+
+    plot_all(out, table)
+    print((out / "results.md").read_text())
+    return 0

@@ -1,0 +1,78 @@
+"""PNG plots of a results folder: AUROC per method, learned task weights by relevance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_all", "plot_auroc", "plot_weights"]
+
+
+def plot_auroc(out: Path, table: dict[str, Any]) -> Path:
+    """Bars: test AUROC (FT mode chosen on validation), mean +- std, full and partial access."""
+    methods = list(table)
+    fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.6))
+    x = np.arange(len(methods))
+    for k, (access, color) in enumerate((("full", "tab:blue"), ("partial", "tab:orange"))):
+        mean = [table[m].get(access, {}).get("best", {}).get("mean", np.nan) for m in methods]
+        std = [table[m].get(access, {}).get("best", {}).get("std", 0.0) for m in methods]
+        ax.bar(x + (k - 0.5) * 0.38, 100 * np.array(mean), 0.38, yerr=100 * np.array(std),
+               capsize=3, color=color, label=f"{access} access")
+    ax.set_xticks(x, methods, rotation=20)
+    ax.set_ylabel("test AUROC x 100")
+    finite = [v for m in methods for a in ("full", "partial")
+              if np.isfinite(v := table[m].get(a, {}).get("best", {}).get("mean", np.nan))]
+    if finite:
+        ax.set_ylim(100 * min(finite) - 8, min(100, 100 * max(finite) + 5))
+    ax.legend()
+    fig.tight_layout()
+    path = out / "auroc.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_weights(out: Path) -> Path | None:
+    """Learned PT task weights 2 sigmoid(phi) of the full-access Meta-PT runs, grouped by the
+    synthetic task kind (relevant / irrelevant-factor / noise), or a histogram without labels."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("meta_pt__shared__*"))]
+    runs = [r for r in runs if r.get("weights")]
+    if not runs:
+        return None
+    meta_path = out / "data" / "synthetic_meta.json"
+    kinds = json.loads(meta_path.read_text())["pt_kinds"] if meta_path.exists() else None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rng = np.random.default_rng(0)
+    if kinds is None:
+        ax.hist(np.concatenate([r["weights"] for r in runs]), bins=40)
+        ax.set_xlabel("learned weight 2 sigmoid(phi)")
+    else:
+        groups = ("relevant", "irrelevant", "noise")
+        for gi, g in enumerate(groups):
+            w = np.concatenate([np.asarray(r["weights"])[np.asarray(kinds) == g] for r in runs])
+            ax.scatter(gi + rng.uniform(-0.25, 0.25, w.size), w, s=8, alpha=0.6)
+            ax.hlines(np.median(w), gi - 0.3, gi + 0.3, color="k")
+        ax.set_xticks(range(3), ["relevant", "irrelevant factors", "noise"])
+        ax.set_ylabel("learned weight 2 sigmoid(phi)")
+        aucs = [r["weight_relevance_auroc"] for r in runs if "weight_relevance_auroc" in r]
+        if aucs:
+            ax.set_title(f"weight-relevance AUROC {np.mean(aucs):.3f} ({len(aucs)} seeds)")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    fig.tight_layout()
+    path = out / "weights.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_all(out: Path, table: dict[str, Any]) -> list[Path]:
+    paths = [plot_auroc(out, table)]
+    w = plot_weights(out)
+    return paths + ([w] if w else [])
