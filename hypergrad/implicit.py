@@ -163,6 +163,7 @@ def implicit_grad(
     dL_dp = tree.unflatten(grads[: len(p)], p_spec)
     dL_dh = tree.unflatten(grads[len(p) :], h_spec)
 
+    _checks.finite(dL_dp, "dL/dparams (the gradient of outer_loss)")
     res = _solve(op, dL_dp, solver)  # w = H^{-1} dL/dparams
     mixed = op.mixed_vjp(res.solution)  # w^T d2f/(dparams dhparams)
     hypergrad = tree.sub(dL_dh, mixed)
@@ -188,7 +189,9 @@ class _Implicit(torch.autograd.Function):
         params = tree.unflatten(p_flat, cfg["p_spec"])
         hparams = tree.unflatten(h_flat, cfg["h_spec"])
         op = HessianOperator(cfg["inner_loss"], params, hparams, (), name="inner_loss")
-        res = _solve(op, tree.unflatten(v, cfg["p_spec"]), cfg["solver"])
+        v_tree = tree.unflatten(v, cfg["p_spec"])
+        _checks.finite(v_tree, "the gradient arriving at implicit_solution's output")
+        res = _solve(op, v_tree, cfg["solver"])
         mixed = tree.leaves(op.mixed_vjp(res.solution))
         info = _diagnose(op, params, res, cfg["stationarity_tol"])
         if cfg["info"] is not None:

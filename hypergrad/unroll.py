@@ -188,6 +188,14 @@ def _needs_graph(*trees: Tree) -> bool:
     return torch.is_grad_enabled() and any(tree.requires_grad(t) for t in trees)
 
 
+def _loss_grads(loss: torch.Tensor, p: list[torch.Tensor], create: bool) -> list[Any]:
+    # A loss that does not depend on the parameters (or on anything) has zero gradient; it is
+    # not an error (torch.autograd.grad would raise "does not require grad").
+    if not loss.requires_grad:
+        return [None] * len(p)
+    return list(torch.autograd.grad(loss, p, create_graph=create, allow_unused=True))
+
+
 def gradient_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], lr: float) -> Step:
     """The step ``params - lr * d inner_loss(params, hparams) / d params`` (differentiable).
 
@@ -203,7 +211,7 @@ def gradient_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], lr: float) -
         with torch.enable_grad():
             p = [x if x.requires_grad else x.detach().requires_grad_(True) for x in flat]
             loss = _checks.scalar_loss(inner_loss(tree.unflatten(p, spec), hparams), "inner_loss")
-            grads = torch.autograd.grad(loss, p, create_graph=create, allow_unused=True)
+            grads = _loss_grads(loss, p, create)
         new = [x - lr * (torch.zeros_like(x) if g is None else g) for x, g in zip(p, grads)]
         if not create:
             new = [x.detach() for x in new]
@@ -244,7 +252,7 @@ def optimizer_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], optimizer: 
         with torch.enable_grad():
             p = [x if x.requires_grad else x.detach().requires_grad_(True) for x in flat]
             loss = _checks.scalar_loss(inner_loss(tree.unflatten(p, spec), hparams), "inner_loss")
-            grads = torch.autograd.grad(loss, p, create_graph=create, allow_unused=True)
+            grads = _loss_grads(loss, p, create)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(p, grads)]
         updates, opt_state = optimizer.update(
             tree.unflatten(grads, spec), opt_state, params=tree.unflatten(p, spec), inplace=False

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 # cheap, but each runs several hundred autograd passes. `HYPOTHESIS_PROFILE=thorough` for more.
 settings.register_profile(
     "fast",
-    max_examples=15,
+    max_examples=25,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
@@ -35,6 +35,14 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 SEED = 0
+
+
+def pytest_configure(config):
+    # torch's forward-mode AD scripts its decompositions on first use (torch.func.hessian):
+    # a torch-internal deprecation notice, not something these tests can act on.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+    )
 
 
 @pytest.fixture(autouse=True)

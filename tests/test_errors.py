@@ -46,10 +46,10 @@ def hreq():
     return hg.tree.detach(H, requires_grad=True)
 
 
-def backward_through_solution(inner=f, **kw):
+def backward_through_solution(inner=f, outer=lambda p: p["w"].sum(), **kw):
     h = hreq()
     out = hg.implicit_solution(inner, P, h, **kw)
-    out["w"].sum().backward()
+    outer(out).backward()
 
 
 def unroll_with(step, **kw):
@@ -245,6 +245,12 @@ CASES = [
         ValueError,
         "`stationarity_tol`",
     ),
+    (
+        "ig-outer-gradient-inf",
+        lambda: hg.implicit_grad(f, lambda p, h: p["w"].sqrt().sum(), P, H),
+        ValueError,
+        "gradient of outer_loss",
+    ),
     # ---- implicit_solution ----
     (
         "is-hparams-no-grad",
@@ -302,6 +308,12 @@ CASES = [
         lambda: backward_through_solution(inner=lambda p, h: p["w"] * h["h"].sum()),
         ValueError,
         "`inner_loss`",
+    ),
+    (
+        "is-incoming-gradient-inf",
+        lambda: backward_through_solution(outer=lambda p: p["w"].sqrt().sum()),  # d sqrt(0) = inf
+        ValueError,
+        "gradient arriving at implicit_solution",
     ),
     # ---- unroll / steps ----
     (

@@ -445,3 +445,37 @@ def test_float32_smoke():
     prob.outer_loss(p, h).backward()
     assert h["h"].grad.dtype == torch.float32
     torch.testing.assert_close(h["h"].grad, g["h"], rtol=1e-5, atol=1e-6)
+
+
+# ---- float64 end to end ----------------------------------------------------------------------
+
+
+def test_float64_end_to_end_even_when_the_default_dtype_is_float32(float32):
+    """With float32 as torch's default, float64 inputs must stay float64 everywhere (no tensor
+    created internally in the default dtype) and reach float64 accuracy."""
+    assert torch.get_default_dtype() == torch.float32
+    prob = testing.quadratic_problem(seed=11, n_params=7, n_hparams=3, dtype=torch.float64)
+    for solver in (TIGHT_CG, functools.partial(hg.neumann, iterations=400, alpha="auto")):
+        g, info = hg.implicit_grad(
+            prob.inner_loss,
+            prob.outer_loss,
+            prob.params,
+            prob.hparams,
+            solver=solver,
+            return_info=True,
+        )
+        assert g["h"].dtype == torch.float64
+        res = info["solve"]
+        assert res.solution["x"].dtype == torch.float64
+        assert res.residual_norm.dtype == torch.float64
+        assert info["stationarity"].dtype == torch.float64
+        assert rel_error(g, prob.hypergrad) < 1e-8
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    p = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=TIGHT_CG)
+    lr = 1.0 / float(torch.linalg.eigvalsh(prob.extras["A"]).max())
+    p = hg.unroll(hg.gradient_step(prob.inner_loss, lr=lr), p, h, 3, checkpoint_every=2)
+    assert p["x"].dtype == torch.float64
+    prob.outer_loss(p, h).backward()
+    assert h["h"].grad.dtype == torch.float64
+    # at the optimum, gradient steps do not move: the composed gradient is the IFT's
+    assert rel_error({"h": h["h"].grad}, prob.hypergrad) < 1e-8

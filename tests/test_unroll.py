@@ -219,6 +219,17 @@ def test_gradient_step_values_and_graph():
     assert torch.equal(out2["b"], torch.full((2,), 7.0)) and torch.equal(out2["a"], torch.zeros(1))
 
 
+def test_steps_on_a_loss_that_ignores_the_params_leave_them_unchanged():
+    p0 = {"a": torch.tensor([1.0, 2.0])}
+    h = torch.tensor(3.0, requires_grad=True)
+    for loss in (lambda p, h: torch.tensor(1.0), lambda p, h: h**2):
+        out = hg.unroll(hg.gradient_step(loss, lr=0.1), p0, h, 3, truncate=1)
+        assert torch.equal(out["a"].detach(), p0["a"])
+        opt = torchopt.adam(lr=0.1)
+        out, _ = hg.unroll(hg.optimizer_step(loss, opt), (p0, opt.init(p0)), h, 3)
+        assert torch.equal(out["a"].detach(), p0["a"])
+
+
 # ---- torchopt functional optimizers ----------------------------------------------------------
 
 
