@@ -130,8 +130,8 @@ class _Segment(torch.autograd.Function):
     ``torch.autograd.grad``). ``torch.utils.checkpoint(use_reentrant=False)`` re-runs the
     segment from its start every time such an inner backward unpacks a saved tensor, which made
     the forward quadratic in the segment length (20,300 step calls for 200 steps); the reentrant
-    variant does not support ``torch.autograd.grad``. Here the forward runs without a graph and
-    the backward recomputes the segment once, then differentiates it."""
+    variant does not support ``torch.autograd.grad``. Here the forward runs on detached inputs
+    (no graph is kept) and the backward recomputes the segment once, then differentiates it."""
 
     @staticmethod
     def forward(ctx, run, *tensors):  # type: ignore[override]
@@ -140,7 +140,9 @@ class _Segment(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
         ctx.save_for_backward(*tensors)
-        with torch.no_grad():
+        # Like the truncated part of an unroll: grad mode on (a step may differentiate inside
+        # itself) but on detached inputs, so no graph outlives the step.
+        with torch.enable_grad():
             outs = tuple(run(*[x.detach() for x in tensors]))
         outs = tuple(o.detach() if o.requires_grad else o for o in outs)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])

@@ -148,6 +148,27 @@ def test_checkpointing_replays_the_random_state_of_a_stochastic_step():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)
 
 
+def test_checkpointing_and_truncation_accept_a_naive_autograd_step():
+    # A hand-written step that always differentiates with create_graph=True, without
+    # gradient_step's care: it must run in checkpointed and truncated segments alike.
+    prob, *_, lr = quad()
+
+    def naive_step(p, h, t):
+        x = p["x"] if p["x"].requires_grad else p["x"].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(prob.inner_loss({"x": x}, h), x, create_graph=True)
+        return {"x": x - lr * g}
+
+    grads = []
+    for kw in ({}, {"checkpoint_every": 3}, {"truncate": 6, "checkpoint_every": 4}):
+        h = hg.tree.detach(prob.hparams, requires_grad=True)
+        p = hg.unroll(naive_step, hg.tree.zeros_like(prob.params), h, 10, **kw)
+        prob.outer_loss(p, h).backward()
+        grads.append(h["h"].grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)
+    _, g6, _ = unrolled_hypergrad(prob, 10, lr, truncate=6)
+    torch.testing.assert_close(grads[2], g6, rtol=1e-12, atol=1e-15)
+
+
 def test_checkpointed_unroll_supports_double_backward():
     prob = problems.problem("logistic")  # non-quadratic, so second derivatives are non-trivial
     step = hg.gradient_step(prob.inner_loss, lr=0.5)
