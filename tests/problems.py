@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+import hypergrad as hg
 from hypergrad import testing
 from hypergrad.testing import Problem
 
@@ -57,7 +58,7 @@ def nested_quadratic(seed: int = 1, dtype: torch.dtype = torch.float64) -> Probl
 
 def with_unused_hparam(base: Problem) -> Problem:
     """``base`` with one more hyperparameter leaf, ``"unused"``, that neither loss reads."""
-    extra = torch.tensor([0.3, -1.2], dtype=testing_dtype(base))
+    extra = torch.tensor([0.3, -1.2], dtype=hg.tree.leaves(base.params)[0].dtype)
     return Problem(
         inner_loss=lambda p, h: base.inner_loss(p, h["used"]),
         outer_loss=lambda p, h: base.outer_loss(p, h["used"]),
@@ -71,7 +72,6 @@ def with_unused_hparam(base: Problem) -> Problem:
 def with_direct_term(base: Problem) -> Problem:
     """``base`` with ``0.5 * sum(sin(h)^2)`` added to the outer loss only: the hypergradient
     gains the direct term ``sin(h) cos(h)`` and nothing else."""
-    import hypergrad as hg
 
     def outer(p, h):
         return base.outer_loss(p, h) + 0.5 * sum(
@@ -87,12 +87,6 @@ def with_direct_term(base: Problem) -> Problem:
         hg.tree.add(base.hypergrad, direct),
         base.extras,
     )
-
-
-def testing_dtype(p: Problem) -> torch.dtype:
-    import hypergrad as hg
-
-    return hg.tree.leaves(p.params)[0].dtype
 
 
 def logistic(seed: int = 0, dtype: torch.dtype = torch.float64) -> Problem:
