@@ -227,6 +227,16 @@ def test_non_stationary_params_warn_exactly_once():
     assert hg.tree.all_finite(g)  # still computed: the caller decides
 
 
+def test_default_filter_shows_a_repeated_failure_once_per_call_site():
+    prob, bad = _perturbed_logistic()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("default")
+        for _ in range(3):  # e.g. a training loop hitting the same problem every step
+            hg.implicit_grad(prob.inner_loss, prob.outer_loss, bad, prob.hparams)
+    assert [issubclass(x.category, hg.HypergradientWarning) for x in w] == [True]
+    assert w[0].filename == __file__  # attributed to the caller, not to hypergrad
+
+
 def test_each_failed_premise_warns_once():
     prob, bad = _perturbed_logistic()
     one_step = functools.partial(hg.cg, maxiter=1, tol=1e-12)
