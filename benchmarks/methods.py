@@ -138,6 +138,22 @@ def hg_implicit(P: BenchProblem, kind: str, J: int, *, solver=None):
     return run
 
 
+def implicit_parts(P: BenchProblem) -> dict:
+    """The pieces ``implicit_grad`` is made of, to time separately: the first-order graph, one
+    matvec, one mixed product on the built operator, the outer gradient (and the unit)."""
+    op = hg.HessianOperator(P.inner_loss, P.params, P.hparams, ())
+    v = P.direction()
+    p, h = P.fresh_params(True), P.fresh_hparams(True)
+    leaves = list(p.values()) + list(h.values())
+    return {
+        "grad": grad(P),
+        "graph": lambda: hg.HessianOperator(P.inner_loss, P.params, P.hparams, ()),
+        "matvec": lambda: op(v),
+        "mixed": lambda: op.mixed_vjp(v),
+        "outer": lambda: torch.autograd.grad(P.outer_loss(p, h), leaves, allow_unused=True),
+    }
+
+
 def torchopt_implicit(P: BenchProblem, kind: str, J: int, *, solve=None):
     from torchopt.diff.implicit import custom_root
 

@@ -21,7 +21,7 @@ from benchmarks.problems import resolve
 
 PROBLEMS = sizes(quick=["logreg", "mlp100k", "cnn"], full=["logreg", "mlp100k", "mlp1m", "cnn"],
                  tiny=["logreg", "mlp100k", "cnn"])
-JS = [5, 10, 20]
+JS = sizes(quick=[5, 10, 20], full=[5, 10, 20], tiny=[3])
 
 
 @functools.cache
@@ -48,7 +48,7 @@ def test_implicit(benchmark, problem, kind, J, lib):
 
 
 @pytest.mark.parametrize("lib", ["hypergrad", "torchopt", "torchopt-normal-cg"])
-@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+@pytest.mark.parametrize("tol", sizes(quick=[1e-3, 1e-6], full=[1e-3, 1e-6], tiny=[1e-3]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("problem", ["small-logreg", "small-mlp"])
 def test_accuracy_at_tolerance(benchmark, problem, dtype, tol, lib):

@@ -16,7 +16,9 @@ from benchmarks.problems import SIZES, resolve
 PROBLEMS = sizes(quick=SIZES, full=SIZES, tiny=["logreg", "mlp100k", "cnn"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", sizes(quick=[torch.float32, torch.float64],
+                                        full=[torch.float32, torch.float64],
+                                        tiny=[torch.float32]), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("product", list(M.PRODUCTS))
 def test_product(benchmark, problem, dtype, product):

@@ -18,8 +18,8 @@ from benchmarks.problems import resolve
 
 PROBLEM = "mlp100k"
 BATCH = sizes(quick=128, full=512, tiny=None)
-TS = sizes(quick=[10, 50, 200], full=[10, 50, 200], tiny=[3, 6])
-KS = sizes(quick=[None, 1, 5, 20], full=[None, 1, 5, 20], tiny=[None, 1, 2])
+TS = sizes(quick=[10, 50, 200], full=[10, 50, 200], tiny=[4])
+KS = sizes(quick=[None, 1, 5, 20], full=[None, 1, 5, 20], tiny=[None, 2])
 
 
 @functools.cache
