@@ -30,6 +30,7 @@ import torch
 from . import _checks, tree
 from .products import HessianOperator
 from .solvers import SolveResult, cg
+from .transformable import in_functorch_transform
 from .tree import Tree
 
 __all__ = ["implicit_grad", "implicit_solution", "HypergradientWarning", "HypergradientError"]
@@ -44,6 +45,15 @@ class HypergradientWarning(UserWarning):
 
 class HypergradientError(RuntimeError):
     """Raised instead of :class:`HypergradientWarning` when ``on_failure="raise"``."""
+
+
+def _reject_functorch(params: Tree, hparams: Tree) -> None:
+    if in_functorch_transform(params) or in_functorch_transform(hparams):
+        raise TypeError(
+            "implicit_grad / implicit_solution use torch.autograd and cannot run inside "
+            "torch.func transforms (vmap, grad, jacrev); use hg.functional_implicit_grad, "
+            "which is written in torch.func and composes with them"
+        )
 
 
 def _check_policy(on_failure: str) -> None:
@@ -139,6 +149,7 @@ def implicit_grad(
     Cost: one gradient graph of ``f``, the solver's matvecs, one mixed product, one gradient
     of ``L``, and one matvec for the stationarity check.
     """
+    _reject_functorch(params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(outer_loss, "outer_loss")
     _check_policy(on_failure)
@@ -227,6 +238,7 @@ def implicit_solution(
         >>> (p_star ** 2).sum().backward(); h.grad
         tensor([6.])
     """
+    _reject_functorch(params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(solver, "solver")
     _check_policy(on_failure)

@@ -74,6 +74,15 @@ def test_masked_cg_stops_updating_converged_lanes():
     torch.testing.assert_close(g, torch.linalg.solve(A, torch.ones(2, dtype=D)))
 
 
+def test_autograd_implicit_grad_under_vmap_fails_with_a_pointer():
+    prob, w_star = _ridge(seed=4)
+    hs = torch.zeros(2, 6, dtype=D)
+    ws = torch.stack([w_star(h) for h in hs])
+    with pytest.raises(TypeError, match="functional_implicit_grad"):
+        torch.func.vmap(lambda w, h: hg.implicit_grad(prob.inner_loss, prob.outer_loss, w, h))(
+            ws, hs)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"solver": "gmres"}, "solver"), ({"iterations": 0}, "iterations"),
     ({"alpha": -1.0}, "alpha"), ({"damping": -1.0}, "damping"), ({"tol": -1.0}, "tol"),
