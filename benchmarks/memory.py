@@ -1,8 +1,8 @@
 """Peak memory of one hypergradient, each configuration in a fresh Python process.
 
 Measure: the rise of the process's peak resident set size (``VmHWM`` in ``/proc/self/status``)
-over its resident size just before the measured call, after a warm-up call of the same
-configuration. The peak is reset right before the call by writing ``5`` to
+over its resident size just before the measured call, after a warm-up call of the same method
+with a short horizon (T <= 4). The peak is reset right before the call by writing ``5`` to
 ``/proc/self/clear_refs`` (Linux >= 4.0), so only the measured call's own high-water mark
 counts. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``: every tensor buffer above 64 KiB
 is its own ``mmap`` and goes back to the OS when freed (glibc would otherwise raise the threshold
@@ -82,7 +82,10 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     P = make_problem(args.problem, batch=args.batch)
     fn = build(args.method, P, args.T, args.K, args.ckpt, args.lr)
-    fn()  # warm-up: lazy initialisation, code pages
+    # warm-up (lazy initialisation, code pages) on the same code path with a short horizon
+    Tw = min(args.T, 4)
+    Kw = None if args.K is None else min(args.K, max(Tw - 1, 1))
+    build(args.method, P, Tw, Kw, None if args.ckpt is None else 2, args.lr)()
     gc.collect()
     reset = _reset_peak()
     before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
