@@ -35,19 +35,22 @@ def data():
 
 
 def test_synthetic_ground_truth():
-    d = make_synthetic_ecg(60, seed=0)
-    assert d.x.shape == (60, 12, 1000) and d.y.shape == (60, 5)
-    timing, morph = d.y[:, :3].any(1), d.y[:, 3:].any(1)
-    np.testing.assert_array_equal(d.group == 0, ~timing & ~morph)
-    np.testing.assert_array_equal(d.group == 1, timing & ~morph)
-    np.testing.assert_array_equal(d.group == 2, morph & ~timing)
-    f = d.features
-    assert ((f["hr"] > 100) == (d.y[:, 0] == 1)).all()
-    assert ((f["pr"] > 200) == (d.y[:, 1] == 1)).all()
-    assert ((f["qrs"] > 115) == (d.y[:, 2] == 1)).all()
-    assert ((f["st"] != 0) == (d.y[:, 3] == 1)).all()
-    assert ((f["t_sign"] < 0) == (d.y[:, 4] == 1)).all()
-    np.testing.assert_array_equal(make_synthetic_ecg(60, seed=0).x, d.x)  # deterministic
+    d = make_synthetic_ecg(120, seed=0)
+    assert d.x.shape == (120, 12, 1000) and d.y.shape == (120, 5)
+    f, y, g = d.features, d.y, d.group
+    np.testing.assert_array_equal(y[:, 0] == 1, f["hr"] > 100)
+    np.testing.assert_array_equal(y[:, 1] == 1, f["pr"] > 205)
+    np.testing.assert_array_equal(y[:, 2] == 1, f["qrs"] > 115)
+    np.testing.assert_array_equal(y[:, 3] == 1, f["st"] != 0)
+    np.testing.assert_array_equal(y[:, 4] == 1, f["t_sign"] < 0)
+    normal_timing = (f["hr"] <= 88) & (f["pr"] <= 180) & (f["qrs"] <= 100)
+    assert (normal_timing[g != 1]).all() and not normal_timing[g == 1].any()
+    assert (y[g == 0].sum(1) == 0).all()
+    assert (y[g == 1][:, 3:] == 0).all() and (y[g == 2][:, :3] == 0).all()
+    assert (y[g == 2][:, 3:].sum(1) > 0).all()
+    # the timing group holds borderline negatives as well as positives
+    assert (y[g == 1][:, :3].sum(1) == 0).any() and (y[g == 1][:, :3].sum(1) > 0).any()
+    np.testing.assert_array_equal(make_synthetic_ecg(120, seed=0).x, d.x)  # deterministic
     assert len(GROUPS) == 3
     with pytest.raises(ValueError, match="`n`"):
         make_synthetic_ecg(0)
@@ -154,13 +157,13 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
             "--no-progress"]
     assert cli.main(argv) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["table"]) == {"no_pt", "simclr", "meta_simclr", "meta_simclr_partial"}
+    assert set(res["table"]) == set(cli.METHODS)
     assert set(res["strengths_by_group"]) == set(GROUPS)
     assert res["time_ratio"]["ratio"] > 0
     for f in ("results.md", "auroc_vs_nft.png", "augmentations.png", "strengths.png"):
         assert (tmp_path / f).stat().st_size > 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert len(runs) == 4
+    assert len(runs) == len(cli.METHODS)
     before = {p: (tmp_path / "runs" / p).read_text() for p in runs}
     assert cli.main(argv) == 0  # resumed: every result is reused, nothing recomputed
     assert {p: (tmp_path / "runs" / p).read_text() for p in runs} == before

@@ -29,7 +29,8 @@ from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretr
 from tasks.ecg.plots import plot_augmentations, plot_auroc, plot_strengths
 from tasks.ecg.synthetic import GROUPS, LABELS, TIMING_LABELS, make_synthetic_ecg
 
-METHODS = ("no_pt", "simclr", "meta_simclr", "meta_simclr_partial")
+METHODS = ("no_pt", "simclr_nowarp", "simclr", "meta_simclr", "meta_simclr_partial")
+PROBE = 300  # test examples whose strengths are logged after every meta step
 
 
 @dataclass
@@ -137,9 +138,15 @@ def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, see
     if path.exists():
         return torch.load(path, weights_only=False)
     res = pretrain(method, task.x[task.pt_idx], cfg, seed, meta_sets=meta_sets,
-                   checkpoint=out / "ckpt" / f"{key}.pt", progress=progress)
+                   checkpoint=out / "ckpt" / f"{key}.pt", progress=progress,
+                   probe=task.x_test[:PROBE])
     if res["phi"] is not None:
         res["strengths"] = _strength_report(res["phi"], task, cfg)
+        if task.group_test is not None and res["probe_strengths"]:
+            g = task.group_test[:PROBE]
+            traj = np.asarray(res["probe_strengths"])
+            res["strengths"]["trajectory_by_group"] = {
+                name: traj[:, g == i].mean(1).tolist() for i, name in enumerate(GROUPS)}
     atomic_save(res, path)
     return res
 
@@ -171,6 +178,9 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     pt: dict[str, Any] | None = None
     if method == "simclr":
         pt = _pt_result(f"simclr_s{seed}", out, "simclr", task, cfg, seed, None, progress)
+    elif method == "simclr_nowarp":  # the authors' SimCLR baseline: crop + jitter only
+        pt = _pt_result(f"simclr_nowarp_s{seed}", out, "simclr", task,
+                        with_overrides(cfg, warp=0.0), seed, None, progress)
     elif method in ("meta_simclr", "meta_simclr_partial"):
         if method == "meta_simclr_partial":
             if meta_n >= n:

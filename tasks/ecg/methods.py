@@ -70,6 +70,8 @@ class ECGConfig:
     ft_lr: float = 1e-3
     patience: int = 15
     bn_batches: int = 4  # PT-pool batches used to re-estimate BatchNorm statistics
+    head_refit_steps: int = 20  # Adam steps on psi_FT after every meta iteration (0 = off)
+    head_refit_lr: float = 1e-2
     neumann_terms: int = 3  # IFT inverse: Neumann series with alpha = pt_lr (authors' choice)
     neumann_damping: float = 1.0  # H + damping*I: online PT is non-convex (see ift_solver)
 
@@ -183,9 +185,9 @@ def pretrain(
     head = LinearHead(net.enc.feature_dim, 5 if meta_sets is None else meta_sets[0][1].shape[1])
     head = head.to(dt)
     is_meta = method == "meta_simclr"
-    phi = WarpStrengthNet(x_pool.shape[1], cfg.phi_channels, init_strength=cfg.warp,
-                          max_strength=cfg.warp_max).to(dt)
     if is_meta:
+        phi = WarpStrengthNet(x_pool.shape[1], cfg.phi_channels, init_strength=cfg.warp,
+                              max_strength=cfg.warp_max).to(dt)
         hparams = dict(phi.named_parameters())
 
         def strength(h: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -236,11 +238,15 @@ def pretrain(
         solver=ift_solver(cfg),
     )
     total = cfg.outer_iterations(n) if outer is None else int(outer)
-    probe_log: list[list[float]] = []
 
-    def callback(j: int, metrics: dict[str, float]) -> None:
-        if probe is not None and is_meta and trainer.meta:
-            probe_log.append(phi_strengths(phi, tree_detach(trainer.hparams), probe).tolist())
+    def callback(j: int, metrics: dict[str, Any]) -> None:
+        # metrics is the dict stored in trainer.history, so what is added here is checkpointed
+        if not trainer.meta:
+            return
+        if cfg.head_refit_steps:
+            _refit_head(trainer, net, meta_sets[0], cfg)
+        if probe is not None:
+            metrics["probe"] = phi_strengths(phi, tree_detach(trainer.hparams), probe).tolist()
 
     do_meta = is_meta if meta is None else (bool(meta) and is_meta)
     t0 = time.perf_counter()
@@ -257,6 +263,7 @@ def pretrain(
     idx = torch.randperm(n, generator=_gen(seed, 9))[: cfg.bn_batches * cfg.pt_batch]
     recompute_bn_stats(net.enc, x_pool[idx], cfg.pt_batch)
     hist = trainer.history
+    probe_log = [h["probe"] for h in hist if "probe" in h]
     return {
         "enc_state": copy.deepcopy(net.enc.state_dict()),
         "phi": tree_detach(trainer.hparams) if is_meta else None,
@@ -269,6 +276,31 @@ def pretrain(
         "meta_steps": sum(1 for h in hist if "hypergrad_norm" in h),
         "config": asdict(cfg),
     }
+
+
+def _refit_head(trainer: hg.MetaPretrainer, net: SimCLRNet, train: tuple[Tensor, Tensor],
+                cfg: ECGConfig) -> None:
+    """A few Adam steps of the online FT head psi_FT on the current D_FT(Meta)-train features.
+
+    The authors take an FT-head step after every PT step; ``MetaPretrainer`` moves psi_FT only
+    by the K unrolled steps of each meta step, which leaves it near its random start for a
+    short run. Deterministic (full batch), so an exact resume still holds.
+    """
+    x, y = train[0][:512], train[1][:512]
+    with torch.no_grad():
+        enc = {k[4:]: v.detach() for k, v in trainer.pt_params.items() if k.startswith("enc.")}
+        feats = functional_forward(net.enc, enc, x)
+    head = {k: v.detach().clone().requires_grad_(True) for k, v in trainer.ft_head.items()}
+    opt = torch.optim.Adam(list(head.values()), lr=cfg.head_refit_lr)
+    for _ in range(cfg.head_refit_steps):
+        loss = F.binary_cross_entropy_with_logits(
+            F.linear(feats, head["weight"], head["bias"]), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for k, v in trainer.ft_head.items():
+            v.copy_(head[k])
 
 
 def tree_detach(t: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -3,20 +3,27 @@
 A small parametric beat model: every wave (P, Q, R, S, T) is a Gaussian bump in time whose
 12-lead amplitudes are the projections of a 3-D heart vector onto the lead directions; an ST
 deviation is a plateau between the J point and the T wave along its own vector. Five binary
-labels are tied to controllable features:
+labels are thresholds on controllable features:
 
-    timing      TACHY     heart rate 105-150 bpm        (normal 50-95)
-                LONG_PR   PR interval 220-320 ms        (normal 120-190)
-                WIDE_QRS  QRS duration 125-170 ms       (normal 70-105)
-    morphology  ST_DEV    ST elevation/depression 0.1-0.25 mV along an anterior, inferior or
-                          lateral vector                (normal 0)
-                T_INV     T vector reversed             (normal upright)
+    timing      TACHY     heart rate > 100 bpm
+                LONG_PR   PR interval > 205 ms
+                WIDE_QRS  QRS duration > 115 ms
+    morphology  ST_DEV    ST elevation/depression of 0.05-0.2 mV along an anterior, inferior
+                          or lateral vector (else 0)
+                T_INV     T vector reversed and scaled by 0.2-0.8 (else upright, x 0.4-1.2)
 
-Each record belongs to one ground-truth group: ``normal`` (no label), ``timing`` (at least one
-timing label, no morphology label) or ``morphology`` (the converse). A strong temporal warp
-stretches QRS complexes, PR and RR intervals and so changes the timing labels; it leaves ST
-level and T polarity alone. Nuisances: electrical axis, amplitudes, rate within its class,
-heart-rate variability, baseline wander and white noise.
+Every record belongs to one ground-truth group:
+
+    normal      timing features well inside their normal ranges (HR 55-88 bpm, PR 120-180 ms,
+                QRS 70-100 ms), no morphology abnormality: all labels 0
+    timing      at least one timing feature in a band straddling its threshold (HR 88-115,
+                PR 175-235, QRS 95-135), morphology normal: these labels depend on timing,
+                a warp of a few per cent flips them (positives and borderline negatives)
+    morphology  timing normal, at least one of ST_DEV / T_INV
+
+A temporal warp stretches QRS complexes, PR and RR intervals: it can flip the labels of the
+timing group only, and leaves ST level and T polarity alone. Nuisances: electrical axis,
+amplitudes, rate within its class, heart-rate variability, baseline wander and white noise.
 """
 
 from __future__ import annotations
@@ -88,30 +95,50 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _sample_labels(rng: np.random.Generator, group: int) -> np.ndarray:
-    y = np.zeros(5)
-    if group == 0:
-        return y
-    cols = [0, 1, 2] if group == 1 else [3, 4]
-    while not y[cols].any():
-        y[cols] = rng.random(len(cols)) < 0.5
-    return y
+# timing features: (normal range, borderline band straddling the threshold, threshold)
+TIMING = {"hr": ((55.0, 88.0), (88.0, 115.0), 100.0),  # bpm
+          "pr": ((120.0, 180.0), (175.0, 235.0), 205.0),  # ms
+          "qrs": ((70.0, 100.0), (95.0, 135.0), 115.0)}  # ms
 
 
-def _one_record(rng: np.random.Generator, y: np.ndarray, length: int) -> tuple[np.ndarray, dict]:
+def _sample_features(rng: np.random.Generator, group: int) -> dict[str, float]:
+    """Features of one record of ``group`` (0 normal, 1 timing, 2 morphology)."""
+    f = {k: rng.uniform(*normal) for k, (normal, _, _) in TIMING.items()}
+    f["st"], f["t_sign"] = 0.0, rng.uniform(0.4, 1.2)
+    if group == 1:  # at least one timing feature in its borderline band
+        pick = np.zeros(3, bool)
+        while not pick.any():
+            pick = rng.random(3) < 0.6
+        for k, p in zip(TIMING, pick):
+            if p:
+                f[k] = rng.uniform(*TIMING[k][1])
+    elif group == 2:  # at least one morphology abnormality
+        pick = np.zeros(2, bool)
+        while not pick.any():
+            pick = rng.random(2) < 0.6
+        if pick[0]:
+            f["st"] = rng.uniform(0.05, 0.2) * rng.choice([-1.0, 1.0])
+        if pick[1]:
+            f["t_sign"] = -rng.uniform(0.2, 0.8)
+    return f
+
+
+def labels_of(f: dict[str, float]) -> np.ndarray:
+    """The 5 labels are thresholds on the features (ground truth)."""
+    return np.array([f["hr"] > TIMING["hr"][2], f["pr"] > TIMING["pr"][2],
+                     f["qrs"] > TIMING["qrs"][2], f["st"] != 0.0, f["t_sign"] < 0], dtype=float)
+
+
+def _one_record(rng: np.random.Generator, f: dict[str, float], length: int) -> np.ndarray:
     t = np.arange(length) / FS  # seconds
-    hr = rng.uniform(105, 150) if y[0] else rng.uniform(50, 95)
-    pr = rng.uniform(0.22, 0.32) if y[1] else rng.uniform(0.12, 0.19)
-    qrs = rng.uniform(0.125, 0.17) if y[2] else rng.uniform(0.07, 0.105)
-    st = rng.uniform(0.1, 0.25) * rng.choice([-1.0, 1.0]) if y[3] else 0.0
-    t_sign = -rng.uniform(0.6, 1.0) if y[4] else 1.0
+    hr, pr, qrs, st, t_sign = f["hr"], f["pr"] / 1000, f["qrs"] / 1000, f["st"], f["t_sign"]
     rr = 60.0 / hr
     # beat times with mild heart-rate variability, covering the window with margins
     n_beats = int(np.ceil((length / FS + 2.0) / rr)) + 2
     rrs = rr * (1 + 0.03 * rng.standard_normal(n_beats))
     r_times = -1.0 + rng.uniform(0, rr) + np.concatenate([[0.0], np.cumsum(rrs[:-1])])
-    rot = _rotation(rng, 20.0)
-    gain = rng.uniform(0.8, 1.25)
+    rot = _rotation(rng, 30.0)
+    gain = rng.uniform(0.7, 1.4)
     vec = {k: gain * rot @ (v * rng.uniform(0.85, 1.15)) for k, v in _WAVES.items()}
     vec["T"] = vec["T"] * t_sign
     st_vec = gain * st * _ST_DIRS[rng.integers(3)]
@@ -137,11 +164,10 @@ def _one_record(rng: np.random.Generator, y: np.ndarray, length: int) -> tuple[n
     # nuisances: baseline wander (shared + per lead) and white noise
     for _ in range(2):
         f, ph = rng.uniform(0.05, 0.5), rng.uniform(0, 2 * np.pi)
-        amp = rng.uniform(0.02, 0.12) * (1 + 0.3 * rng.standard_normal((12, 1)))
+        amp = rng.uniform(0.05, 0.2) * (1 + 0.3 * rng.standard_normal((12, 1)))
         x += amp * np.sin(2 * np.pi * f * t + ph)[None, :]
-    x += rng.uniform(0.01, 0.03) * rng.standard_normal(x.shape)
-    feats = {"hr": hr, "pr": 1000 * pr, "qrs": 1000 * qrs, "st": st, "t_sign": t_sign}
-    return x, feats
+    x += rng.uniform(0.02, 0.06) * rng.standard_normal(x.shape)
+    return x
 
 
 def make_synthetic_ecg(
@@ -160,10 +186,9 @@ def make_synthetic_ecg(
     group = rng.choice(3, size=int(n), p=p)
     xs, ys, feats = [], [], {k: [] for k in ("hr", "pr", "qrs", "st", "t_sign")}
     for g in group:
-        y = _sample_labels(rng, int(g))
-        x, f = _one_record(rng, y, length)
-        xs.append(x)
-        ys.append(y)
+        f = _sample_features(rng, int(g))
+        xs.append(_one_record(rng, f, length))
+        ys.append(labels_of(f))
         for k in feats:
             feats[k].append(f[k])
     return SyntheticECG(
