@@ -24,7 +24,8 @@ def problem(tmp_path_factory):
 
 
 def test_synthetic_ground_truth_and_format(tmp_path):
-    cfg = SyntheticConfig(n_graphs=60, n_pt_tasks=10, n_ft_tasks=4)
+    cfg = SyntheticConfig(n_graphs=60, n_pt_tasks=10, n_ft_tasks=4, frac_pt_relevant=0.2,
+                          frac_pt_irrelevant=0.4)
     graphs, meta = generate(cfg)
     assert len(graphs) == 60 and len(meta["relevance"]) == 10
     assert sum(meta["relevance"]) == 2 and meta["pt_kinds"].count("noise") == 4
@@ -38,6 +39,10 @@ def test_synthetic_ground_truth_and_format(tmp_path):
         if kind != "noise":
             rel = set(spec["factors"]) <= set(meta["relevant_factors"])
             assert rel == (kind == "relevant")
+    # relevant signatures use interaction types 0..3 only, irrelevant ones 4..6 only
+    n_rel = len(meta["relevant_factors"])
+    assert all(max(sig) < 4 for sig in meta["signatures"][:n_rel])
+    assert all(min(sig) >= 4 for sig in meta["signatures"][n_rel:])
 
 
 @pytest.mark.parametrize("method", METHODS)

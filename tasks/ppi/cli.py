@@ -27,7 +27,7 @@ from tasks.common import mean_std, seed_everything, write_json
 from .config import CONFIGS, METHODS, Settings, get_config
 from .data import load_ppi
 from .finetune import Problem, finetune, macro, make_problem
-from .methods import pretrain
+from .methods import pretrain, time_meta_vs_plain
 
 __all__ = ["main", "run_all", "aggregate"]
 
@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-steps", type=int, help="override: outer iterations (PT steps / P)")
     p.add_argument("--ft-train-size", type=int, help="override: FT train graphs (0 = all)")
     p.add_argument("--meta-lr", type=float, help="override: Adam lr of the task weights")
+    p.add_argument("--timing", type=int, default=0, metavar="N",
+                   help="also time N x 3 outer iterations of Meta-PT vs plain PT (CPU time)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -183,6 +185,15 @@ def write_tables(out: Path, table: dict[str, Any], header: str) -> None:
                   "|---|---|---|---|"]
         lines += [f"| {m} | {t['pt_step_time']:.4f} | {t['meta_step_time']:.4f} | "
                   f"{t['total_time']:.1f} |" for m, t in tim.items()]
+    tpath = out / "timing.json"
+    if tpath.exists():
+        t = json.loads(tpath.read_text())
+        lines += ["", f"Cost (CPU process time, {t['outer_iterations']} outer iterations of P = "
+                  f"{t['P']}, interleaved): plain PT step {1e3 * t['pt_step_cpu_s']:.1f} ms, "
+                  f"meta step {1e3 * t['meta_step_cpu_s']:.1f} ms = "
+                  f"{t['meta_step_over_pt_step']:.2f} PT steps; Meta-PT / plain PT time "
+                  f"{t['meta_pt_over_plain_pt']:.2f}x "
+                  f"(wall {t['meta_pt_over_plain_pt_wall']:.2f}x)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         store = load_ppi(args.data_dir)
     problem = make_problem(store, s, relevance)
+    s = s.for_data(problem.split.pretrain.numel())
     cfg_path = out / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text())["settings"] != json.loads(
             json.dumps(s.to_dict())):
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                           "ft_train": problem.ft_train.numel()})
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     run_all(_methods(args.method), args.access, seeds, problem, s, out, not args.no_progress)
+    if args.timing > 0:
+        write_json(out / "timing.json", time_meta_vs_plain(problem, s, outer=args.timing))
     table = aggregate(out, [f.tolist() for f in problem.folds])
     src = "synthetic stand-in" if args.synthetic else f"data {args.data_dir}"
     write_tables(out, table, f"PPI ({src}, config {args.config}): test AUROC x 100 (hard half "

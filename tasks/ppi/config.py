@@ -21,14 +21,15 @@ class Settings:
 
     gin: GINConfig = field(default_factory=GINConfig)
     batch_size: int = 64  # PT / CoTrain batches
-    meta_batch_size: int | None = None  # FT-train/-val batches of a meta step (None: batch_size)
+    meta_batch_size: int | None = 100  # FT-train/-val batches of a meta step (None: batch_size)
     pt_lr: float = 1e-3
     meta_steps: int = 200  # outer iterations of Algorithm 1
+    pt_epochs: float | None = None  # if set, meta_steps = pt_epochs * |D_PT| / (batch_size * P)
     P: int = 10
     K: int = 1
     meta_lr: float = 0.1
-    meta_optimizer: str = "adam"  # on phi: "adam" or "nsgd" (RMS-normalised SGD)
-    ft_unroll_lr: float = 0.5  # plain-GD step of the head in the K unrolled FT steps
+    meta_optimizer: str = "nsgd"  # on phi: "nsgd" (RMS-normalised SGD), "adam" or "sgd"
+    ft_unroll_lr: float = 2.0  # plain-GD step of the head in the K unrolled FT steps
     neumann_terms: int = 1  # "one Neumann term with the PT lr as the Neumann step"
     ft_epochs: int = 50
     ft_patience: int = 10  # early stopping on validation AUROC
@@ -51,6 +52,13 @@ class Settings:
         if not 0 < self.meta_val_frac < 1:
             raise ValueError(f"`meta_val_frac` must be in (0, 1), got {self.meta_val_frac}")
 
+    def for_data(self, n_pretrain: int) -> Settings:
+        """Resolve ``pt_epochs`` into ``meta_steps`` for a PT set of ``n_pretrain`` graphs."""
+        if self.pt_epochs is None:
+            return self
+        steps = max(1, round(self.pt_epochs * n_pretrain / (self.batch_size * self.P)))
+        return replace(self, meta_steps=steps, pt_epochs=None)
+
     @property
     def pt_steps(self) -> int:
         return self.P * self.meta_steps
@@ -63,17 +71,19 @@ CONFIGS: dict[str, Settings] = {
     # seconds: a tiny dataset and model, for tests and a first look
     "smoke": Settings(
         gin=GINConfig(num_layers=2, emb_dim=8),
-        batch_size=16, meta_steps=3, P=2, ft_epochs=2, ft_patience=2, ft_train_size=32,
-        ft_batch_size=16, eval_batch_size=64, ift_every=2, ift_neumann=2,
+        batch_size=16, meta_batch_size=16, meta_steps=3, P=2, ft_epochs=2, ft_patience=2,
+        ft_train_size=32, ft_batch_size=16, eval_batch_size=64, ift_every=2, ift_neumann=2,
         synthetic=SyntheticConfig(n_graphs=120, n_pt_tasks=12, n_ft_tasks=8,
-                                  n_relevant_factors=2, n_irrelevant_factors=2),
+                                  n_relevant_factors=2, n_irrelevant_factors=2,
+                                  frac_pt_relevant=0.25, frac_pt_irrelevant=0.35),
     ),
     # the synthetic validation (a few CPU minutes per run)
     "synthetic": Settings(),
     # Hu et al.'s GIN and schedule, the authors' learning rates (meant for the real data, GPU)
     "paper": Settings(
-        gin=PAPER, batch_size=32, pt_lr=1e-4, meta_lr=1.0, ft_unroll_lr=1e-4,
-        meta_steps=10_000, ft_epochs=50, ft_patience=50, ft_lr_full=1e-5, ft_lr_linear=1e-4,
+        gin=PAPER, batch_size=32, meta_batch_size=32, pt_lr=1e-4, meta_lr=1.0,
+        meta_optimizer="sgd", ft_unroll_lr=1e-4, pt_epochs=100.0,
+        ft_epochs=50, ft_patience=50, ft_lr_full=1e-5, ft_lr_linear=1e-4,
         ft_batch_size=32, ft_train_size=None, eval_batch_size=320,
     ),
 }

@@ -123,7 +123,11 @@ def meta_optimizer(s: Settings) -> Callable[[list[torch.Tensor]], torch.optim.Op
         return lambda ts: torch.optim.Adam(ts, lr=s.meta_lr, eps=1e-12)
     if s.meta_optimizer == "nsgd":
         return lambda ts: NormalizedSGD(ts, lr=s.meta_lr)
-    raise ValueError(f"`meta_optimizer` must be 'adam' or 'nsgd', got {s.meta_optimizer!r}")
+    if s.meta_optimizer == "sgd":
+        return lambda ts: torch.optim.SGD(ts, lr=s.meta_lr)
+    raise ValueError(
+        f"`meta_optimizer` must be 'adam', 'nsgd' or 'sgd', got {s.meta_optimizer!r}"
+    )
 
 
 def _encoder_only(params: Params) -> Params:
@@ -174,11 +178,11 @@ def _ft_loss(net: _Net, tasks: torch.Tensor) -> Loss3:
     return ft_loss
 
 
-def _meta_pretrain(
+def _build_trainer(
     problem: Problem, s: Settings, seed: int, fold: int | None, meta: bool,
-    ckpt: Path | None, progress: bool, init_logit: torch.Tensor | None = None,
-) -> PTResult:
-    """Graph Sup PT (meta=False) or Meta-PT (meta=True) through ``hg.MetaPretrainer``."""
+    init_logit: torch.Tensor | None = None,
+) -> tuple[hg.MetaPretrainer, Callable[[int], GraphBatch], Callable[[int], Any]]:
+    """The MetaPretrainer of Graph Sup PT (meta=False) / Meta-PT and its batch functions."""
     store = problem.store
     tasks = problem.meta_tasks(fold)
     net = _Net(s, store.num_pt_tasks, len(tasks), seed)
@@ -199,12 +203,18 @@ def _meta_pretrain(
         solver=tolerant_neumann(s.neumann_terms, s.pt_lr),
         meta=meta,
     )
-    hist = trainer.run(
-        s.meta_steps,
-        lambda i: store.batch(pt_stream(i)),
-        lambda j: (store.batch(mtr(j)), store.batch(mva(j))),
-        checkpoint=ckpt, checkpoint_every=max(1, s.meta_steps // 20), progress=progress,
-    )
+    return (trainer, lambda i: store.batch(pt_stream(i)),
+            lambda j: (store.batch(mtr(j)), store.batch(mva(j))))
+
+
+def _meta_pretrain(
+    problem: Problem, s: Settings, seed: int, fold: int | None, meta: bool,
+    ckpt: Path | None, progress: bool, init_logit: torch.Tensor | None = None,
+) -> PTResult:
+    """Graph Sup PT (meta=False) or Meta-PT (meta=True) through ``hg.MetaPretrainer``."""
+    trainer, pt_batch, ft_batch = _build_trainer(problem, s, seed, fold, meta, init_logit)
+    hist = trainer.run(s.meta_steps, pt_batch, ft_batch, checkpoint=ckpt,
+                       checkpoint_every=max(1, s.meta_steps // 20), progress=progress)
     weights = (2 * torch.sigmoid(trainer.hparams["logit"].detach())).tolist()
     pt_time = float(np.sum([h["pt_time"] for h in hist]))
     meta_time = float(np.sum([h["meta_time"] for h in hist]))
@@ -216,6 +226,36 @@ def _meta_pretrain(
         "val_loss": [h.get("val_loss") for h in hist][-10:] if meta else None,
     }
     return PTResult(_strip(trainer.pt_params), weights if meta else None, info)
+
+
+def time_meta_vs_plain(problem: Problem, s: Settings, outer: int = 20, rounds: int = 3,
+                       seed: int = 0) -> dict[str, float]:
+    """CPU time per PT step and per meta step: ``MetaPretrainer(meta=False)`` vs ``meta=True``
+    on the same problem, interleaved in ``rounds`` chunks of ``outer`` outer iterations (CPU
+    process time, robust to other processes on a shared machine; wall time also reported)."""
+    plain, pb, fb = _build_trainer(problem, s, seed, None, meta=False)
+    meta, mpb, mfb = _build_trainer(problem, s, seed, None, meta=True)
+    cpu = {"plain": 0.0, "meta": 0.0}
+    wall = {"plain": 0.0, "meta": 0.0}
+    plain.run(1, pb, fb, progress=False)  # warm-up
+    meta.run(1, mpb, mfb, progress=False)
+    for r in range(1, rounds + 1):
+        for name, (tr, p_fn, f_fn) in (("plain", (plain, pb, fb)), ("meta", (meta, mpb, mfb))):
+            c0, w0 = time.process_time(), time.perf_counter()
+            tr.run(1 + r * outer, p_fn, f_fn, progress=False)
+            cpu[name] += time.process_time() - c0
+            wall[name] += time.perf_counter() - w0
+    n_outer = rounds * outer
+    pt_step = cpu["plain"] / (n_outer * s.P)
+    return {
+        "pt_step_cpu_s": pt_step,
+        "meta_step_cpu_s": (cpu["meta"] - cpu["plain"]) / n_outer,
+        "meta_step_over_pt_step": (cpu["meta"] - cpu["plain"]) / n_outer / pt_step,
+        "meta_pt_over_plain_pt": cpu["meta"] / cpu["plain"],
+        "meta_pt_over_plain_pt_wall": wall["meta"] / wall["plain"],
+        "outer_iterations": n_outer,
+        "P": s.P,
+    }
 
 
 def _pcgrad(g1: list[torch.Tensor], g2: list[torch.Tensor]) -> list[torch.Tensor]:

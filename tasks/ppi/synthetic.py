@@ -3,8 +3,10 @@
 Each ego-graph carries binary latent factors ``z`` (``relevant`` ones and ``irrelevant`` ones).
 Factor k has a signature, a pair of interaction types (a_k, b_k): when z_k = 1 the center gets
 an "arm" center -a_k- u -b_k- v, so detecting a factor needs two hops of message passing on
-edge types. Every graph also gets distractor arms with type pairs that are no signature, a few
-leaves, and random extra type bits (noise). Node features are all ones, as in the real data.
+edge types. Relevant factors draw their signatures from interaction types 0..3, irrelevant ones
+from 4..6 (``relevant_types``); distractor arms (1-3 per graph) use the mixed pairs, which are
+no signature. Leaves at 3 hops, edges among far nodes and random extra type bits add noise.
+Node features are all ones, as in the real data.
 
 Tasks are noisy linear-threshold functions of the factors, y = 1[w . z + logistic noise > t]
 with sparse w:
@@ -43,13 +45,15 @@ class SyntheticConfig:
     n_relevant_factors: int = 6
     n_irrelevant_factors: int = 8
     factor_prob: float = 0.35
-    n_pt_tasks: int = 100
-    frac_pt_relevant: float = 0.2
-    frac_pt_irrelevant: float = 0.4  # the rest of the PT tasks are pure noise
+    n_pt_tasks: int = 200
+    frac_pt_relevant: float = 0.1
+    frac_pt_irrelevant: float = 0.45  # the rest of the PT tasks are pure noise
     n_ft_tasks: int = 40
     task_max_factors: int = 3
     label_temperature: float = 0.3  # scale of the logistic noise on w . z
     distractor_arms: tuple[int, int] = (1, 3)
+    relevant_types: int = 4  # relevant signatures use interaction types 0..3, the others 4..6
+
     extra_type_prob: float = 0.05
     seed: int = 0
 
@@ -60,8 +64,10 @@ class SyntheticConfig:
             raise ValueError(f"`test_fraction` must be in (0, 1), got {self.test_fraction}")
         if self.n_relevant_factors < 1 or self.n_irrelevant_factors < 1:
             raise ValueError("`n_relevant_factors` and `n_irrelevant_factors` must be >= 1")
-        if self.n_relevant_factors + self.n_irrelevant_factors > 30:
-            raise ValueError("at most 30 factors (signatures must leave distractor type pairs)")
+        if not 1 <= self.relevant_types < N_TYPES:
+            raise ValueError(
+                f"`relevant_types` must be in [1, {N_TYPES}), got {self.relevant_types}"
+            )
         if not 0 <= self.frac_pt_relevant + self.frac_pt_irrelevant <= 1:
             raise ValueError("`frac_pt_relevant + frac_pt_irrelevant` must be in [0, 1]")
         if self.n_pt_tasks < 1 or self.n_ft_tasks < 1:
@@ -86,10 +92,19 @@ def generate(cfg: SyntheticConfig) -> tuple[list[Data], dict]:
     """Ego-graphs as PyG ``Data`` (Hu et al.'s fields) and the ground-truth metadata."""
     rng = np.random.default_rng(cfg.seed)
     n_f = cfg.n_relevant_factors + cfg.n_irrelevant_factors
+    rt = cfg.relevant_types
     pairs = [(a, b) for a in range(N_TYPES) for b in range(N_TYPES)]
-    order = rng.permutation(len(pairs))
-    signatures = [pairs[i] for i in order[:n_f]]
-    distractors = [pairs[i] for i in order[n_f:]]
+    rel_pairs = [p for p in pairs if p[0] < rt and p[1] < rt]
+    irr_pairs = [p for p in pairs if p[0] >= rt and p[1] >= rt]
+    if len(rel_pairs) < cfg.n_relevant_factors or len(irr_pairs) < cfg.n_irrelevant_factors:
+        raise ValueError(
+            f"`relevant_types`={rt} leaves {len(rel_pairs)} / {len(irr_pairs)} type pairs for "
+            f"{cfg.n_relevant_factors} relevant / {cfg.n_irrelevant_factors} irrelevant factors"
+        )
+    rel_sig = [rel_pairs[i] for i in rng.permutation(len(rel_pairs))[: cfg.n_relevant_factors]]
+    irr_sig = [irr_pairs[i] for i in rng.permutation(len(irr_pairs))[: cfg.n_irrelevant_factors]]
+    signatures = rel_sig + irr_sig
+    distractors = [p for p in pairs if p not in rel_pairs and p not in irr_pairs]
     z = (rng.random((cfg.n_graphs, n_f)) < cfg.factor_prob).astype(np.float64)
     relevant = np.arange(cfg.n_relevant_factors)
     irrelevant = np.arange(cfg.n_relevant_factors, n_f)
