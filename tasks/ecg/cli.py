@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--summary-only", action="store_true",
+                   help="only tabulate the finished runs in --out (compute nothing)")
     return p
 
 
@@ -316,10 +318,17 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for m, n, s, f in tqdm(jobs, desc="ECG runs", disable=args.no_progress):
-        r = run_one(m, n, s, f, task, cfg, out, args.meta_n, not args.no_progress)
+        if args.summary_only:
+            path = out / "runs" / f"{m}_n{n}_s{s}_f{f}.json"
+            r = json.loads(path.read_text()) if path.exists() else None
+        else:
+            r = run_one(m, n, s, f, task, cfg, out, args.meta_n, not args.no_progress)
         if r is not None:
             results.append(r)
-    ratio = time_ratio(task, cfg, ns[0], args.time_ratio, out) if args.time_ratio else None
+    ratio = None
+    if args.time_ratio or (out / "time_ratio.json").exists():
+        ratio = (json.loads((out / "time_ratio.json").read_text()) if args.summary_only
+                 else time_ratio(task, cfg, ns[0], args.time_ratio, out))
     summary = summarize(results, task, out, argv, cfg, ratio)
     pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
     if pts and task.group_test is not None:

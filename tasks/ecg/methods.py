@@ -51,12 +51,12 @@ class ECGConfig:
     proj_dim: int = 64
     pt_batch: int = 64
     pt_lr: float = 1e-3
-    pt_epochs: float = 6.0  # SimCLR epochs over the PT pool
+    pt_epochs: float = 10.0  # SimCLR epochs over the PT pool
     warmup: int = 3  # outer iterations of plain PT before the first meta step
     P: int = 10
     K: int = 1
     ft_unroll_lr: float = 0.1  # head step in the differentiable FT unroll
-    meta_lr: float = 3e-3
+    meta_lr: float = 1e-2
     meta_batch: int = 64  # D_FT(Meta) train / val batch of one hypergradient
     temperature: float = 0.5
     crop: float = 0.5  # fraction of a lead zeroed at most (authors: 0.5)
@@ -70,7 +70,7 @@ class ECGConfig:
     ft_lr: float = 1e-3
     patience: int = 15
     bn_batches: int = 4  # PT-pool batches used to re-estimate BatchNorm statistics
-    head_refit_steps: int = 20  # Adam steps on psi_FT after every meta iteration (0 = off)
+    head_refit_steps: int = 10  # Adam steps on psi_FT after every meta iteration (0 = off)
     head_refit_lr: float = 1e-2
     neumann_terms: int = 3  # IFT inverse: Neumann series with alpha = pt_lr (authors' choice)
     neumann_damping: float = 1.0  # H + damping*I: online PT is non-convex (see ift_solver)
@@ -85,7 +85,7 @@ class ECGConfig:
 CONFIGS: dict[str, ECGConfig] = {
     "smoke": ECGConfig(encoder="tiny", proj_dim=16, pt_batch=16, pt_epochs=2.0, warmup=1, P=2,
                        meta_batch=16, phi_channels=4, ft_epochs=3, ft_batch=16, patience=2,
-                       bn_batches=1),
+                       bn_batches=1, head_refit_steps=2),
     "default": ECGConfig(),
     # The authors' settings (simclr_ecg.py / simclr_eval.py): ResNet-18, batch 256, Adam 1e-4,
     # 50 PT epochs with one warm-up epoch, temperature 0.5, FT 200 epochs at 1e-3, batch 64.
