@@ -4,7 +4,7 @@
     python -m benchmarks.report --full     # + the 1M MLP and the CNN in the IFT section, batch 512
     python -m benchmarks.report --results  # also rewrite benchmarks/RESULTS.md (+ results/)
 
-Every time ratio is a median over interleaved rounds of per-round ratios (benchmarks/timing.py),
+Every time ratio is min/min over interleaved rounds (benchmarks/timing.py),
 in one process with ``torch.set_num_threads(--threads)``. The unit is one gradient of the inner
 loss w.r.t. params on the same problem. Peak memory is measured per configuration in a fresh
 process (benchmarks/memory.py: rise of VmHWM after a clear_refs reset).
@@ -109,6 +109,11 @@ class Report:
             tp = timing.interleaved(parts, rounds=self.a.rounds, min_time=self.a.min_time)
             comp = {k: timing.ratio(tp, k, "grad") for k in parts}
             res = {"agreement_f64": checks, "components": comp, "J": {}}
+            res["cg_overhead_per_iteration"] = self.cg_overhead(P)
+            oh = res["cg_overhead_per_iteration"]
+            self.row("implicit", name, "cg vector work per iteration", "diagonal matvec",
+                     oh["hg.cg"], target="", note=f"flat-vector CG prototype: "
+                     f"{oh['flat_cg']:.3f} x grad (benchmarks/experimental.py)")
             for J in self.a.js:
                 flat = functools.partial(flat_cg, maxiter=J, tol=0.0)
                 fns = {"grad": M.grad(P),
@@ -132,6 +137,23 @@ class Report:
                 self.row("implicit", name, "implicit_grad neumann", f"J={J}", r["hg_ns"],
                          vs["ns"], note=f"torchopt {r['to_ns']:.1f} x grad")
             out[name] = res
+
+    def cg_overhead(self, P) -> dict:
+        """Time per CG iteration beyond the matvec (a cheap diagonal one), in gradients."""
+        b = P.direction()
+        g = torch.Generator().manual_seed(3)
+        d = {k: torch.rand(v.shape, generator=g, dtype=v.dtype) + 0.5 for k, v in b.items()}
+
+        def diag(v):
+            return {k: d[k] * x for k, x in v.items()}
+
+        n = 20
+        fns = {"grad": M.grad(P), "diag": lambda: diag(b),
+               "hg.cg": lambda: hg.cg(diag, b, maxiter=n, tol=0.0),
+               "flat_cg": lambda: flat_cg(diag, b, maxiter=n, tol=0.0)}
+        t = timing.interleaved(fns, rounds=self.a.rounds, min_time=self.a.min_time)
+        unit, mv = min(t["grad"]), min(t["diag"])
+        return {k: (min(t[k]) / n - mv) / unit for k in ("hg.cg", "flat_cg")}
 
     # ------------------------------------------------------------------------------ accuracy
     def accuracy(self) -> None:
@@ -267,6 +289,8 @@ class Report:
                      met=_met(tr is not None and tr <= 1.25) if last else "",
                      note=f"T={lo}->{hi}: {_fmt(tr)}x" if last else "")
         for k in ks:
+            if k == k5 and k != ks[-1]:
+                continue  # already a row above
             self.row("memory", where, f"unroll truncated K={k}", f"T={hi}",
                      mem=mem("unroll", hi, k), target="grows with K" if k == ks[-1] else "",
                      met=_met(grows_k) if k == ks[-1] else "")
