@@ -153,7 +153,8 @@ def test_meta_pretraining_resumes_exactly(data, tmp_path):
 def test_cli_end_to_end_and_resume(tmp_path, capsys):
     argv = ["--synthetic", "--config", "smoke", "--method", "all", "--n-ft", "20", "--seeds", "1",
             "--n-pool", "40", "--n-test", "30", "--meta-n", "10", "--time-ratio", "1",
-            "--set", "pt_batch=8", "--set", "meta_batch=8", "--out", str(tmp_path),
+            "--set", "pt_batch=8", "--set", "meta_batch=8", "--set", "ft_epochs=2",
+            "--set", "pt_epochs=1", "--out", str(tmp_path),
             "--no-progress"]
     assert cli.main(argv) == 0
     res = json.loads((tmp_path / "results.json").read_text())
@@ -169,3 +170,13 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert {p: (tmp_path / "runs" / p).read_text() for p in runs} == before
     with pytest.raises(SystemExit):
         cli.main(["--synthetic", "--method", "nope", "--out", str(tmp_path)])
+
+
+def test_per_example_hypergrads_by_group():
+    from tasks.ecg.diagnose import per_example_hypergrads
+
+    task = cli.synthetic_task(40, 10)
+    pt = pretrain("simclr", task.x, CFG, 0, progress=False, outer=1)
+    out = per_example_hypergrads(task, CFG, pt, 20, 0, batches=2, progress=False)
+    vals = [v for vs in out.values() for v in vs]
+    assert len(vals) == 2 * CFG.pt_batch and np.isfinite(vals).all() and np.abs(vals).sum() > 0

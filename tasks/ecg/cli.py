@@ -48,6 +48,7 @@ class Task:
     label_names: tuple[str, ...]
     name: str
     group_test: np.ndarray | None = None
+    group: np.ndarray | None = None  # ground-truth groups of ``x`` (synthetic only)
 
     def ft_split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if self.ft_val_idx is None:
@@ -69,7 +70,7 @@ def synthetic_task(n_pool: int, n_test: int, seed: int = 12345) -> Task:
 
     idx = np.arange(n_pool)
     return Task(prep(pool.x), torch.from_numpy(pool.y), idx, idx, None, prep(test.x),
-                torch.from_numpy(test.y), LABELS, "synthetic", test.group)
+                torch.from_numpy(test.y), LABELS, "synthetic", test.group, pool.group)
 
 
 def ptbxl_task(data_dir: str, labels: str, cache: str | None) -> Task:

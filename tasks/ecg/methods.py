@@ -39,8 +39,8 @@ from models.resnet1d import (
 )
 from tasks.ecg.augment import augment
 
-__all__ = ["ECGConfig", "CONFIGS", "SimCLRNet", "nt_xent", "macro_auroc", "pretrain",
-           "finetune", "phi_strengths", "ift_solver", "with_overrides"]
+__all__ = ["ECGConfig", "CONFIGS", "SimCLRNet", "nt_xent", "simclr_loss", "ft_bce", "macro_auroc",
+           "pretrain", "finetune", "phi_strengths", "ift_solver", "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,26 @@ def _gen(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+def simclr_loss(net: SimCLRNet, cfg: ECGConfig, p: dict[str, Tensor], strengths: Tensor,
+                batch: dict[str, Any]) -> Tensor:
+    """NT-Xent of two crop -> jitter -> warp views of ``batch["x"]`` (warp strength per
+    example), all noise drawn from a generator seeded by ``batch["seed"]``."""
+    x, g = batch["x"], _gen(batch["seed"])
+    views = [augment(x, g, crop=cfg.crop, noise=cfg.noise, warp=strengths,
+                     warp_sigma=cfg.warp_sigma) for _ in range(2)]
+    z = functional_forward(net.proj, _sub(p, "proj."),
+                           functional_forward(net.enc, _sub(p, "enc."), torch.cat(views)))
+    return nt_xent(z[: len(x)], z[len(x):], cfg.temperature)
+
+
+def ft_bce(net: SimCLRNet, e: dict[str, Tensor], head: dict[str, Tensor],
+           batch: tuple[Tensor, Tensor]) -> Tensor:
+    """BCE of the linear head on the encoder's features (batch statistics in BatchNorm)."""
+    x, y = batch
+    feats = functional_forward(net.enc, _sub(e, "enc."), x)
+    return F.binary_cross_entropy_with_logits(F.linear(feats, head["weight"], head["bias"]), y)
+
+
 def ift_solver(cfg: ECGConfig):
     """Damped truncated Neumann series for ``(H + damping I)^{-1} v`` with ``alpha = pt_lr``.
 
@@ -199,18 +219,10 @@ def pretrain(
             return h["warp"].expand(x.shape[0])
 
     def pt_loss(p: dict[str, Tensor], h: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
-        x, g = batch["x"], _gen(batch["seed"])
-        s = strength(h, x)
-        views = [augment(x, g, crop=cfg.crop, noise=cfg.noise, warp=s, warp_sigma=cfg.warp_sigma)
-                 for _ in range(2)]
-        z = functional_forward(net.proj, _sub(p, "proj."),
-                               functional_forward(net.enc, _sub(p, "enc."), torch.cat(views)))
-        return nt_xent(z[: len(x)], z[len(x):], cfg.temperature)
+        return simclr_loss(net, cfg, p, strength(h, batch["x"]), batch)
 
     def ft_loss(e: dict[str, Tensor], hd: dict[str, Tensor], batch: tuple[Tensor, Tensor]):
-        x, y = batch
-        logits = F.linear(functional_forward(net.enc, _sub(e, "enc."), x), hd["weight"], hd["bias"])
-        return F.binary_cross_entropy_with_logits(logits, y)
+        return ft_bce(net, e, hd, batch)
 
     n, spe = len(x_pool), cfg.steps_per_epoch(len(x_pool))
 
@@ -266,6 +278,8 @@ def pretrain(
     probe_log = [h["probe"] for h in hist if "probe" in h]
     return {
         "enc_state": copy.deepcopy(net.enc.state_dict()),
+        "pt_params": tree_detach(trainer.pt_params),
+        "ft_head": tree_detach(trainer.ft_head),
         "phi": tree_detach(trainer.hparams) if is_meta else None,
         "history": hist,
         "probe_strengths": probe_log,
@@ -278,19 +292,13 @@ def pretrain(
     }
 
 
-def _refit_head(trainer: hg.MetaPretrainer, net: SimCLRNet, train: tuple[Tensor, Tensor],
-                cfg: ECGConfig) -> None:
-    """A few Adam steps of the online FT head psi_FT on the current D_FT(Meta)-train features.
-
-    The authors take an FT-head step after every PT step; ``MetaPretrainer`` moves psi_FT only
-    by the K unrolled steps of each meta step, which leaves it near its random start for a
-    short run. Deterministic (full batch), so an exact resume still holds.
-    """
+def fit_head(net: SimCLRNet, enc_params: dict[str, Tensor], head: dict[str, Tensor],
+             train: tuple[Tensor, Tensor], cfg: ECGConfig) -> dict[str, Tensor]:
+    """``cfg.head_refit_steps`` full-batch Adam steps of a linear head on frozen features."""
     x, y = train[0][:512], train[1][:512]
     with torch.no_grad():
-        enc = {k[4:]: v.detach() for k, v in trainer.pt_params.items() if k.startswith("enc.")}
-        feats = functional_forward(net.enc, enc, x)
-    head = {k: v.detach().clone().requires_grad_(True) for k, v in trainer.ft_head.items()}
+        feats = functional_forward(net.enc, _sub(enc_params, "enc."), x)
+    head = {k: v.detach().clone().requires_grad_(True) for k, v in head.items()}
     opt = torch.optim.Adam(list(head.values()), lr=cfg.head_refit_lr)
     for _ in range(cfg.head_refit_steps):
         loss = F.binary_cross_entropy_with_logits(
@@ -298,9 +306,21 @@ def _refit_head(trainer: hg.MetaPretrainer, net: SimCLRNet, train: tuple[Tensor,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return tree_detach(head)
+
+
+def _refit_head(trainer: hg.MetaPretrainer, net: SimCLRNet, train: tuple[Tensor, Tensor],
+                cfg: ECGConfig) -> None:
+    """Refit the online FT head psi_FT on the current D_FT(Meta)-train features.
+
+    The authors take an FT-head step after every PT step; ``MetaPretrainer`` moves psi_FT only
+    by the K unrolled steps of each meta step, which leaves it near its random start for a
+    short run. Deterministic (full batch), so an exact resume still holds.
+    """
+    new = fit_head(net, tree_detach(trainer.pt_params), trainer.ft_head, train, cfg)
     with torch.no_grad():
         for k, v in trainer.ft_head.items():
-            v.copy_(head[k])
+            v.copy_(new[k])
 
 
 def tree_detach(t: dict[str, Tensor]) -> dict[str, Tensor]:
