@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-lr", type=float, help="override: Adam lr of the task weights")
     p.add_argument("--timing", type=int, default=0, metavar="N",
                    help="also time N x 3 outer iterations of Meta-PT vs plain PT (CPU time)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest on a shared, oversubscribed machine)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -199,7 +201,9 @@ def write_tables(out: Path, table: dict[str, Any], header: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     ft_size = None if args.ft_train_size == 0 else args.ft_train_size
     s = get_config(args.config, meta_steps=args.meta_steps, meta_lr=args.meta_lr)
     if args.ft_train_size is not None:

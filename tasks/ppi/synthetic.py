@@ -21,6 +21,7 @@ with sparse w:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -210,10 +211,12 @@ def write_synthetic(root: str | Path, cfg: SyntheticConfig) -> Path:
     graphs, meta = generate(cfg)
     data, slices = InMemoryDataset.collate(graphs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent writers never share a tmp file
     torch.save((data, slices), tmp)
     tmp.replace(path)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    tmp_meta = meta_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    tmp_meta.replace(meta_path)
     return root
 
 
