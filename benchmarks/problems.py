@@ -135,17 +135,22 @@ def make_problem(
     weight_decay = spec.get("wd", 5e-2) if weight_decay is None else weight_decay
     n = batch or spec["batch"]
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = spec["model"]().double()
-    torch.manual_seed(seed + 1)
-    teacher = spec["model"]().double()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the same problem whatever the caller's default
+    try:
+        torch.manual_seed(seed)
+        model = spec["model"]().double()
+        torch.manual_seed(seed + 1)
+        teacher = spec["model"]().double()
+    finally:
+        torch.set_default_dtype(default)
     x_tr = torch.randn((n, *spec["shape"]), generator=g, dtype=torch.float64)
     x_va = torch.randn((n, *spec["shape"]), generator=g, dtype=torch.float64)
     with torch.no_grad():
         # labels of a random teacher of the same architecture, 20% replaced at random
         def labels(x: torch.Tensor) -> torch.Tensor:
             y = teacher(x).argmax(1)
-            flip = torch.rand(n, generator=g) < 0.2
+            flip = torch.rand(n, generator=g, dtype=torch.float32) < 0.2
             return torch.where(flip, torch.randint(0, spec["classes"], (n,), generator=g), y)
 
         y_tr, y_va = labels(x_tr), labels(x_va)

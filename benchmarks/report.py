@@ -351,7 +351,7 @@ class Report:
             ax.axhline(recs[0]["peak_kib"] / 1024, color="k", ls=":", label="one gradient")
             ax.set(xscale="log", yscale="log", xlabel="horizon T (inner steps)",
                    ylabel="peak memory rise (MiB)", title="peak memory vs T (fresh process each)")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left")
             fig.tight_layout()
             paths.append(out / "memory_vs_T.png")
             fig.savefig(paths[-1], dpi=90)
