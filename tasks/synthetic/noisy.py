@@ -1,0 +1,259 @@
+"""Noisy labels (Raghu et al. 2021, synthetic experiment 2): learn per-example PT loss weights.
+
+A fraction ``noise_frac`` of the PT labels is replaced by a uniformly drawn *wrong* class. The
+meta-parameters phi are a weight network ``w(x, y; phi)`` giving every PT example a weight,
+
+    L_PT = sum_i w_i CE_i / sum_i w_i,    w_i = sigmoid(s(x_i, y_i; phi)),
+
+(normalised over the batch, so phi only redistributes the PT signal and cannot change the PT
+step size), and s(x, y) = <MLP(x), onehot(y)> + b: an MLP of the example whose output is read
+at the (one-hot) label, so the net can judge whether the label fits the image. FT is the same
+10-way task on a small clean set (head-only, K = 1). The report: mean weight of clean vs noisy
+PT examples (paper: ratio > 100) and the AUROC of the weights separating clean from noisy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import hypergrad as hg
+from models import digits as M
+from tasks.common import mean_std, seed_everything, write_json
+
+from . import data as D
+from ._runner import (
+    batch_generator,
+    cosine_lr,
+    linear_probe,
+    run_seeds,
+    tolerant_neumann,
+)
+
+__all__ = ["NoisyConfig", "CONFIGS", "NoisyTask", "run_one", "run", "auroc"]
+
+
+@dataclass(frozen=True)
+class NoisyConfig:
+    meta_steps: int = 500
+    P: int = 10
+    K: int = 1
+    head_only: bool = True
+    ft_lr: float = 0.5
+    pt_lr: float = 1e-3
+    meta_lr: float = 1e-2
+    meta_lr_final: float = 1e-3
+    neumann_iterations: int = 3
+    noise_frac: float = 0.5
+    batch_size: int = 128
+    n_ft_train: int = 100
+    n_ft_val: int = 200
+    n_test: int = 300
+    width: int = 64
+    depth: int = 2
+    weight_width: int = 32
+    act: str = "elu"
+    data_dir: str | None = None
+    mnist_limit: int = 6000
+    baseline: bool = True      # also plain PT on the noisy labels (test accuracy comparison)
+
+
+CONFIGS = {
+    "paper": NoisyConfig(),
+    "smoke": NoisyConfig(meta_steps=200, meta_lr=2e-2, baseline=False),
+    "tiny": NoisyConfig(meta_steps=3, P=2, n_ft_train=20, n_ft_val=20, n_test=20,
+                        batch_size=16, width=16, weight_width=8, baseline=True),
+}
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (probability a positive outranks a negative; ties count 1/2)."""
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=float)
+    s = scores[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def weight_logits(hparams: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                  act: str = "elu") -> torch.Tensor:
+    """s(x, y) = <MLP(x), onehot(y)> + b for a batch."""
+    f = M.ACTIVATIONS[act]
+    h = f(F.linear(x.flatten(1), hparams["w.fc0.weight"], hparams["w.fc0.bias"]))
+    out = F.linear(h, hparams["w.out.weight"], hparams["w.out.bias"])
+    return (out * F.one_hot(y, out.shape[1]).to(out.dtype)).sum(1) + hparams["w.b"]
+
+
+class NoisyTask:
+    def __init__(self, cfg: NoisyConfig, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
+        dtype = torch.float32
+        if cfg.data_dir is None:
+            ds = D.load_digits(scale=1, side=8, dtype=dtype)
+        else:
+            ds = D.load_mnist(cfg.data_dir, limit=cfg.mnist_limit, dtype=dtype)
+        self.side = ds.x.shape[-1]
+        sp = D.split(ds, cfg.n_ft_train, cfg.n_ft_val, cfg.n_test, seed=seed)
+        g = torch.Generator().manual_seed(seed + 29)
+        n = len(sp.pt)
+        self.noisy = torch.rand(n, generator=g) < cfg.noise_frac
+        shift = torch.randint(1, 10, (n,), generator=g)  # a wrong class, uniform over the 9
+        self.y_pt = torch.where(self.noisy, (sp.pt.y + shift) % 10, sp.pt.y)
+        self.x_pt = sp.pt.x
+        self.ft = {"train": (sp.ft_train.x, sp.ft_train.y), "val": (sp.ft_val.x, sp.ft_val.y),
+                   "test": (sp.test.x, sp.test.y)}
+        gp = torch.Generator().manual_seed(seed)
+        p = M.init_params("mlp", self.side, cfg.width, {"pt": 10, "ft": 10}, gp, dtype,
+                          depth=cfg.depth)
+        self.pt_params0 = {k: v for k, v in p.items() if not k.startswith("ft.")}
+        self.ft_head0 = {k: v for k, v in p.items() if k.startswith("ft.")}
+        h = M.init_linear("w.fc0", self.side * self.side, cfg.weight_width, gp, dtype)
+        h.update(M.init_linear("w.out", cfg.weight_width, 10, gp, dtype))
+        h["w.b"] = torch.zeros((), dtype=dtype)
+        self.hparams0 = h
+
+    def weights(self, hparams, idx) -> torch.Tensor:
+        return torch.sigmoid(weight_logits(hparams, self.x_pt[idx], self.y_pt[idx],
+                                           self.cfg.act))
+
+    def pt_loss(self, params, hparams, idx) -> torch.Tensor:
+        w = self.weights(hparams, idx)
+        logits = M.linear(params, "pt", M.features(params, self.x_pt[idx], self.cfg.act))
+        ce = F.cross_entropy(logits, self.y_pt[idx], reduction="none")
+        return (w * ce).sum() / w.sum()
+
+    def ft_loss(self, enc, head, which) -> torch.Tensor:
+        x, y = self.ft[which]
+        return F.cross_entropy(M.linear(head, "ft", M.features(enc, x, self.cfg.act)), y)
+
+    def pt_batch(self, i: int) -> torch.Tensor:
+        g = batch_generator(self.seed, i)
+        return torch.randint(len(self.y_pt), (self.cfg.batch_size,), generator=g)
+
+    @staticmethod
+    def ft_batch(j: int):
+        return "train", "val"
+
+    def trainer(self, meta: bool = True) -> hg.MetaPretrainer:
+        cfg = self.cfg
+        solver = tolerant_neumann(cfg.neumann_iterations, cfg.pt_lr)
+        return hg.MetaPretrainer(
+            pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
+            ft_head=self.ft_head0, hparams=self.hparams0, encoder=M.encoder_part,
+            pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
+            meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
+            P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
+            meta=meta,
+        )
+
+    def all_weights(self, hparams) -> np.ndarray:
+        with torch.no_grad():
+            return self.weights(tree_detach(hparams), torch.arange(len(self.y_pt))).numpy()
+
+    def probe_accuracy(self, pt_params) -> float:
+        enc = M.encoder_part(tree_detach(pt_params))
+        with torch.no_grad():
+            f = {k: M.features(enc, x, self.cfg.act) for k, (x, _) in self.ft.items()}
+        return linear_probe(f["train"], self.ft["train"][1], f["test"], self.ft["test"][1])
+
+
+def tree_detach(t):
+    return {k: v.detach() for k, v in t.items()}
+
+
+def weight_stats(w: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
+    clean_w, noisy_w = w[~noisy], w[noisy]
+    return {
+        "mean_weight_clean": float(clean_w.mean()), "mean_weight_noisy": float(noisy_w.mean()),
+        "ratio": float(clean_w.mean() / max(noisy_w.mean(), 1e-30)),
+        "median_ratio": float(np.median(clean_w) / max(np.median(noisy_w), 1e-30)),
+        "auroc": auroc(w, ~noisy),
+    }
+
+
+def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress: bool = False,
+            callback=None) -> dict[str, Any]:
+    seed_everything(seed)
+    task = NoisyTask(cfg, seed)
+    tr = task.trainer()
+    noisy = task.noisy.numpy()
+    sched = cosine_lr(tr, cfg.meta_steps, cfg.meta_lr, cfg.meta_lr_final)
+    every = max(1, cfg.meta_steps // 20)
+
+    def cb(j: int, metrics: dict) -> None:
+        if (j + 1) % every == 0 or j + 1 == cfg.meta_steps:
+            st = weight_stats(task.all_weights(tr.hparams), noisy)
+            metrics["ratio"], metrics["auroc"] = st["ratio"], st["auroc"]
+        sched(j, metrics)
+        if callback is not None:
+            callback(j, metrics)
+
+    hist = tr.run(cfg.meta_steps, task.pt_batch, task.ft_batch,
+                  checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
+                  checkpoint_every=25, progress=progress, callback=cb)
+    w = task.all_weights(tr.hparams)
+    res: dict[str, Any] = dict(weight_stats(w, noisy))
+    res.update(
+        noise_frac_realised=float(noisy.mean()),
+        ratio_trajectory=[[i, m["ratio"]] for i, m in enumerate(hist) if "ratio" in m],
+        auroc_trajectory=[[i, m["auroc"]] for i, m in enumerate(hist) if "auroc" in m],
+        val_loss=[m["val_loss"] for m in hist],
+        probe_test_accuracy=task.probe_accuracy(tr.pt_params),
+        weights_clean=w[~noisy].tolist(), weights_noisy=w[noisy].tolist(),
+    )
+    if cfg.baseline:
+        base = task.trainer(meta=False)
+        base.run(cfg.meta_steps, task.pt_batch, task.ft_batch, progress=False)
+        res["baseline_probe_test_accuracy"] = task.probe_accuracy(base.pt_params)
+    return res
+
+
+def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    results = run_seeds(out, seeds, lambda s, d: run_one(cfg, s, d, progress=progress),
+                        progress=progress, desc="noisy-label seeds")
+    metrics: dict[str, Any] = {"experiment": "noisy", "config": dataclasses.asdict(cfg),
+                               "seeds": seeds, "paper_ratio": "> 100"}
+    for key in ("ratio", "median_ratio", "auroc", "mean_weight_clean", "mean_weight_noisy",
+                "probe_test_accuracy", "baseline_probe_test_accuracy"):
+        vals = [r[key] for r in results if key in r]
+        if vals:
+            m, s = mean_std(vals)
+            metrics[key] = vals
+            metrics[f"{key}_mean"], metrics[f"{key}_std"] = m, s
+    metrics["target_met"] = bool(min(metrics["ratio"]) > 100)
+    write_json(out / "metrics.json", metrics)
+    from .plots import plot_weights
+
+    r0 = results[0]
+    plot_weights(r0["weights_clean"], r0["weights_noisy"], out / "weights.png",
+                 title=f"seed {r0['seed']}: clean/noisy ratio {r0['ratio']:.3g}, "
+                 f"AUROC {r0['auroc']:.3f}")
+    return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    lines = [f"clean / noisy mean weight: {metrics['ratio_mean']:.4g} +- {metrics['ratio_std']:.3g}"
+             f" (min {min(metrics['ratio']):.4g}; paper: > 100)",
+             f"AUROC clean vs noisy: {metrics['auroc_mean']:.4f} +- {metrics['auroc_std']:.4f}",
+             f"FT linear-probe test accuracy: meta {metrics['probe_test_accuracy_mean']:.3f}"]
+    if "baseline_probe_test_accuracy_mean" in metrics:
+        lines[-1] += f", plain PT {metrics['baseline_probe_test_accuracy_mean']:.3f}"
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Plots of the synthetic experiments (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_rotation", "plot_weights", "plot_exactness"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rotation(results: list[dict[str, Any]], target: float, path: Path) -> Path:
+    """phi trajectories (one line per run) against the target angle."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot(r["phi_trajectory"], lw=1, label=f"init {r['init_angle']:.0f}")
+    ax.axhline(target, color="k", ls="--", lw=1.5, label=f"FT angle {target:.0f}")
+    ax.set_xlabel("meta step")
+    ax.set_ylabel("phi (degrees)")
+    ax.set_title("Meta-learned PT rotation")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_weights(clean: list[float], noisy: list[float], path: Path, title: str = "") -> Path:
+    """Histograms of learned per-example weights, clean vs noisy PT labels (log x axis)."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    allw = np.asarray(list(clean) + list(noisy), dtype=float)
+    lo, hi = max(allw.min(), 1e-8), max(allw.max(), 1e-7)
+    bins = np.logspace(np.log10(lo), np.log10(hi) + 1e-9, 50)
+    ax.hist(clean, bins=bins, alpha=0.6, label=f"clean (n={len(clean)})")
+    ax.hist(noisy, bins=bins, alpha=0.6, label=f"noisy (n={len(noisy)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("learned weight")
+    ax.set_ylabel("PT examples")
+    ax.set_title(title or "Per-example PT weights")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_exactness(cos: list[float], phi_alg: list[float], phi_exact: list[float], target: float,
+                   path: Path) -> Path:
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(cos, marker=".", lw=1)
+    a.set_ylim(-1.05, 1.05)
+    a.set_xlabel("meta step")
+    a.set_ylabel("cosine(Algorithm 1, exact)")
+    b.plot(phi_alg, label="Algorithm 1")
+    b.plot(phi_exact, label="exact (full unroll)")
+    if target is not None:
+        b.axhline(target, color="k", ls="--", lw=1)
+    b.set_xlabel("meta step")
+    b.set_ylabel("phi")
+    b.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
