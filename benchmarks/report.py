@@ -392,7 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--only", default="products,implicit,accuracy,unroll,memory")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite RESULTS.md from the table and JSON already in --out")
     a = ap.parse_args(argv)
+    if a.render_only:
+        render_results(a.out)
+        return {}
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     if a.tiny:
@@ -431,18 +436,25 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_results(rep: Report, table: str, plots: list[Path]) -> None:
+    render_results(rep.a.out)
+
+
+def render_results(out: Path) -> None:
+    """Copy plots and JSON from ``out`` to benchmarks/results/ and fill RESULTS.template.md."""
     import shutil
 
     dest = HERE / "results"
     dest.mkdir(exist_ok=True)
-    for p in plots:
-        shutil.copy(p, dest / p.name)
-    shutil.copy(rep.a.out / "results.json", dest / "results.json")
-    tmpl = (HERE / "RESULTS.template.md").read_text()
-    text = tmpl.replace("{{TABLE}}", table).replace("{{MACHINE}}", rep.data["machine"]).replace(
-        "{{DATE}}", time.strftime("%Y-%m-%d")).replace(
-        "{{SECONDS}}", f"{rep.data['seconds']:.0f}").replace(
-        "{{MODE}}", "--full" if rep.a.full else "(quick)")
+    for name in ("time_vs_J.png", "memory_vs_T.png", "results.json"):
+        if (out / name).exists():
+            shutil.copy(out / name, dest / name)
+    data = json.loads((out / "results.json").read_text())
+    table = (out / "table.md").read_text().strip()
+    text = (HERE / "RESULTS.template.md").read_text()
+    for key, val in (("TABLE", table), ("MACHINE", data["machine"]),
+                     ("DATE", time.strftime("%Y-%m-%d")), ("SECONDS", f"{data['seconds']:.0f}"),
+                     ("MODE", "--full" if data["config"].get("full") else "quick")):
+        text = text.replace("{{" + key + "}}", val)
     (HERE / "RESULTS.md").write_text(text)
 
 
