@@ -133,6 +133,23 @@ def test_diverging_ift_solve_fails_loudly_after_checkpointing(tmp_path):
     assert torch.load(tmp_path / "c.pt", weights_only=False)["meta_steps_done"] == 1
 
 
+def test_residual_slightly_above_one_warns_but_trains():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+
+    def one_term(mv, b):  # report a residual of 1.5, as negative curvature would
+        res = hg.neumann(mv, b, iterations=1, alpha=0.05)
+        return res._replace(residual_norm=torch.tensor(1.5))
+
+    tr.solver = one_term
+    with pytest.warns(hg.HypergradientWarning, match="negative curvature"):
+        hist = tr.run(2, pt_batch, ft_batch, progress=False)
+    assert [m["solve_residual"] for m in hist] == [1.5, 1.5]
+    tr.max_solve_residual = 1.2
+    with pytest.raises(hg.HypergradientError, match="max_solve_residual=1.2"):
+        tr.run(3, pt_batch, ft_batch, progress=False)
+
+
 def test_non_finite_hypergradient_fails_loudly():
     make, pt_batch, ft_batch = _setup()
     tr = make()
