@@ -6,9 +6,11 @@ once with ``create_graph=True`` and each product is one more backward pass throu
     H v            = d <g, v> / d params            (Hessian-vector product)
     v^T d2f/dθdφ   = d <g, v> / d hparams           (mixed vector-Jacobian product)
 
-Measured on an MLP (benchmarks/RESULTS.md) a matvec that reuses ``g`` costs about 1.2x one
-gradient; forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) cost about 5x on
-CPU, so it is not used here.
+Measured (benchmarks/RESULTS.md, 1 thread): a matvec that reuses ``g`` costs 1.1-1.2x one
+gradient on a 100k-parameter MLP and 1.4-1.5x on a 1M one, which is the multiply-add bound of
+an exact Hessian-vector product for those networks and the same as ``torch.func.vjp`` of
+``torch.func.grad``; forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) cost
+2.7-7.3x on CPU, so it is not used here.
 
 Example:
     >>> import torch, hypergrad as hg
