@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--results", action="store_true", help="rewrite benchmarks/RESULTS.md")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--only", default="products,implicit,accuracy,unroll,memory")
+    ap.add_argument("--only", default="products,implicit,accuracy,unroll,memory,solvers")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite RESULTS.md from the table and JSON already in --out")
     a = ap.parse_args(argv)
@@ -417,8 +417,22 @@ def main(argv: list[str] | None = None) -> dict:
         a.min_time, a.unroll_batch = 0.0, None
     rep = Report(a)
     t0 = time.time()
-    for section in a.only.split(","):
-        getattr(rep, section)()
+    sections = a.only.split(",")
+    for section in sections:
+        if section != "solvers":
+            getattr(rep, section)()
+    if "solvers" in sections:  # error vs cost per solver (cond 1e4) and vmap vs loop
+        import contextlib
+        import io
+
+        from benchmarks import solver_study
+
+        buf = io.StringIO()
+        a.out.mkdir(parents=True, exist_ok=True)
+        study = ["--out", str(a.out), "--threads", str(a.threads)]
+        with contextlib.redirect_stdout(buf):
+            solver_study.main(study + (["--n", "30"] if a.tiny else []))
+        (a.out / "solver_study.md").write_text(buf.getvalue())
     rep.data["rows"] = rep.rows
     rep.data["machine"] = machine()
     rep.data["seconds"] = time.time() - t0
@@ -445,13 +459,16 @@ def render_results(out: Path) -> None:
 
     dest = HERE / "results"
     dest.mkdir(exist_ok=True)
-    for name in ("time_vs_J.png", "memory_vs_T.png", "results.json"):
+    for name in ("time_vs_J.png", "memory_vs_T.png", "results.json", "solver_study.png",
+                 "solver_study.json"):
         if (out / name).exists():
             shutil.copy(out / name, dest / name)
     data = json.loads((out / "results.json").read_text())
     table = (out / "table.md").read_text().strip()
     text = (HERE / "RESULTS.template.md").read_text()
-    for key, val in (("TABLE", table), ("MACHINE", data["machine"]),
+    study = out / "solver_study.md"
+    solvers = study.read_text().strip() if study.exists() else "(not run: add `solvers` to --only)"
+    for key, val in (("TABLE", table), ("SOLVERS", solvers), ("MACHINE", data["machine"]),
                      ("DATE", time.strftime("%Y-%m-%d")), ("SECONDS", f"{data['seconds']:.0f}"),
                      ("MODE", "--full" if data["config"].get("full") else "quick")):
         text = text.replace("{{" + key + "}}", val)
