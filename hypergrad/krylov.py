@@ -129,6 +129,7 @@ def gmres(
         V = [tree.scale(r, 1.0 / beta)]
         Hm = torch.zeros(restart + 1, restart, dtype=b_norm.dtype, device=b_norm.device)
         y = None
+        breakdown = False
         for j in range(min(restart, maxiter - spent)):
             wv = A(V[j])
             if spent == 0:
@@ -143,12 +144,15 @@ def gmres(
             y = torch.linalg.lstsq(Hm[: j + 2, : j + 1], e1.unsqueeze(1)).solution.squeeze(1)
             res_norm = torch.linalg.vector_norm(e1 - Hm[: j + 2, : j + 1] @ y)
             residual = res_norm / b_norm
-            if bool(res_norm <= tol * b_norm) or float(Hm[j + 1, j]) <= 1e-14 * float(beta):
+            breakdown = float(Hm[j + 1, j]) <= 1e-12 * float(beta)
+            if bool(res_norm <= tol * b_norm) or breakdown:
                 break
             V.append(tree.scale(wv, 1.0 / Hm[j + 1, j]))
         for yi, vi in zip(y, V):
             x = tree.axpy(yi, vi, x)
-        if spent >= maxiter or bool(residual <= tol):
+        # A (happy) breakdown means the Krylov space is invariant: x is exact up to rounding,
+        # and restarting from a rounding-level residual would only amplify noise.
+        if spent >= maxiter or bool(residual <= tol) or breakdown:
             break
         r = tree.sub(b, A(x))  # true residual at the restart (one matvec)
         spent += 1
