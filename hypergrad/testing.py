@@ -166,30 +166,19 @@ def logistic_problem(
 
 def dense_hessian(fn: Callable[..., torch.Tensor], params: Tree, *args: Any) -> torch.Tensor:
     """The full ``n x n`` Hessian of ``fn(params, *args)`` over the flattened params."""
-    flat, spec = tree.flatten(params)
-    vec = torch.cat([x.detach().reshape(-1) for x in flat])
-    return torch.func.hessian(lambda v: fn(_unvec(v, flat, spec), *args))(vec)
+    vec, unravel = tree.ravel(tree.detach(params))
+    return torch.func.hessian(lambda v: fn(unravel(v), *args))(vec)
 
 
 def dense_mixed(fn: Callable[[Tree, Tree], torch.Tensor], params: Tree, hparams: Tree):
     """The ``n_params x n_hparams`` matrix ``d2 fn / (d params d hparams)``."""
-    pf, ps = tree.flatten(params)
-    hf, hs = tree.flatten(hparams)
-    pv = torch.cat([x.detach().reshape(-1) for x in pf])
-    hv = torch.cat([x.detach().reshape(-1) for x in hf])
+    pv, unravel_p = tree.ravel(tree.detach(params))
+    hv, unravel_h = tree.ravel(tree.detach(hparams))
 
     def grad_p(h: torch.Tensor) -> torch.Tensor:
-        return torch.func.grad(lambda p: fn(_unvec(p, pf, ps), _unvec(h, hf, hs)))(pv)
+        return torch.func.grad(lambda p: fn(unravel_p(p), unravel_h(h)))(pv)
 
     return torch.func.jacrev(grad_p)(hv)
-
-
-def _unvec(v: torch.Tensor, like: list[torch.Tensor], spec: Any) -> Tree:
-    out, i = [], 0
-    for x in like:
-        out.append(v[i : i + x.numel()].reshape(x.shape))
-        i += x.numel()
-    return tree.unflatten(out, spec)
 
 
 def reference_implicit_grad(
@@ -199,17 +188,15 @@ def reference_implicit_grad(
     hparams: Tree,
 ) -> Tree:
     """IFT hypergradient with a dense Hessian and a direct solve (small problems only)."""
-    pf, ps = tree.flatten(params)
-    hf, hs = tree.flatten(hparams)
     H = dense_hessian(inner_loss, params, hparams)
     M = dense_mixed(inner_loss, params, hparams)
-    pv = torch.cat([x.detach().reshape(-1) for x in pf])
-    hv = torch.cat([x.detach().reshape(-1) for x in hf])
+    pv, unravel_p = tree.ravel(tree.detach(params))
+    hv, unravel_h = tree.ravel(tree.detach(hparams))
     gp, gh = torch.func.grad(
-        lambda p, h: outer_loss(_unvec(p, pf, ps), _unvec(h, hf, hs)), argnums=(0, 1)
+        lambda p, h: outer_loss(unravel_p(p), unravel_h(h)), argnums=(0, 1)
     )(pv, hv)
-    total = gh - M.T @ torch.linalg.solve(H, gp)
-    return _unvec(total, hf, hs)
+    total = gh - M.T @ torch.linalg.solve(H, gp)  # Eq. of the IFT, dense
+    return unravel_h(total)
 
 
 def reference_unroll_grad(

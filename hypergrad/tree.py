@@ -41,6 +41,7 @@ __all__ = [
     "requires_grad",
     "all_finite",
     "numel",
+    "ravel",
 ]
 
 
@@ -168,3 +169,34 @@ def all_finite(a: Tree) -> bool:
 
 def numel(a: Tree) -> int:
     return sum(x.numel() for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor))
+
+
+def ravel(t: Tree) -> tuple[torch.Tensor, Callable[[torch.Tensor], Tree]]:
+    """``t``'s leaves concatenated into one vector, and the inverse map (a view, no copy).
+
+    Like ``jax.flatten_util.ravel_pytree``; the leaves must share dtype and device
+    (``torch.cat`` would promote silently otherwise, so this raises).
+
+    Example:
+        >>> import torch
+        >>> from hypergrad import tree
+        >>> v, unravel = tree.ravel({"a": torch.ones(2), "b": torch.zeros(1)})
+        >>> v.tolist(), unravel(v)["a"].tolist()
+        ([1.0, 1.0, 0.0], [1.0, 1.0])
+    """
+    flat, spec = pytree.tree_flatten(t)
+    if not flat or any(not isinstance(x, torch.Tensor) for x in flat):
+        raise TypeError(f"`t` must be a non-empty pytree of tensors, got {_describe(t)}")
+    if any(x.dtype != flat[0].dtype or x.device != flat[0].device for x in flat):
+        raise TypeError(
+            "`t` must have leaves of one dtype and device to be ravelled, got "
+            f"{[(x.dtype, str(x.device)) for x in flat]}"
+        )
+    shapes = [x.shape for x in flat]
+    sizes = [x.numel() for x in flat]
+
+    def unravel(v: torch.Tensor) -> Tree:
+        parts = torch.split(v, sizes)
+        return pytree.tree_unflatten([c.view(s) for c, s in zip(parts, shapes)], spec)
+
+    return torch.cat([x.reshape(-1) for x in flat]), unravel

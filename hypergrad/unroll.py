@@ -198,6 +198,17 @@ def _loss_grads(loss: torch.Tensor, p: list[torch.Tensor], create: bool) -> list
     return list(torch.autograd.grad(loss, p, create_graph=create, allow_unused=True))
 
 
+def _param_grads(inner_loss: Callable, params: Tree, hparams: Tree, create: bool):
+    """Leaves of ``params`` (made differentiable), d inner_loss / d params (None where unused),
+    and the structure spec; keeps the graph iff ``create``."""
+    flat, spec = tree.flatten(params)
+    with torch.enable_grad():
+        p = [x if x.requires_grad else x.detach().requires_grad_(True) for x in flat]
+        loss = _checks.scalar_loss(inner_loss(tree.unflatten(p, spec), hparams), "inner_loss")
+        grads = _loss_grads(loss, p, create)
+    return p, grads, spec
+
+
 def gradient_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], lr: float) -> Step:
     """The step ``params - lr * d inner_loss(params, hparams) / d params`` (differentiable).
 
@@ -209,11 +220,7 @@ def gradient_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], lr: float) -
 
     def step(params: Tree, hparams: Tree, t: int) -> Tree:
         create = _needs_graph(params, hparams)
-        flat, spec = tree.flatten(params)
-        with torch.enable_grad():
-            p = [x if x.requires_grad else x.detach().requires_grad_(True) for x in flat]
-            loss = _checks.scalar_loss(inner_loss(tree.unflatten(p, spec), hparams), "inner_loss")
-            grads = _loss_grads(loss, p, create)
+        p, grads, spec = _param_grads(inner_loss, params, hparams, create)
         new = [x - lr * (torch.zeros_like(x) if g is None else g) for x, g in zip(p, grads)]
         if not create:
             new = [x.detach() for x in new]
@@ -250,11 +257,7 @@ def optimizer_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], optimizer: 
     def step(state: Tree, hparams: Tree, t: int) -> Tree:
         params, opt_state = state
         create = _needs_graph(params, hparams)
-        flat, spec = tree.flatten(params)
-        with torch.enable_grad():
-            p = [x if x.requires_grad else x.detach().requires_grad_(True) for x in flat]
-            loss = _checks.scalar_loss(inner_loss(tree.unflatten(p, spec), hparams), "inner_loss")
-            grads = _loss_grads(loss, p, create)
+        p, grads, spec = _param_grads(inner_loss, params, hparams, create)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(p, grads)]
         updates, opt_state = optimizer.update(
             tree.unflatten(grads, spec), opt_state, params=tree.unflatten(p, spec), inplace=False

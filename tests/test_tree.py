@@ -143,3 +143,18 @@ def test_empty_trees():
     assert float(tree.norm({})) == 0.0
     assert float(tree.vdot([], [])) == 0.0
     assert tree.numel({}) == 0
+
+
+def test_ravel_roundtrips_and_matches_concatenation():
+    t = {"a": torch.arange(6.0).reshape(2, 3), "b": (torch.tensor([7.0]), torch.zeros(2, 1))}
+    v, unravel = tree.ravel(t)
+    assert v.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 0.0, 0.0]
+    back = unravel(v * 2)
+    assert torch.equal(back["a"], 2 * t["a"]) and torch.equal(back["b"][0], 2 * t["b"][0])
+    assert back["b"][1].shape == (2, 1)
+
+
+def test_ravel_refuses_mixed_dtypes_instead_of_promoting():
+    with pytest.raises(TypeError, match="one dtype"):
+        tree.ravel({"a": torch.ones(2, dtype=torch.float32),
+                    "b": torch.ones(2, dtype=torch.float64)})
