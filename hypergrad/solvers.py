@@ -207,6 +207,7 @@ def neumann(
     alpha: float | str = "auto",
     tol: float = 1e-6,
     power_iterations: int = 20,
+    damping: float = 0.0,
 ) -> SolveResult:
     """Truncated Neumann series ``x = alpha * sum_{j=0}^{J-1} (I - alpha H)^j b`` (J = iterations).
 
@@ -222,12 +223,20 @@ def neumann(
     ``b``) and uses ``alpha = 1 / lambda_max``, which converges for any SPD ``H`` as long as the
     estimate is within 2x of the truth (power iteration only underestimates). Those matvecs
     are counted in ``iterations`` of the result.
+
+    ``damping`` solves ``(H + damping I) x = b`` instead (Tikhonov), as every solver does.
     """
     _checks.callable_(matvec, "matvec")
     ref = _validate_b(b)
     J = _checks.nonneg_int(iterations, "iterations")
     tol = _checks.nonneg_number(tol, "tol")
     power_iterations = _checks.positive_int(power_iterations, "power_iterations")
+    damping = _checks.nonneg_number(damping, "damping")
+    if damping:
+        undamped = matvec
+
+        def matvec(v: Tree) -> Tree:  # (H + damping I) v
+            return tree.axpy(damping, v, undamped(v))
     spent = 0
     stats: dict[str, Any] = {}
     if isinstance(alpha, str):

@@ -103,11 +103,12 @@ def test_gmres_restart_still_converges_and_counts_matvecs():
     assert len(calls) <= 37
 
 
-@pytest.mark.parametrize("name", ["minres", "gmres", "normal_cg", "cg"])
+@pytest.mark.parametrize("name", ["minres", "gmres", "normal_cg", "cg", "neumann"])
 def test_damping_solves_shifted_system(name):
     A = _matrix("spd", 6, 1)
     b = _rhs(6, 1)
-    res = getattr(hg, name)(_mv(A), b, damping=0.7, tol=1e-12, maxiter=200)
+    kw = {"iterations": 2000, "alpha": "auto"} if name == "neumann" else {"maxiter": 200}
+    res = getattr(hg, name)(_mv(A), b, damping=0.7, tol=1e-12, **kw)
     x = torch.linalg.solve(A + 0.7 * torch.eye(6, dtype=D), _dense(b))
     torch.testing.assert_close(_dense(res.solution), x)
 
