@@ -167,3 +167,20 @@ def tolerant_neumann(iterations: int, alpha: float, slack: float = 0.05):
         return res
 
     return solve
+
+
+def run_with_warmup(trainer: Any, warmup: int, meta_steps: int, pt_batch, ft_batch, *,
+                    checkpoint=None, checkpoint_every: int = 25, progress: bool = False,
+                    callback=None) -> list[dict]:
+    """``warmup`` outer iterations of plain PT (no meta step), then ``meta_steps`` of Algorithm 1.
+
+    The loop's ``meta`` flag is not checkpointed; it follows the outer-iteration counter, so a
+    run resumed in either phase continues exactly.
+    """
+    if warmup:
+        trainer.meta = False
+        trainer.run(warmup, pt_batch, ft_batch, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every, progress=progress, callback=callback)
+    trainer.meta = True
+    return trainer.run(warmup + meta_steps, pt_batch, ft_batch, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, progress=progress, callback=callback)

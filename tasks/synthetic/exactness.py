@@ -60,6 +60,7 @@ class ExactnessConfig:
     batch_size: int = 64
     width: int = 32
     seed: int = 0
+    dtype: str = "float32"        # rotation only (float64 for the finite-difference test)
     # K / P study (Algorithm 1 on the main rotation setup, same PT budget)
     kp_K: tuple = (0.0, 1.0, 3.0, 10.0)
     kp_P: tuple = (1.0, 10.0, 50.0)
@@ -79,7 +80,8 @@ CONFIGS = {
 def _task(cfg: ExactnessConfig):
     if cfg.task == "rotation":
         tcfg = dataclasses.replace(R.CONFIGS["paper"], width=cfg.width, batch_size=cfg.batch_size,
-                                   pt_lr=cfg.pt_lr, ft_lr=cfg.ft_lr, K=cfg.K, P=cfg.P)
+                                   pt_lr=cfg.pt_lr, ft_lr=cfg.ft_lr, K=cfg.K, P=cfg.P,
+                                   dtype=cfg.dtype)
         task = R.RotationTask(tcfg, cfg.seed)
         h0 = {"phi": torch.tensor(cfg.init_angle, dtype=task.pt.x.dtype)}
     elif cfg.task == "noisy":

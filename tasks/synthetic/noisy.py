@@ -33,6 +33,7 @@ from ._runner import (
     cosine_lr,
     linear_probe,
     run_seeds,
+    run_with_warmup,
     tolerant_neumann,
 )
 
@@ -47,11 +48,13 @@ class NoisyConfig:
     head_only: bool = True
     ft_lr: float = 0.5
     pt_lr: float = 1e-3
+    pt_wd: float = 0.0           # L2 on the PT parameters (slows memorisation of noisy labels)
     meta_lr: float = 1e-2
     meta_lr_final: float = 1e-3
     neumann_iterations: int = 3
     noise_frac: float = 0.5
     batch_size: int = 128
+    meta_batch: int = 0          # size of the PT batch the hypergradient uses (0: batch_size)
     n_ft_train: int = 100
     n_ft_val: int = 200
     n_test: int = 300
@@ -61,6 +64,11 @@ class NoisyConfig:
     act: str = "elu"
     data_dir: str | None = None
     mnist_limit: int = 6000
+    normalize: str = "batch"     # sum_i w_i CE_i / sum_i w_i, or "class": that per label, averaged
+    weight_form: str = "sigmoid"  # w = sigmoid(s(x, y)), or "softmax": w = softmax_y(MLP(x))
+    ft_mode: str = "new_head"  # or "shared_head": FT continues the PT classifier (same classes)
+    checkpoint_every: int = 25
+    warmup: int = 0            # outer iterations of plain PT before the first meta step
     baseline: bool = True      # also plain PT on the noisy labels (test accuracy comparison)
 
 
@@ -68,7 +76,8 @@ CONFIGS = {
     "paper": NoisyConfig(),
     "smoke": NoisyConfig(meta_steps=200, meta_lr=2e-2, baseline=False),
     "tiny": NoisyConfig(meta_steps=3, P=2, n_ft_train=20, n_ft_val=20, n_test=20,
-                        batch_size=16, width=16, weight_width=8, baseline=True),
+                        batch_size=16, width=16, weight_width=8, baseline=True,
+                        checkpoint_every=1),
 }
 
 
@@ -101,6 +110,15 @@ def weight_logits(hparams: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Te
     return (out * F.one_hot(y, out.shape[1]).to(out.dtype)).sum(1) + hparams["w.b"]
 
 
+def weight_probs(hparams: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 act: str = "elu") -> torch.Tensor:
+    """w(x, y) = softmax(MLP(x))_y: the weights of the labels of one image sum to one."""
+    f = M.ACTIVATIONS[act]
+    h = f(F.linear(x.flatten(1), hparams["w.fc0.weight"], hparams["w.fc0.bias"]))
+    out = F.linear(h, hparams["w.out.weight"], hparams["w.out.bias"])
+    return out.softmax(1).gather(1, y[:, None]).squeeze(1)
+
+
 class NoisyTask:
     def __init__(self, cfg: NoisyConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
@@ -124,28 +142,58 @@ class NoisyTask:
                           depth=cfg.depth)
         self.pt_params0 = {k: v for k, v in p.items() if not k.startswith("ft.")}
         self.ft_head0 = {k: v for k, v in p.items() if k.startswith("ft.")}
+        if cfg.ft_mode == "shared_head":
+            self.ft_head0 = {"ft.bias": torch.zeros(10, dtype=dtype)}
+        elif cfg.ft_mode != "new_head":
+            raise ValueError(f"`ft_mode` must be 'new_head' or 'shared_head', got {cfg.ft_mode!r}")
         h = M.init_linear("w.fc0", self.side * self.side, cfg.weight_width, gp, dtype)
         h.update(M.init_linear("w.out", cfg.weight_width, 10, gp, dtype))
         h["w.b"] = torch.zeros((), dtype=dtype)
         self.hparams0 = h
 
     def weights(self, hparams, idx) -> torch.Tensor:
-        return torch.sigmoid(weight_logits(hparams, self.x_pt[idx], self.y_pt[idx],
-                                           self.cfg.act))
+        x, y = self.x_pt[idx], self.y_pt[idx]
+        if self.cfg.weight_form == "softmax":
+            return weight_probs(hparams, x, y, self.cfg.act)
+        return torch.sigmoid(weight_logits(hparams, x, y, self.cfg.act))
 
     def pt_loss(self, params, hparams, idx) -> torch.Tensor:
         w = self.weights(hparams, idx)
         logits = M.linear(params, "pt", M.features(params, self.x_pt[idx], self.cfg.act))
-        ce = F.cross_entropy(logits, self.y_pt[idx], reduction="none")
-        return (w * ce).sum() / w.sum()
+        y = self.y_pt[idx]
+        ce = F.cross_entropy(logits, y, reduction="none")
+        reg = self.cfg.pt_wd * sum((v**2).sum() for v in params.values()) if self.cfg.pt_wd else 0
+        if self.cfg.normalize == "class":
+            onehot = F.one_hot(y, 10).to(w.dtype)            # (n, 10)
+            num, den = (w * ce) @ onehot, w @ onehot         # per label
+            present = den > 0
+            return (num[present] / den[present]).mean() + reg
+        if self.cfg.normalize == "none":
+            return (w * ce).mean() + reg
+        return (w * ce).sum() / w.sum() + reg
 
     def ft_loss(self, enc, head, which) -> torch.Tensor:
         x, y = self.ft[which]
-        return F.cross_entropy(M.linear(head, "ft", M.features(enc, x, self.cfg.act)), y)
+        if self.cfg.ft_mode == "shared_head":  # enc is the whole PT network
+            logits = M.linear(enc, "pt", M.features(enc, x, self.cfg.act)) + head["ft.bias"]
+        else:
+            logits = M.linear(head, "ft", M.features(enc, x, self.cfg.act))
+        return F.cross_entropy(logits, y)
+
+    @property
+    def encoder(self):
+        return None if self.cfg.ft_mode == "shared_head" else M.encoder_part
 
     def pt_batch(self, i: int) -> torch.Tensor:
+        """PT batch of global step ``i``. The last PT step of every outer iteration (whose batch
+        the meta step reuses) draws ``meta_batch`` examples when that is set."""
         g = batch_generator(self.seed, i)
-        return torch.randint(len(self.y_pt), (self.cfg.batch_size,), generator=g)
+        n = self.cfg.batch_size
+        if self.cfg.meta_batch and (i + 1) % self.cfg.P == 0:
+            n = self.cfg.meta_batch
+        if n >= len(self.y_pt):
+            return torch.randperm(len(self.y_pt), generator=g)
+        return torch.randint(len(self.y_pt), (n,), generator=g)
 
     @staticmethod
     def ft_batch(j: int):
@@ -156,7 +204,7 @@ class NoisyTask:
         solver = tolerant_neumann(cfg.neumann_iterations, cfg.pt_lr)
         return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
-            ft_head=self.ft_head0, hparams=self.hparams0, encoder=M.encoder_part,
+            ft_head=self.ft_head0, hparams=self.hparams0, encoder=self.encoder,
             pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
             meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
@@ -168,6 +216,7 @@ class NoisyTask:
             return self.weights(tree_detach(hparams), torch.arange(len(self.y_pt))).numpy()
 
     def probe_accuracy(self, pt_params) -> float:
+        """Test accuracy of a linear head fitted on the frozen encoder's FT-train features."""
         enc = M.encoder_part(tree_detach(pt_params))
         with torch.no_grad():
             f = {k: M.features(enc, x, self.cfg.act) for k, (x, _) in self.ft.items()}
@@ -196,31 +245,34 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
     noisy = task.noisy.numpy()
     sched = cosine_lr(tr, cfg.meta_steps, cfg.meta_lr, cfg.meta_lr_final)
     every = max(1, cfg.meta_steps // 20)
+    total = cfg.warmup + cfg.meta_steps
 
     def cb(j: int, metrics: dict) -> None:
-        if (j + 1) % every == 0 or j + 1 == cfg.meta_steps:
+        if (j + 1) % every == 0 or j + 1 == total:
             st = weight_stats(task.all_weights(tr.hparams), noisy)
             metrics["ratio"], metrics["auroc"] = st["ratio"], st["auroc"]
-        sched(j, metrics)
+        if j >= cfg.warmup:
+            sched(j - cfg.warmup, metrics)
         if callback is not None:
             callback(j, metrics)
 
-    hist = tr.run(cfg.meta_steps, task.pt_batch, task.ft_batch,
-                  checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
-                  checkpoint_every=25, progress=progress, callback=cb)
+    hist = run_with_warmup(tr, cfg.warmup, cfg.meta_steps, task.pt_batch, task.ft_batch,
+                           checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
+                           checkpoint_every=cfg.checkpoint_every, progress=progress,
+                           callback=cb)
     w = task.all_weights(tr.hparams)
     res: dict[str, Any] = dict(weight_stats(w, noisy))
     res.update(
         noise_frac_realised=float(noisy.mean()),
         ratio_trajectory=[[i, m["ratio"]] for i, m in enumerate(hist) if "ratio" in m],
         auroc_trajectory=[[i, m["auroc"]] for i, m in enumerate(hist) if "auroc" in m],
-        val_loss=[m["val_loss"] for m in hist],
+        val_loss=[m["val_loss"] for m in hist if "val_loss" in m],
         probe_test_accuracy=task.probe_accuracy(tr.pt_params),
         weights_clean=w[~noisy].tolist(), weights_noisy=w[noisy].tolist(),
     )
     if cfg.baseline:
         base = task.trainer(meta=False)
-        base.run(cfg.meta_steps, task.pt_batch, task.ft_batch, progress=False)
+        base.run(total, task.pt_batch, task.ft_batch, progress=False)
         res["baseline_probe_test_accuracy"] = task.probe_accuracy(base.pt_params)
     return res
 

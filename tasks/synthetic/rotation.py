@@ -40,6 +40,7 @@ from ._runner import (
     cosine_lr,
     linear_probe,
     run_seeds,
+    run_with_warmup,
     time_ratio,
     tolerant_neumann,
 )
@@ -70,16 +71,21 @@ class RotationConfig:
     act: str = "elu"
     ft_angle: float = 90.0
     angle_std: float = 1.0
+    ft_mode: str = "new_head"     # or "shared_head": FT continues the PT classifier, psi_FT =
+    #                               a per-class bias (PT and FT share the 10 digit classes)
     init_angles: tuple = tuple(float(a) for a in np.arange(0, 180, 18))  # 10 over [0, 180)
     data_dir: str | None = None
     mnist_limit: int = 6000
+    checkpoint_every: int = 25
+    dtype: str = "float32"
+    warmup: int = 0               # outer iterations of plain PT before the first meta step
     time_ratio_steps: int = 30    # meta steps per timing run (0 = skip the measurement)
 
 CONFIGS = {
     "paper": RotationConfig(),
     "smoke": RotationConfig(meta_steps=150, meta_lr=4.0, time_ratio_steps=20),
     "tiny": RotationConfig(meta_steps=3, P=2, n_ft_train=20, n_ft_val=20, n_test=20,
-                           batch_size=16, width=16, time_ratio_steps=2),
+                           batch_size=16, width=16, time_ratio_steps=2, checkpoint_every=1),
 }
 
 def angle_error(phi: float, target: float = 90.0) -> float:
@@ -92,7 +98,7 @@ class RotationTask:
 
     def __init__(self, cfg: RotationConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
-        dtype = torch.float32
+        dtype = getattr(torch, cfg.dtype)
         if cfg.data_dir is None:
             ds = D.load_digits(scale=cfg.scale, dtype=dtype)
         else:
@@ -111,6 +117,14 @@ class RotationTask:
                           depth=cfg.depth)
         self.pt_params0 = {k: v for k, v in p.items() if not k.startswith("ft.")}
         self.ft_head0 = {k: v for k, v in p.items() if k.startswith("ft.")}
+        if cfg.ft_mode == "shared_head":
+            self.ft_head0 = {"ft.bias": torch.zeros(10, dtype=dtype)}
+        elif cfg.ft_mode != "new_head":
+            raise ValueError(f"`ft_mode` must be 'new_head' or 'shared_head', got {cfg.ft_mode!r}")
+
+    @property
+    def encoder(self):
+        return None if self.cfg.ft_mode == "shared_head" else M.encoder_part
 
     def pt_loss(self, params, hparams, batch) -> torch.Tensor:
         idx, eps = batch
@@ -124,6 +138,9 @@ class RotationTask:
 
     def ft_loss(self, enc, head, which) -> torch.Tensor:
         x, y = self.ft[which]
+        if self.cfg.ft_mode == "shared_head":  # enc is the whole PT network
+            logits = M.linear(enc, "pt", M.features(enc, x, self.cfg.act)) + head["ft.bias"]
+            return F.cross_entropy(logits, y)
         loss = F.cross_entropy(M.linear(head, "ft", M.features(enc, x, self.cfg.act)), y)
         if which == "train" and self.cfg.ft_wd:
             loss = loss + self.cfg.ft_wd * (head["ft.weight"] ** 2).sum()
@@ -145,7 +162,7 @@ class RotationTask:
             pt_loss=self.pt_loss, ft_loss=self.ft_loss,
             pt_params=self.pt_params0, ft_head=self.ft_head0,
             hparams={"phi": torch.tensor(float(init_angle), dtype=self.pt.x.dtype)},
-            encoder=M.encoder_part,
+            encoder=self.encoder,
             pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
             meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
@@ -172,13 +189,16 @@ def run_one(cfg: RotationConfig, seed: int, init_angle: float, seed_dir: Path | 
 
     def cb(j: int, metrics: dict) -> None:
         metrics["phi"] = float(tr.hparams["phi"].detach())  # stored in the history
-        sched(j, metrics)
+        if j >= cfg.warmup:
+            sched(j - cfg.warmup, metrics)
         if callback is not None:
             callback(j, metrics)
 
-    hist = tr.run(cfg.meta_steps, task.pt_batch, task.ft_batch,
-                  checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
-                  checkpoint_every=25, progress=progress, callback=cb)
+    hist = run_with_warmup(tr, cfg.warmup, cfg.meta_steps, task.pt_batch, task.ft_batch,
+                           checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
+                           checkpoint_every=cfg.checkpoint_every, progress=progress,
+                           callback=cb)
+    hist = hist[cfg.warmup:]
     traj = [m["phi"] for m in hist]
     phi = float(tr.hparams["phi"].detach())
     return {
