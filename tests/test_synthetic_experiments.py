@@ -146,9 +146,9 @@ def test_exactness_cli_tiny(tmp_path):
     out = tmp_path / "ex"
     assert cli.main(["exactness", "--config", "tiny", "--out", str(out), "--no-progress"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert {"compare_rotation", "compare_noisy", "kp_table"} <= set(m)
+    assert {"compare_rotation_init54", "compare_noisy", "kp_table"} <= set(m)
     assert all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in m["compare_noisy"]["cosine"]["3"])
-    assert (out / "exactness.png").exists()
+    assert (out / "exactness_rotation_init54.png").exists()
 
 
 @pytest.mark.slow

@@ -145,30 +145,6 @@ def linear_probe(train_feats: torch.Tensor, train_y: torch.Tensor, test_feats: t
         return float(((test_feats @ w.T + b).argmax(1) == test_y).float().mean())
 
 
-def tolerant_neumann(iterations: int, alpha: float, slack: float = 0.05):
-    """``hg.neumann(iterations, alpha)`` whose reported residual is capped at 1 when it exceeds
-    1 by less than ``slack``.
-
-    Workaround: MetaPretrainer raises when the solve's relative residual is above 1. With the
-    online loop's solver (a few terms, alpha = the PT step) the residual is 1 - O(alpha lambda),
-    so any slightly negative curvature of a non-convex PT loss gives e.g. 1.0000002 and stops
-    the run although nothing diverged. The true value stays in ``stats["raw_residual_norm"]``;
-    a real divergence (residual above 1 + slack, or non-finite) is still reported as is.
-    """
-    import hypergrad as hg
-
-    def solve(matvec, b):
-        res = hg.neumann(matvec, b, iterations=iterations, alpha=alpha)
-        r = res.residual_norm
-        if bool(torch.isfinite(r)) and 1.0 < float(r) <= 1.0 + slack:
-            stats = dict(res.stats or {})
-            stats["raw_residual_norm"] = r
-            res = res._replace(residual_norm=torch.ones_like(r), stats=stats)
-        return res
-
-    return solve
-
-
 def run_with_warmup(trainer: Any, warmup: int, meta_steps: int, pt_batch, ft_batch, *,
                     checkpoint=None, checkpoint_every: int = 25, progress: bool = False,
                     callback=None) -> list[dict]:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Dataset", "Splits", "load_digits", "read_idx", "load_mnist", "load", "split"]
+__all__ = ["Dataset", "Splits", "gaussian_blur", "load_digits", "read_idx", "load_mnist", "load",
+           "split"]
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
@@ -54,8 +55,20 @@ def _pad(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.pad(x, (lo, extra - lo, lo, extra - lo))
 
 
-def load_digits(scale: int = 1, side: int | None = None, dtype: torch.dtype = torch.float32
-                ) -> Dataset:
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Isotropic Gaussian blur (std ``sigma`` pixels, zero padding) of ``(n, 1, h, w)`` images."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(round(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, r))
+    return F.conv2d(x, k.view(1, 1, -1, 1), padding=(r, 0))
+
+
+def load_digits(scale: int = 1, side: int | None = None, dtype: torch.dtype = torch.float32,
+                blur: float = 0.0) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), in [0, 1].
 
     ``scale`` > 1 upsamples bilinearly to ``8 * scale`` pixels (smooth strokes, so resampling
@@ -68,7 +81,7 @@ def load_digits(scale: int = 1, side: int | None = None, dtype: torch.dtype = to
     x = torch.as_tensor(d.images / 16.0, dtype=torch.float64).unsqueeze(1)
     if scale > 1:
         x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-    x = _pad(x, side or 12 * scale).to(dtype)
+    x = gaussian_blur(_pad(x, side or 12 * scale), blur).to(dtype)
     return Dataset(x, torch.as_tensor(d.target, dtype=torch.int64))
 
 

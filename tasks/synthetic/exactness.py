@@ -35,12 +35,11 @@ import numpy as np
 import torch
 
 import hypergrad as hg
-from models import digits as M
 from tasks.common import mean_std, seed_everything, write_json
 
 from . import noisy as N
 from . import rotation as R
-from ._runner import run_seeds, tolerant_neumann
+from ._runner import run_seeds
 
 __all__ = ["ExactnessConfig", "CONFIGS", "exact_and_alg1", "compare_run", "kp_study", "run"]
 
@@ -51,11 +50,12 @@ class ExactnessConfig:
     T: int = 200                  # PT SGD steps inside the exact objective
     P: int = 10                   # PT steps per meta step of the online Algorithm-1 run
     K: int = 1
-    pt_lr: float = 0.3            # SGD (the exact unroll differentiates plain SGD steps)
+    pt_lr: float = 0.1            # SGD (the exact unroll differentiates plain SGD steps)
     ft_lr: float = 0.5
     meta_steps: int = 30
     meta_lr: float = 3.0          # Adam on phi (rotation: degrees; noisy: weight-net params)
-    init_angle: float = 54.0
+    init_angle: float = 54.0      # rotation start (run() studies every angle in init_angles)
+    init_angles: tuple = (54.0, 18.0)
     neumann_iterations: tuple = (3.0, 20.0)  # Algorithm 1 (first) and a longer series
     batch_size: int = 64
     width: int = 32
@@ -64,8 +64,9 @@ class ExactnessConfig:
     # K / P study (Algorithm 1 on the main rotation setup, same PT budget)
     kp_K: tuple = (0.0, 1.0, 3.0, 10.0)
     kp_P: tuple = (1.0, 10.0, 50.0)
-    kp_seeds: tuple = (2.0, 3.0, 4.0, 6.0, 7.0)
-    kp_pt_steps: int = 4000       # total PT steps of every K/P run (meta_steps = this / P)
+    kp_seeds: tuple = (2.0, 4.0, 6.0, 8.0)   # init angles 36, 72, 108, 144
+    kp_pt_steps: int = 3000       # total PT steps of every K/P run (meta_steps = this / P)
+    kp_cross: bool = True         # K sweep at P = 10 and P sweep at K = 1 (not the full grid)
 
 
 CONFIGS = {
@@ -110,11 +111,12 @@ def exact_and_alg1(task, hparams, cfg: ExactnessConfig) -> dict[str, Any]:
     ft_step = hg.gradient_step(lambda hd, e: task.ft_loss(e, hd, "train"), cfg.ft_lr)
     with torch.enable_grad():
         theta = hg.unroll(pt_step, task.pt_params0, h, cfg.T)
-        enc = M.encoder_part(theta)
+        enc = theta if task.encoder is None else task.encoder(theta)
         head = hg.unroll(ft_step, head0, enc, cfg.K)
         val = task.ft_loss(enc, head, "val")
-        exact = torch.autograd.grad(val, list(h.values()))
-    exact = dict(zip(h.keys(), exact))
+        exact = torch.autograd.grad(val, list(h.values()), allow_unused=True)
+    exact = {k: torch.zeros_like(v) if g is None else g
+             for (k, v), g in zip(h.items(), exact)}
     theta_T = {k: v.detach() for k, v in theta.items()}
     last = task.pt_batch(cfg.T - 1)
     alg1 = {}
@@ -123,7 +125,7 @@ def exact_and_alg1(task, hparams, cfg: ExactnessConfig) -> dict[str, Any]:
             lambda p, q: task.pt_loss(p, q, last),
             lambda e, hd: task.ft_loss(e, hd, "train"),
             lambda e, hd: task.ft_loss(e, hd, "val"),
-            theta_T, head0, h, encoder=M.encoder_part, ft_steps=cfg.K, ft_lr=cfg.ft_lr,
+            theta_T, head0, h, encoder=task.encoder, ft_steps=cfg.K, ft_lr=cfg.ft_lr,
             head_only=True,
             solver=functools.partial(hg.neumann, iterations=int(J), alpha=cfg.pt_lr),
         )
@@ -178,11 +180,12 @@ def compare_run(cfg: ExactnessConfig, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed)
     tr = hg.MetaPretrainer(
         pt_loss=task.pt_loss, ft_loss=task.ft_loss, pt_params=task.pt_params0,
-        ft_head=_zero_head(task), hparams=h0, encoder=M.encoder_part,
+        ft_head=_zero_head(task), hparams=h0, encoder=task.encoder,
         pt_optimizer=lambda ts: torch.optim.SGD(ts, lr=cfg.pt_lr),
         meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
         P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=True,
-        solver=tolerant_neumann(int(cfg.neumann_iterations[0]), cfg.pt_lr, slack=1.0),
+        solver=functools.partial(hg.neumann, iterations=int(cfg.neumann_iterations[0]),
+                                 alpha=cfg.pt_lr),
     )
     alg_phis: list[float] = []
     t1 = time.perf_counter()
@@ -219,32 +222,35 @@ def kp_study(cfg: ExactnessConfig, out: Path, progress: bool = True) -> dict[str
     """
     base = R.CONFIGS["paper"]
     table = []
-    for K in cfg.kp_K:
-        for P in cfg.kp_P:
-            K_, P_ = int(K), int(P)
-            rcfg = dataclasses.replace(
-                base, K=K_, P=P_, meta_steps=max(1, cfg.kp_pt_steps // P_),
-                meta_lr=base.meta_lr * P_ / 10, meta_lr_final=base.meta_lr_final * P_ / 10,
-            )
-            if cfg is CONFIGS["tiny"] or cfg.kp_pt_steps < 100:
-                rcfg = dataclasses.replace(R.CONFIGS["tiny"], K=K_, P=P_,
-                                           meta_steps=max(1, cfg.kp_pt_steps // P_))
-            seeds = [int(s) for s in cfg.kp_seeds]
+    Ks, Ps = [int(k) for k in cfg.kp_K], [int(p) for p in cfg.kp_P]
+    grid = [(K, P) for K in Ks for P in Ps]
+    if cfg.kp_cross:  # K sweep at P0 = 10, P sweep at K0 = 1
+        P0, K0 = (10 if 10 in Ps else Ps[0]), (1 if 1 in Ks else Ks[0])
+        grid = [(K, P0) for K in Ks] + [(K0, P) for P in Ps if P != P0]
+    for K_, P_ in grid:
+        rcfg = dataclasses.replace(
+            base, K=K_, P=P_, meta_steps=max(1, cfg.kp_pt_steps // P_),
+            meta_lr=base.meta_lr * P_ / 10, meta_lr_final=base.meta_lr_final * P_ / 10,
+        )
+        if cfg.kp_pt_steps < 100:  # the tiny test configuration
+            rcfg = dataclasses.replace(R.CONFIGS["tiny"], K=K_, P=P_,
+                                       meta_steps=max(1, cfg.kp_pt_steps // P_))
+        seeds = [int(s) for s in cfg.kp_seeds]
 
-            def one(seed: int, seed_dir: Path, rcfg=rcfg) -> dict[str, Any]:
-                init = rcfg.init_angles[seed % len(rcfg.init_angles)]
-                res = R.run_one(rcfg, seed, init, seed_dir, progress=False)
-                return {k: res[k] for k in ("init_angle", "phi", "error", "final_val_loss")}
+        def one(seed: int, seed_dir: Path, rcfg=rcfg) -> dict[str, Any]:
+            init = rcfg.init_angles[seed % len(rcfg.init_angles)]
+            res = R.run_one(rcfg, seed, init, seed_dir, progress=False)
+            return {k: res[k] for k in ("init_angle", "phi", "error", "final_val_loss")}
 
-            res = run_seeds(out / f"K{K_}_P{P_}", seeds, one, progress=progress,
-                            desc=f"K={K_} P={P_}")
-            errs = [r["error"] for r in res]
-            m, s = mean_std(errs)
-            table.append({"K": K_, "P": P_, "meta_steps": rcfg.meta_steps,
-                          "meta_lr": rcfg.meta_lr, "seeds": seeds,
-                          "final_phi": [r["phi"] for r in res], "errors": errs,
-                          "error_mean": m, "error_std": s,
-                          "error_median": float(np.median(errs))})
+        res = run_seeds(out / f"K{K_}_P{P_}", seeds, one, progress=progress,
+                        desc=f"K={K_} P={P_}")
+        errs = [r["error"] for r in res]
+        m, s = mean_std(errs)
+        table.append({"K": K_, "P": P_, "meta_steps": rcfg.meta_steps,
+                      "meta_lr": rcfg.meta_lr, "seeds": seeds,
+                      "final_phi": [r["phi"] for r in res], "errors": errs,
+                      "error_mean": m, "error_std": s,
+                      "error_median": float(np.median(errs))})
     return {"kp_table": table}
 
 
@@ -253,19 +259,21 @@ def run(cfg: ExactnessConfig, out: Path, part: str = "all", progress: bool = Tru
     out = Path(out)
     metrics: dict[str, Any] = {"experiment": "exactness", "config": dataclasses.asdict(cfg)}
     if part in ("all", "cosine"):
-        for task_name in ("rotation", "noisy"):
-            f = out / f"compare_{task_name}.json"
+        runs = [(f"rotation_init{a:g}", dataclasses.replace(cfg, task="rotation", init_angle=a))
+                for a in cfg.init_angles]
+        runs.append(("noisy", dataclasses.replace(cfg, task="noisy", meta_lr=2e-2)))
+        for name, c in runs:
+            f = out / f"compare_{name}.json"
             if not f.exists():
-                c = dataclasses.replace(cfg, task=task_name)
-                if task_name == "noisy":
-                    c = dataclasses.replace(c, meta_lr=1e-2)
                 write_json(f, compare_run(c, progress=progress))
-            metrics[f"compare_{task_name}"] = json.loads(f.read_text())
-        rot = metrics["compare_rotation"]
+            metrics[f"compare_{name}"] = json.loads(f.read_text())
         from .plots import plot_exactness
 
-        plot_exactness(rot["cosine"][str(int(cfg.neumann_iterations[0]))], rot["phi_alg1"],
-                       rot["phi_exact"], R.CONFIGS["paper"].ft_angle, out / "exactness.png")
+        J = str(int(cfg.neumann_iterations[0]))
+        for name, _ in runs[:-1]:
+            rot = metrics[f"compare_{name}"]
+            plot_exactness(rot["cosine"][J], rot["phi_alg1"], rot["phi_exact"],
+                           R.CONFIGS["paper"].ft_angle, out / f"exactness_{name}.png")
     if part in ("all", "kp"):
         metrics.update(kp_study(cfg, out / "kp", progress=progress))
     write_json(out / "metrics.json", metrics)
@@ -274,10 +282,8 @@ def run(cfg: ExactnessConfig, out: Path, part: str = "all", progress: bool = Tru
 
 def summary(metrics: dict[str, Any]) -> str:
     lines = []
-    for name in ("rotation", "noisy"):
-        c = metrics.get(f"compare_{name}")
-        if not c:
-            continue
+    for name in sorted(k[len("compare_"):] for k in metrics if k.startswith("compare_")):
+        c = metrics[f"compare_{name}"]
         cm = ", ".join(f"Neumann J={J}: {v:.3f}" for J, v in c["cosine_mean"].items())
         lines.append(f"{name}: mean cosine(Algorithm 1, exact) over meta steps: {cm}")
         if "final_phi_exact" in c:

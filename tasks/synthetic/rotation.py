@@ -22,6 +22,7 @@ Choices (the paper's appendix is not available; see RESULTS.md for why):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ from ._runner import (
     run_seeds,
     run_with_warmup,
     time_ratio,
-    tolerant_neumann,
 )
 from .rotate import rotate, sample_angles
 
@@ -58,20 +58,21 @@ class RotationConfig:
     ft_wd: float = 0.0            # L2 on the FT head weights in the FT-train loss
     pt_lr: float = 1e-3
     pt_wd: float = 0.0            # L2 on all PT parameters in the PT loss
-    meta_lr: float = 3.0          # degrees per step at the start (Adam)
-    meta_lr_final: float = 0.1    # cosine decay to this
+    meta_lr: float = 1.0          # degrees per step at the start (Adam)
+    meta_lr_final: float = 0.05   # cosine decay to this
     neumann_iterations: int = 3   # MetaPretrainer's default solver: Neumann, alpha = pt_lr
     batch_size: int = 128
     n_ft_train: int = 100
     n_ft_val: int = 200
     n_test: int = 300
     scale: int = 2
+    blur: float = 0.0             # Gaussian blur (pixels) of every image before any rotation
     width: int = 64
     depth: int = 2
     act: str = "elu"
     ft_angle: float = 90.0
     angle_std: float = 1.0
-    ft_mode: str = "new_head"     # or "shared_head": FT continues the PT classifier, psi_FT =
+    ft_mode: str = "shared_head"  # or "shared_head": FT continues the PT classifier, psi_FT =
     #                               a per-class bias (PT and FT share the 10 digit classes)
     init_angles: tuple = tuple(float(a) for a in np.arange(0, 180, 18))  # 10 over [0, 180)
     data_dir: str | None = None
@@ -83,7 +84,7 @@ class RotationConfig:
 
 CONFIGS = {
     "paper": RotationConfig(),
-    "smoke": RotationConfig(meta_steps=150, meta_lr=4.0, time_ratio_steps=20),
+    "smoke": RotationConfig(meta_steps=150, meta_lr=2.0, time_ratio_steps=20),
     "tiny": RotationConfig(meta_steps=3, P=2, n_ft_train=20, n_ft_val=20, n_test=20,
                            batch_size=16, width=16, time_ratio_steps=2, checkpoint_every=1),
 }
@@ -100,7 +101,7 @@ class RotationTask:
         self.cfg, self.seed = cfg, seed
         dtype = getattr(torch, cfg.dtype)
         if cfg.data_dir is None:
-            ds = D.load_digits(scale=cfg.scale, dtype=dtype)
+            ds = D.load_digits(scale=cfg.scale, dtype=dtype, blur=cfg.blur)
         else:
             ds = D.load_mnist(cfg.data_dir, limit=cfg.mnist_limit, dtype=dtype)
         self.side = ds.x.shape[-1]
@@ -157,7 +158,8 @@ class RotationTask:
 
     def trainer(self, init_angle: float, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        solver = tolerant_neumann(cfg.neumann_iterations, cfg.pt_lr)
+        solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
+                                   alpha=cfg.pt_lr)
         return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss,
             pt_params=self.pt_params0, ft_head=self.ft_head0,
