@@ -70,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--config", choices=sorted(CONFIGS), default="default")
     p.add_argument("--warp", type=float, default=None, help="override the fixed SimCLR strength")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help="Adam steps fitting the FT head (default: the config's head_refit_steps)")
     p.add_argument("--n-pool", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
-    cfg = with_overrides(CONFIGS[args.config], warp=args.warp)
+    cfg = with_overrides(CONFIGS[args.config], warp=args.warp, head_refit_steps=args.head_steps)
     task = synthetic_task(args.n_pool, 100)
     pt = pretrain("simclr", task.x[task.pt_idx], cfg, args.seed, progress=True)
     hgs = per_example_hypergrads(task, cfg, pt, args.n_ft, args.seed, args.batches)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["timing_minus_rest"] = {"diff": diff, "se": se, "z": diff / se}
     write_json(Path(args.out) / "hypergrad_by_group.json",
                {"summary": summary, "warp": cfg.warp, "n_ft": args.n_ft, "seed": args.seed,
-                "batches": args.batches, "argv": argv})
+                "batches": args.batches, "head_steps": cfg.head_refit_steps,
+                "argv": sys.argv[1:] if argv is None else argv})
     for g, d in summary.items():
         print(g, d)
     return 0
