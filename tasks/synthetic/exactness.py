@@ -64,7 +64,7 @@ class ExactnessConfig:
     # K / P study (Algorithm 1 on the main rotation setup, same PT budget)
     kp_K: tuple = (0.0, 1.0, 3.0, 10.0)
     kp_P: tuple = (1.0, 10.0, 50.0)
-    kp_seeds: tuple = (2.0, 4.0, 6.0, 8.0)   # init angles 36, 72, 108, 144
+    kp_seeds: tuple = (2.0, 5.0, 8.0)   # init angles 36, 90, 144
     kp_pt_steps: int = 3000       # total PT steps of every K/P run (meta_steps = this / P)
     kp_cross: bool = True         # K sweep at P = 10 and P sweep at K = 1 (not the full grid)
 
@@ -276,6 +276,13 @@ def run(cfg: ExactnessConfig, out: Path, part: str = "all", progress: bool = Tru
                            R.CONFIGS["paper"].ft_angle, out / f"exactness_{name}.png")
     if part in ("all", "kp"):
         metrics.update(kp_study(cfg, out / "kp", progress=progress))
+    for f in sorted(out.glob("compare_*.json")):  # parts finished by earlier invocations
+        metrics.setdefault(f.stem, json.loads(f.read_text()))
+    old = out / "metrics.json"
+    if "kp_table" not in metrics and old.exists():
+        prev = json.loads(old.read_text())
+        if "kp_table" in prev:
+            metrics["kp_table"] = prev["kp_table"]
     write_json(out / "metrics.json", metrics)
     return metrics
 

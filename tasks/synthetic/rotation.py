@@ -1,21 +1,24 @@
 """Learned rotation (Raghu et al. 2021, synthetic experiment 1): recover the FT rotation.
 
 Pre-training (PT) classifies digits whose images are rotated by ``angle_i ~ N(phi, 1 deg^2)``;
-fine-tuning (FT) classifies digits rotated by ``N(90, 1 deg^2)`` with a new linear head on the
-pre-trained encoder. ``phi`` (a scalar, in **degrees**) is the meta-parameter: Algorithm 1
-(``hg.MetaPretrainer``) moves it so that the encoder pre-trained on phi-rotated digits serves
-the 90-degree FT task best; it should end near 90.
+fine-tuning (FT) classifies digits rotated by ``N(90, 1 deg^2)`` from a small labelled set,
+starting from the pre-trained network. ``phi`` (a scalar, in **degrees**) is the
+meta-parameter: Algorithm 1 (``hg.MetaPretrainer``) moves it so that the network pre-trained on
+phi-rotated digits serves the 90-degree FT task best; it should end near 90.
 
-Choices (the paper's appendix is not available; see RESULTS.md for why):
+Choices (the paper's appendix is not available; RESULTS.md says why and what else we tried):
 - data: sklearn digits, upsampled 2x (16x16, smooth strokes) and padded to 24x24 so every
   rotation keeps the digit in the frame and bilinear resampling barely blurs it (at 8x8,
   multiples of 90 degrees are the only angles that do not blur, which makes them spurious
   local optima); MNIST idx files with ``data_dir``.
-- encoder: a 2-layer ELU MLP on raw pixels (rotation-sensitive by construction); PT and FT
-  heads are linear. PT and FT are the same 10-way task, so PT matters exactly through how
-  well its features match the FT orientation. FT sets are small (100 train, 200 val).
-- Algorithm 1 as in the paper: P = 10 PT steps (Adam) per meta step, K = 1 head-only FT step,
-  Neumann IFT (MetaPretrainer's default), Adam on phi with a cosine-decayed rate.
+- network: a 2-layer ELU MLP on raw pixels (rotation-sensitive by construction) with a linear
+  PT head. PT and FT are the same 10-way task, so FT continues the PT classifier
+  ("shared_head": psi_FT is a per-class bias; "new_head", a fresh linear head on the encoder,
+  is an option). FT sets are small (100 train, 200 val), so PT matters.
+- Algorithm 1 as in the paper: P = 10 PT steps per meta step, K = 1 head-only FT step,
+  MetaPretrainer's default IFT (3-term Neumann, alpha = the PT learning rate), Adam for PT
+  (lr 1e-3) and for phi (1 degree per step, cosine-decayed to 0.05). Plain-SGD PT is an option
+  (ablation in RESULTS.md).
 - the error is the circular distance |phi - 90| (mod 360).
 """
 
@@ -57,10 +60,13 @@ class RotationConfig:
     ft_lr: float = 0.5
     ft_wd: float = 0.0            # L2 on the FT head weights in the FT-train loss
     pt_lr: float = 1e-3
+    pt_optimizer: str = "adam"    # or "sgd" (ablation in RESULTS.md: no better)
     pt_wd: float = 0.0            # L2 on all PT parameters in the PT loss
     meta_lr: float = 1.0          # degrees per step at the start (Adam)
     meta_lr_final: float = 0.05   # cosine decay to this
-    neumann_iterations: int = 3   # MetaPretrainer's default solver: Neumann, alpha = pt_lr
+    neumann_iterations: int = 3   # MetaPretrainer's default solver: Neumann, alpha = pt_lr ...
+    neumann_alpha_scale: float = 1.0  # ... times this (SGD at the edge of stability has
+    #                                   lambda_max ~ 2 / pt_lr: there alpha = pt_lr diverges)
     batch_size: int = 128
     n_ft_train: int = 100
     n_ft_val: int = 200
@@ -159,13 +165,14 @@ class RotationTask:
     def trainer(self, init_angle: float, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
         solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
-                                   alpha=cfg.pt_lr)
+                                   alpha=cfg.pt_lr * cfg.neumann_alpha_scale)
         return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss,
             pt_params=self.pt_params0, ft_head=self.ft_head0,
             hparams={"phi": torch.tensor(float(init_angle), dtype=self.pt.x.dtype)},
             encoder=self.encoder,
-            pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
+            pt_optimizer=(lambda ts: torch.optim.SGD(ts, lr=cfg.pt_lr)) if cfg.pt_optimizer == "sgd"
+            else (lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr)),
             meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
             meta=meta,
