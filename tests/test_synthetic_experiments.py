@@ -142,6 +142,7 @@ def test_exact_gradient_matches_finite_differences():
     assert set(r["alg1"]) == {3, 20}
 
 
+@pytest.mark.filterwarnings("ignore::hypergrad.HypergradientWarning")  # residual > 1: expected
 def test_exactness_cli_tiny(tmp_path):
     out = tmp_path / "ex"
     assert cli.main(["exactness", "--config", "tiny", "--out", str(out), "--no-progress"]) == 0
