@@ -183,7 +183,9 @@ def write_tables(out: Path, table: dict[str, Any], header: str) -> None:
                      f"{_fmt(p, 'best')} | {_fmt(p, 'full')} | {_fmt(p, 'linear')} | {n} | {was} |")
     tim = {m: r["timing"] for m, r in table.items() if "timing" in r}
     if tim:
-        lines += ["", "| method | PT step (s) | meta step (s) | PT-stage wall time (s) |",
+        lines += ["", "Wall-clock times recorded inside the runs (all runs of the method; on a "
+                  "shared machine they vary with its load: compare costs with --timing):", "",
+                  "| method | PT step (s) | meta step (s) | PT-stage wall time (s) |",
                   "|---|---|---|---|"]
         lines += [f"| {m} | {t['pt_step_time']:.4f} | {t['meta_step_time']:.4f} | "
                   f"{t['total_time']:.1f} |" for m, t in tim.items()]
