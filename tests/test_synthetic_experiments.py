@@ -157,3 +157,14 @@ def test_rotation_smoke_recovers_angle_from_inside_the_basin():
     cfg = R.CONFIGS["smoke"]
     res = R.run_one(cfg, seed=3, init_angle=54.0)
     assert res["error"] < 15.0
+
+
+def test_rotation_runs_on_mnist_idx_files(tmp_path):
+    from tests.test_synthetic_data import _fixture
+
+    _fixture(tmp_path, n=80, side=12)
+    cfg = dataclasses.replace(R.CONFIGS["tiny"], data_dir=str(tmp_path), meta_steps=2)
+    task = R.build(cfg, 0)
+    assert task.side == 28 and len(task.pt) == 80 - 60  # padded to MNIST's 28x28
+    res = R.run_one(cfg, seed=0, init_angle=45.0)
+    assert np.isfinite(res["phi"])
