@@ -37,7 +37,8 @@ import torch.distributed as dist
 from . import tree
 from .tree import Tree
 
-__all__ = ["init", "synced", "data_parallel", "is_main", "world_size", "rank", "shard"]
+__all__ = ["init", "synced", "data_parallel", "is_main", "world_size", "rank", "shard",
+           "all_reduce_sum", "all_gather", "SyncBatchNorm", "convert_sync_batchnorm", "barrier"]
 
 
 def world_size() -> int:
@@ -68,6 +69,12 @@ def init(backend: str | None = None, timeout_s: float = 120.0) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed): e.g. after rank 0 wrote a file."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def _flat_all_reduce_mean(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -131,14 +138,120 @@ def data_parallel(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
     return wrapped
 
 
-def shard(indices: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous equal share of a global batch of indices (the length must be
-    divisible by the world size, so that the mean of shard means is the global mean)."""
+def shard(batch: Any) -> Any:
+    """This rank's contiguous equal share of a global batch along dim 0.
+
+    ``batch`` is a tensor (e.g. the indices of a global batch) or a pytree of tensors that share
+    their first dimension (non-tensor leaves are kept). Every rank must build the same global
+    batch (seed it by the step index); the shard sizes are equal, so the mean of the shard means
+    is the global mean. Identity when not distributed.
+    """
     w, r = world_size(), rank()
-    if len(indices) % w:
+    leaves = [x for x in tree.flatten(batch)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not leaves:
+        raise TypeError(
+            f"`batch` must be a tensor or a pytree holding tensors, got {type(batch).__name__}"
+        )
+    sizes = {int(x.shape[0]) for x in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"`batch` tensors must share their first dimension, got {sorted(sizes)}")
+    size = sizes.pop()
+    if size % w:
         raise ValueError(
-            f"`indices` has length {len(indices)}, not divisible by the world size {w}; use a "
+            f"`batch` has {size} examples, not divisible by the world size {w}; use a "
             "global batch size that is a multiple of the number of processes"
         )
-    n = len(indices) // w
-    return indices[r * n : (r + 1) * n]
+    if w == 1:
+        return batch
+    n = size // w
+    flat, spec = tree.flatten(batch)
+    flat = [x[r * n : (r + 1) * n] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+            for x in flat]
+    return tree.unflatten(flat, spec)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks, differentiable to any order (the sum all-reduce is its own
+    adjoint). Identity when not distributed."""
+    if world_size() == 1:
+        return x
+    return _AllReduceMean.apply(x)[0] * world_size()
+
+
+class _AllGather(torch.autograd.Function):
+    """Forward: concatenate every rank's ``x`` along dim 0. Backward: the cotangent of the
+    concatenation summed over ranks (every rank's loss used every rank's rows), then this
+    rank's rows; written with differentiable ops, so it composes with double backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.detach().contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce_sum(g).narrow(0, dist.get_rank() * ctx.n, ctx.n)
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (equal shapes) concatenated along dim 0 in rank order, differentiable
+    to any order: for losses that couple examples (contrastive negatives), each rank scores its
+    own rows against the gathered ones. Identity when not distributed."""
+    return x if world_size() == 1 else _AllGather.apply(x)
+
+
+class SyncBatchNorm(torch.nn.BatchNorm1d):
+    """BatchNorm whose training statistics are those of the global batch (all ranks), computed
+    with differentiable all-reduces, so Hessian-vector and mixed products through it are those
+    of the single-process model on the union of the shards (``torch.nn.SyncBatchNorm`` has a
+    first-order-only backward). Plain ``BatchNorm1d`` when not distributed or in eval mode.
+
+        mean = sum_r sum_i x_ri / N,  var = sum_r sum_i (x_ri - mean)^2 / N   (N: global count)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"SyncBatchNorm expects [N, C] or [N, C, L] input, got {tuple(x.shape)}"
+            )
+        dims = [0] if x.dim() == 2 else [0, 2]
+        shape = (1, -1) if x.dim() == 2 else (1, -1, 1)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        dist.all_reduce(count)
+        n = float(count)
+        mean = all_reduce_sum(x.sum(dims)) / n
+        xc = x - mean.view(shape)
+        var = all_reduce_sum((xc * xc).sum(dims)) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                     else self.momentum)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1, 1), alpha=m)
+        y = xc * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``BatchNorm1d`` in ``module`` (in place) by :class:`SyncBatchNorm` with the
+    same parameters and buffers; returns ``module``. Parameter and buffer names are unchanged,
+    so ``functional_call`` dictionaries keep working."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm1d) and not isinstance(child, SyncBatchNorm):
+            ref = next(iter(child.state_dict().values()), None)  # keep dtype and device
+            kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+            new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                child.track_running_stats, **kw)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            convert_sync_batchnorm(child)
+    return module

@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--die-at", type=int, default=-1)
+    ap.add_argument("--bn", choices=["none", "sync", "local"], default="none",
+                    help="batch-normalise the features (sync: hd.SyncBatchNorm)")
+    ap.add_argument("--gather", action="store_true",
+                    help="add a loss coupling examples across the batch (hd.all_gather)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     hd.init(timeout_s=30)
@@ -40,12 +44,27 @@ def main() -> None:
     Y = torch.tanh(X @ tasks) + 0.3 * torch.randn(512, 6, generator=g, dtype=dtype)
     y_ft = torch.tanh(X @ tasks[:, :2]).sum(1)
 
+    bn = torch.nn.Sequential(torch.nn.BatchNorm1d(16, affine=False, dtype=dtype)).train()
+    if args.bn == "sync":
+        hd.convert_sync_batchnorm(bn)
+    bn_bufs = {k: v.clone() for k, v in bn.named_buffers()}
+
     def features(p, idx):
-        return torch.tanh(X[idx] @ p["W1"] + p["b1"])
+        z = X[idx] @ p["W1"] + p["b1"]
+        if args.bn != "none":  # batch statistics over the (global, if synced) batch
+            bufs = {k: v.clone() for k, v in bn_bufs.items()}
+            z = torch.func.functional_call(bn, ({}, bufs), (z,))
+        return torch.tanh(z)
 
     def pt_loss(p, h, idx):  # per-task weights 2 sigmoid(phi), as in the PPI recipe
-        err = (features(p, idx) @ p["W2"] - Y[idx]) ** 2
-        return (2 * torch.sigmoid(h["phi"]) * err).mean()
+        f = features(p, idx)
+        err = (f @ p["W2"] - Y[idx]) ** 2
+        loss = (2 * torch.sigmoid(h["phi"]) * err).mean()
+        if args.gather:  # mean over local rows of a softmax over all (global) rows
+            z = f @ p["W2"]
+            logits = z @ hd.all_gather(z).T
+            loss = loss + 0.1 * torch.logsumexp(logits, dim=1).mean()
+        return loss
 
     def ft_loss(e, hd_, idx):
         return ((features(e, idx) @ hd_["w"] - y_ft[idx]) ** 2).mean()

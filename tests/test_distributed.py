@@ -41,6 +41,27 @@ def test_two_processes_equal_one_process_on_the_union_of_shards(tmp_path, dtype,
     assert not torch.equal(a["hparams"]["phi"], torch.zeros(6, dtype=getattr(torch, dtype)))
 
 
+@pytest.mark.parametrize("extra", [("--bn", "sync"), ("--gather",)], ids=["sync_bn", "gather"])
+def test_batch_coupled_losses_equal_one_process_with_sync_bn_and_all_gather(tmp_path, extra):
+    """Batch statistics (SyncBatchNorm) and cross-example terms (all_gather) are global, and
+    their second-order products too: float64, 2 processes == 1 process on the union."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for n, out in ((1, one), (2, two)):
+        r = _run(n, out, "--dtype", "float64", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same(torch.load(one, weights_only=False), torch.load(two, weights_only=False), 1e-12)
+
+
+def test_per_shard_batch_norm_is_not_the_global_model(tmp_path):
+    """The control: plain BatchNorm normalises each shard by its own statistics, so 2 processes
+    differ from 1 (this is what SyncBatchNorm fixes)."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for n, out in ((1, one), (2, two)):
+        assert _run(n, out, "--dtype", "float64", "--bn", "local").returncode == 0
+    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    assert not torch.allclose(a["hparams"]["phi"], b["hparams"]["phi"], rtol=1e-6)
+
+
 def test_a_dead_rank_fails_the_job_loudly_and_resume_reaches_the_same_result(tmp_path):
     ref, out, ckpt = tmp_path / "ref.pt", tmp_path / "out.pt", tmp_path / "ckpt.pt"
     assert _run(2, ref, "--steps", "5").returncode == 0
@@ -50,3 +71,40 @@ def test_a_dead_rank_fails_the_job_loudly_and_resume_reaches_the_same_result(tmp
     resumed = _run(2, out, "--steps", "5", "--ckpt", str(ckpt))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(torch.load(ref, weights_only=False), torch.load(out, weights_only=False), 1e-6)
+
+
+# --- single-process behaviour (no torchrun): identities and clear errors ---------------------
+def test_outside_torchrun_every_primitive_is_the_identity():
+    from hypergrad import distributed as hd
+
+    x = torch.randn(6, 3)
+    batch = {"x": x, "y": torch.arange(6), "name": "train"}
+    assert hd.shard(batch) is batch and hd.all_gather(x) is x and hd.all_reduce_sum(x) is x
+    assert hd.synced({"w": x})["w"] is x and hd.world_size() == 1 and hd.is_main()
+    hd.barrier()
+
+
+def test_shard_rejects_batches_it_cannot_split_evenly():
+    from hypergrad import distributed as hd
+
+    with pytest.raises(ValueError, match="share their first dimension"):
+        hd.shard({"x": torch.zeros(4, 2), "y": torch.zeros(5)})
+    with pytest.raises(TypeError, match="`batch` must be a tensor"):
+        hd.shard(["a", 3])
+
+
+def test_convert_sync_batchnorm_keeps_names_dtype_state_and_single_process_output():
+    from hypergrad import distributed as hd
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double().train()
+    net[1].running_mean.fill_(0.5)
+    ref = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double().train()
+    ref.load_state_dict(net.state_dict())
+    names = dict(net.named_parameters()).keys() | dict(net.named_buffers()).keys()
+    hd.convert_sync_batchnorm(net)
+    assert isinstance(net[1], hd.SyncBatchNorm)
+    assert names == dict(net.named_parameters()).keys() | dict(net.named_buffers()).keys()
+    assert net[1].running_mean.dtype == torch.float64 and float(net[1].running_mean[0]) == 0.5
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
