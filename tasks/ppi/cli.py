@@ -8,6 +8,12 @@ Each (method, protocol, fold, seed) writes ``OUT/runs/<name>.json`` and is skipp
 file exists (resumable); PT checkpoints live in ``OUT/ckpt/`` (Meta-PT / Graph Sup PT resume
 mid-run through ``hg.MetaPretrainer`` checkpoints). After the runs, ``OUT/results.json``,
 ``OUT/results.md`` and the PNG plots are (re)built from every finished run in ``OUT/runs``.
+
+Under ``torchrun --nproc-per-node N`` (same flags) Graph Sup PT and Meta-PT are data parallel:
+each rank takes 1/N of every PT and meta batch, losses go through
+``hypergrad.distributed.data_parallel`` and BatchNorm through ``SyncBatchNorm``, so every meta
+step equals the single-process one on the global batch. The other methods and the FT protocol
+run identically on every rank; rank 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from hypergrad import distributed as hd
 from tasks.common import mean_std, seed_everything, write_json
 
 from .config import CONFIGS, METHODS, Settings, get_config
@@ -56,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest on a shared, oversubscribed machine)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective waits for a slow or dead rank")
     return p
 
 
@@ -100,11 +109,17 @@ def run_all(methods: list[str], access: str, seeds: list[int], problem: Problem,
             jobs += [(m, f, seed) for f in folds]
     from tqdm.auto import tqdm
 
-    for m, f, seed in tqdm(jobs, desc="ppi runs", disable=not progress):
-        path = out / "runs" / f"{m}__{'shared' if f is None else f'f{f}'}__s{seed}.json"
-        if path.exists():
-            continue
-        write_json(path, _run_one(m, problem, s, seed, f, out, progress))
+    def path(m: str, f: int | None, seed: int) -> Path:
+        return out / "runs" / f"{m}__{'shared' if f is None else f'f{f}'}__s{seed}.json"
+
+    # decided once, before anyone writes: under torchrun every rank runs the same jobs in the
+    # same order (their collectives must match), and only rank 0 writes
+    todo = [j for j in jobs if not path(*j).exists()]
+    hd.barrier()
+    for m, f, seed in tqdm(todo, desc="ppi runs", disable=not (progress and hd.is_main())):
+        rec = _run_one(m, problem, s, seed, f, out, progress and hd.is_main())
+        if hd.is_main():
+            write_json(path(m, f, seed), rec)
 
 
 def _scores(rec: dict[str, Any], tasks: list[int] | None, split: str = "test_hard"):
@@ -206,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    hd.init(timeout_s=args.dist_timeout)  # no-op outside torchrun
     ft_size = None if args.ft_train_size == 0 else args.ft_train_size
     s = get_config(args.config, meta_steps=args.meta_steps, meta_lr=args.meta_lr)
     if args.ft_train_size is not None:
@@ -218,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         from .synthetic import read_meta, write_synthetic
 
-        root = write_synthetic(out / "data", s.synthetic)
+        if hd.is_main():
+            write_synthetic(out / "data", s.synthetic)
+        hd.barrier()
+        root = write_synthetic(out / "data", s.synthetic)  # reused: rank 0 wrote it
         relevance = read_meta(root)["relevance"]
         store = load_ppi(root)
     else:
@@ -230,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(s.to_dict())):
         raise SystemExit(f"--out {out} holds runs made with other settings ({cfg_path}); "
                          "use a new --out folder")
-    write_json(cfg_path, {"settings": s.to_dict(), "split": problem.split.sizes(),
-                          "ft_train": problem.ft_train.numel()})
+    hd.barrier()  # every rank compared before rank 0 (re)writes it
+    if hd.is_main():
+        write_json(cfg_path, {"settings": s.to_dict(), "split": problem.split.sizes(),
+                              "ft_train": problem.ft_train.numel()})
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     run_all(_methods(args.method), args.access, seeds, problem, s, out, not args.no_progress)
     if args.timing > 0:
-        write_json(out / "timing.json", time_meta_vs_plain(problem, s, outer=args.timing))
+        timing = time_meta_vs_plain(problem, s, outer=args.timing)
+        if hd.is_main():
+            write_json(out / "timing.json", {**timing, "world_size": hd.world_size()})
+    if not hd.is_main():
+        return 0
     table = aggregate(out, [f.tolist() for f in problem.folds])
     src = "synthetic stand-in" if args.synthetic else f"data {args.data_dir}"
     write_tables(out, table, f"PPI ({src}, config {args.config}): test AUROC x 100 (hard half "

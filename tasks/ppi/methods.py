@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hypergrad as hg
+from hypergrad import distributed as hd
 from models.gin import GINEncoder
 from tasks.common import atomic_save
 
@@ -61,6 +62,8 @@ class _Net:
     def __init__(self, s: Settings, n_pt: int, n_ft: int, seed: int) -> None:
         torch.manual_seed(seed)
         self.enc = GINEncoder(s.gin).train()
+        if hd.world_size() > 1:  # batch statistics of the global batch (same parameter names)
+            hd.convert_sync_batchnorm(self.enc)
         self.buffers = {k: v.detach().clone() for k, v in self.enc.named_buffers()}
         pt_head, ft_head = nn.Linear(s.gin.repr_dim, n_pt), nn.Linear(s.gin.repr_dim, n_ft)
         self.params: Params = {f"enc.{k}": v.detach().clone() for k, v in
@@ -170,9 +173,10 @@ def _build_trainer(
     mbs = s.meta_batch_size or s.batch_size
     mtr = _stream(problem.meta_train, mbs, seed + 1)
     mva = _stream(problem.meta_val, mbs, seed + 2)
+    # data parallel under torchrun (identity otherwise): each rank takes its 1/N of every batch
     trainer = hg.MetaPretrainer(
-        pt_loss=_weighted_pt_loss(net),
-        ft_loss=_ft_loss(net, tasks),
+        pt_loss=hd.data_parallel(_weighted_pt_loss(net)),
+        ft_loss=hd.data_parallel(_ft_loss(net, tasks)),
         pt_params=net.params,
         ft_head=net.ft_head,
         hparams={"logit": torch.zeros(store.num_pt_tasks) if init_logit is None else init_logit},
@@ -185,8 +189,8 @@ def _build_trainer(
         solver=functools.partial(hg.neumann, iterations=s.neumann_terms, alpha=s.pt_lr),
         meta=meta,
     )
-    return (trainer, lambda i: store.batch(pt_stream(i)),
-            lambda j: (store.batch(mtr(j)), store.batch(mva(j))))
+    return (trainer, lambda i: store.batch(hd.shard(pt_stream(i))),
+            lambda j: (store.batch(hd.shard(mtr(j))), store.batch(hd.shard(mva(j)))))
 
 
 def _meta_pretrain(
@@ -311,7 +315,7 @@ def _cotrain(
     info = {"total_time": time.perf_counter() - t0, "steps": steps}
     weights = (2 * torch.sigmoid(phi["logit"].detach())).tolist() if variant == "ift" else None
     res = PTResult(_strip(params), weights, info)
-    if ckpt is not None:
+    if ckpt is not None and hd.is_main():
         atomic_save({"encoder": res.encoder, "weights": res.weights, "info": res.info}, ckpt)
     return res
 
