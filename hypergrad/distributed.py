@@ -220,10 +220,10 @@ class SyncBatchNorm(torch.nn.BatchNorm1d):
             )
         dims = [0] if x.dim() == 2 else [0, 2]
         shape = (1, -1) if x.dim() == 2 else (1, -1, 1)
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
-        dist.all_reduce(count)
-        n = float(count)
-        mean = all_reduce_sum(x.sum(dims)) / n
+        # one all-reduce for the sums and the example count, one for the centred squares
+        tot = all_reduce_sum(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / x.shape[1])]))
+        n = float(tot[-1])
+        mean = tot[:-1] / n
         xc = x - mean.view(shape)
         var = all_reduce_sum((xc * xc).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None:
