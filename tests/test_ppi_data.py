@@ -18,8 +18,8 @@ from tasks.ppi.data import (
     PPIFormatError,
     load_ppi,
     read_collated,
-    species_split,
 )
+from tasks.ppi.splits import species_split
 
 SPECIES = [3702, 6239, 511145, 7227, 10090, 4932, 7955]
 

@@ -10,9 +10,10 @@ import torch
 
 from tasks.ppi.cli import main
 from tasks.ppi.config import METHODS, get_config
+from tasks.ppi.cotrain import _pcgrad
 from tasks.ppi.data import load_ppi
 from tasks.ppi.finetune import finetune, macro, make_problem
-from tasks.ppi.methods import _pcgrad, _stream, pretrain
+from tasks.ppi.methods import _stream, pretrain
 from tasks.ppi.synthetic import SyntheticConfig, generate, read_meta, write_synthetic
 
 

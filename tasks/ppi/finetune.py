@@ -21,7 +21,8 @@ from torch import nn
 from models.gin import GINEncoder
 
 from .config import Settings
-from .data import GraphStore, PPISplit, species_split
+from .data import GraphStore
+from .splits import PPISplit, species_split
 
 __all__ = ["Problem", "make_problem", "per_task_auroc", "macro", "finetune", "encoder_from"]
 

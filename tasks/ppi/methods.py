@@ -3,14 +3,10 @@
 * ``no_pt``: no pre-training (FT from random init).
 * ``graph_sup_pt``: PT on all PT tasks with uniform weights (``MetaPretrainer(meta=False)``, so
   its PT steps are the very steps Meta-PT takes when phi is frozen).
-* ``cotrain``: one network with PT and FT heads, alternating PT and D_FT(Meta) batches.
-* ``cotrain_pcgrad``: per step one PT and one FT batch; where their encoder gradients conflict
-  each is projected on the normal plane of the other (PCGrad, Yu et al. 2020).
+* ``cotrain``, ``cotrain_pcgrad``, ``ift_cotrain``: the CoTrain baselines (cotrain.py).
 * ``meta_pt``: L_PT = (1/T) sum_i 2 sigmoid(phi_i) BCE_i, phi learned online by
   ``hg.MetaPretrainer`` (P PT steps, then K head-only FT steps on D_FT(Meta)-train and the
   hypergradient of the D_FT(Meta)-val loss; IFT with a Neumann series whose step is the PT lr).
-* ``ift_cotrain`` (the appendix' extra row): CoTrain whose PT task weights are tuned by
-  single-stage IFT hyperparameter optimisation (``hg.implicit_grad``, Lorraine et al. 2020).
 
 Every PT method returns the encoder's parameters; the FT protocol (finetune.py) is shared.
 BatchNorm: PT losses use batch statistics and never write running statistics (Hessian
@@ -35,7 +31,6 @@ from torch.func import functional_call
 import hypergrad as hg
 from hypergrad import distributed as hd
 from models.gin import GINEncoder
-from tasks.common import atomic_save
 
 from .config import Settings
 from .data import GraphBatch
@@ -244,107 +239,6 @@ def time_meta_vs_plain(problem: Problem, s: Settings, outer: int = 20, rounds: i
     }
 
 
-def _pcgrad(g1: list[torch.Tensor], g2: list[torch.Tensor]) -> list[torch.Tensor]:
-    """PCGrad for two tasks: remove from each gradient its component along the other when
-    they conflict (negative inner product), then sum."""
-    dot = sum((a * b).sum() for a, b in zip(g1, g2))
-    if dot >= 0:
-        return [a + b for a, b in zip(g1, g2)]
-    n1 = sum((a * a).sum() for a in g1).clamp_min(1e-20)
-    n2 = sum((b * b).sum() for b in g2).clamp_min(1e-20)
-    return [(a - dot / n2 * b) + (b - dot / n1 * a) for a, b in zip(g1, g2)]
-
-
-def _cotrain(
-    problem: Problem, s: Settings, seed: int, fold: int | None, variant: str,
-    ckpt: Path | None, progress: bool,
-) -> PTResult:
-    """CoTrain (alternating), CoTrain+PCGrad (both batches per step, projected) or
-    IFT-CoTrain (alternating, PT task weights by IFT every ``ift_every`` steps)."""
-    if ckpt is not None and ckpt.exists():
-        sd = torch.load(ckpt, weights_only=False)
-        return PTResult(sd["encoder"], sd["weights"], sd["info"])
-    store = problem.store
-    tasks = problem.meta_tasks(fold)
-    net = _Net(s, store.num_pt_tasks, len(tasks), seed)
-    params = {k: v.requires_grad_(True) for k, v in {**net.params, **{
-        f"ft_head.{k}": v for k, v in net.ft_head.items()}}.items()}
-    shared = [k for k in params if k.startswith("enc.")]
-    opt = torch.optim.Adam(params.values(), lr=s.pt_lr)
-    phi = {"logit": torch.zeros(store.num_pt_tasks, requires_grad=True)}
-    meta_opt = meta_optimizer(s)(list(phi.values()))
-    pt_loss_w, ft_loss = _weighted_pt_loss(net), _ft_loss(net, tasks)
-
-    def ft_of(p: Params, b: GraphBatch) -> torch.Tensor:
-        return ft_loss(p, {"weight": p["ft_head.weight"], "bias": p["ft_head.bias"]}, b)
-
-    pt_stream = _stream(problem.split.pretrain, s.batch_size, seed)
-    ft_stream = _stream(problem.ft_train, s.batch_size, seed + 1)
-    mtr = _stream(problem.meta_train, s.batch_size, seed + 2)
-    mva = _stream(problem.meta_val, s.batch_size, seed + 3)
-    steps = s.pt_steps if variant == "pcgrad" else 2 * s.pt_steps
-    t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    for step in tqdm(range(steps), desc=f"cotrain-{variant}", leave=False, disable=not progress):
-        opt.zero_grad(set_to_none=True)
-        if variant == "pcgrad":
-            pb, fb = store.batch(pt_stream(step)), store.batch(ft_stream(step))
-            lp, lf = pt_loss_w(params, phi, pb), ft_of(params, fb)
-            gp = torch.autograd.grad(lp, list(params.values()), allow_unused=True)
-            gf = torch.autograd.grad(lf, list(params.values()), allow_unused=True)
-            gp = dict(zip(params, gp))
-            gf = dict(zip(params, gf))
-            proj = _pcgrad([gp[k] for k in shared], [gf[k] for k in shared])
-            for k, g in zip(shared, proj):
-                params[k].grad = g
-            for k in params:
-                if k not in shared:
-                    params[k].grad = gp[k] if gp[k] is not None else gf[k]
-        else:
-            i = step // 2
-            if step % 2 == 0:
-                loss = pt_loss_w(params, tree_detach(phi), store.batch(pt_stream(i)))
-            else:
-                loss = ft_of(params, store.batch(ft_stream(i)))
-            loss.backward()
-        opt.step()
-        if variant == "ift" and step % 2 == 1 and (step // 2 + 1) % s.ift_every == 0:
-            _ift_step(params, phi, meta_opt, net, pt_loss_w, ft_of, store,
-                      pt_stream, mtr, mva, step // 2, s)
-    info = {"total_time": time.perf_counter() - t0, "steps": steps}
-    weights = (2 * torch.sigmoid(phi["logit"].detach())).tolist() if variant == "ift" else None
-    res = PTResult(_strip(params), weights, info)
-    if ckpt is not None and hd.is_main():
-        atomic_save({"encoder": res.encoder, "weights": res.weights, "info": res.info}, ckpt)
-    return res
-
-
-def tree_detach(t: Params) -> Params:
-    return {k: v.detach() for k, v in t.items()}
-
-
-def _ift_step(params, phi, meta_opt, net, pt_loss_w, ft_of, store, pt_stream, mtr, mva, i, s):
-    """One IFT hyper step (Lorraine et al. 2020): inner = weighted PT + FT-train loss on fixed
-    batches, outer = FT loss on a meta-val batch; Neumann series with the PT lr as step."""
-    pb, tb, vb = store.batch(pt_stream(i)), store.batch(mtr(i)), store.batch(mva(i))
-
-    def inner(p: Params, h: Params) -> torch.Tensor:
-        return pt_loss_w(p, h, pb) + ft_of(p, tb)
-
-    def outer(p: Params, h: Params) -> torch.Tensor:
-        return ft_of(p, vb)
-
-    hyper = hg.implicit_grad(
-        inner, outer, tree_detach(params), tree_detach(phi),
-        solver=functools.partial(hg.neumann, iterations=s.ift_neumann, alpha=s.pt_lr),
-        on_failure="ignore", stationarity_tol=None,
-    )
-    meta_opt.zero_grad(set_to_none=True)
-    phi["logit"].grad = hyper["logit"].detach()
-    meta_opt.step()
-
-
 def pretrain(
     method: str,
     problem: Problem,
@@ -362,5 +256,7 @@ def pretrain(
         return PTResult(None)
     if method in ("graph_sup_pt", "meta_pt"):
         return _meta_pretrain(problem, s, seed, fold, method == "meta_pt", ckpt, progress)
+    from .cotrain import cotrain
+
     variant = {"cotrain": "plain", "cotrain_pcgrad": "pcgrad", "ift_cotrain": "ift"}[method]
-    return _cotrain(problem, s, seed, fold, variant, ckpt, progress)
+    return cotrain(problem, s, seed, fold, variant, ckpt, progress)
