@@ -34,8 +34,9 @@ def data():
     return x, torch.from_numpy(d.y)
 
 
-def test_synthetic_ground_truth():
-    d = make_synthetic_ecg(120, seed=0)
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_synthetic_ground_truth(version):
+    d = make_synthetic_ecg(120, seed=0, version=version)
     assert d.x.shape == (120, 12, 1000) and d.y.shape == (120, 5)
     f, y, g = d.features, d.y, d.group
     np.testing.assert_array_equal(y[:, 0] == 1, f["hr"] > 100)
@@ -50,10 +51,29 @@ def test_synthetic_ground_truth():
     assert (y[g == 2][:, 3:].sum(1) > 0).all()
     # the timing group holds borderline negatives as well as positives
     assert (y[g == 1][:, :3].sum(1) == 0).any() and (y[g == 1][:, :3].sum(1) > 0).any()
-    np.testing.assert_array_equal(make_synthetic_ecg(120, seed=0).x, d.x)  # deterministic
+    np.testing.assert_array_equal(make_synthetic_ecg(120, seed=0, version=version).x, d.x)
     assert len(GROUPS) == 3
     with pytest.raises(ValueError, match="`n`"):
         make_synthetic_ecg(0)
+    with pytest.raises(ValueError, match="`version`"):
+        make_synthetic_ecg(4, version=9)
+
+
+def test_synthetic_v3_adds_beat_to_beat_timing_variability():
+    """Version 3 (default): R-R intervals vary more within a record than in version 1."""
+    from scipy.signal import find_peaks
+
+    def rr_cv(version: int) -> float:
+        d = make_synthetic_ecg(60, seed=1, version=version, group_probs=(1.0, 0.0, 0.0))
+        cvs = []
+        for x in d.x:
+            e = np.abs(np.diff(x, axis=1)).sum(0)  # QRS energy across leads
+            peaks, _ = find_peaks(e, distance=40, height=0.5 * e.max())
+            rr = np.diff(peaks)
+            cvs.append(rr.std() / rr.mean())
+        return float(np.median(cvs))
+
+    assert rr_cv(3) > 1.5 * rr_cv(1)
 
 
 def test_nt_xent_matches_definition():

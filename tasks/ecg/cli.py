@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.common import atomic_save, mean_std, seed_everything, write_json
+from tasks.common import atomic_save, seed_everything, write_json
 from tasks.ecg.data import load_ptbxl, sample_ft_split
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
-from tasks.ecg.plots import plot_augmentations, plot_auroc, plot_strengths
-from tasks.ecg.synthetic import GROUPS, LABELS, TIMING_LABELS, make_synthetic_ecg
+from tasks.ecg.plots import plot_augmentations, plot_strengths
+from tasks.ecg.report import METHODS, summarize, time_ratio
+from tasks.ecg.synthetic import GROUPS, LABELS, make_synthetic_ecg
 
-METHODS = ("no_pt", "simclr_nowarp", "simclr", "meta_simclr", "meta_simclr_partial")
+__all__ = ["METHODS", "Task", "synthetic_task", "ptbxl_task", "build_parser", "main"]
 PROBE = 300  # test examples whose strengths are logged after every meta step
 
 
@@ -59,10 +60,11 @@ class Task:
                 rng.permutation(self.ft_val_idx)[: n - n_tr])
 
 
-def synthetic_task(n_pool: int, n_test: int, seed: int = 12345) -> Task:
-    """Pool and test set from ``make_synthetic_ecg``, paper conventions (scalar standardisation
-    fitted on the pool, zero-padding to 1024)."""
-    pool, test = make_synthetic_ecg(n_pool, seed), make_synthetic_ecg(n_test, seed + 1)
+def synthetic_task(n_pool: int, n_test: int, seed: int = 12345, version: int = 3) -> Task:
+    """Pool and test set from ``make_synthetic_ecg`` (generator ``version``), paper conventions
+    (scalar standardisation fitted on the pool, zero-padding to 1024)."""
+    pool = make_synthetic_ecg(n_pool, seed, version=version)
+    test = make_synthetic_ecg(n_test, seed + 1, version=version)
     mean, std = float(pool.x.mean(dtype=np.float64)), float(pool.x.std(dtype=np.float64))
 
     def prep(a: np.ndarray) -> torch.Tensor:
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable)")
     p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
     p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
+    p.add_argument("--generator", type=int, choices=(1, 2, 3, 4), default=3,
+                   help="synthetic generator version (1: the previous one)")
     p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
                    help="also time OUTER outer iterations with meta=False vs meta=True")
@@ -208,92 +212,6 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     return res
 
 
-def time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int, out: Path) -> dict[str, Any]:
-    """Wall time of ``outer`` outer iterations of MetaPretrainer with meta=False vs meta=True
-    (same loss, data and phi network), twice each, alternating."""
-    path = out / "time_ratio.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    tr, va = task.ft_split(n, 0)
-    sets = ((task.x[tr], task.y[tr]), (task.x[va], task.y[va]))
-    cfg0 = with_overrides(cfg, warmup=0)
-    times: dict[str, list[float]] = {"plain": [], "meta": []}
-    for _ in range(2):
-        for meta, name in ((False, "plain"), (True, "meta")):
-            r = pretrain("meta_simclr", task.x[task.pt_idx], cfg0, 0, meta_sets=sets, meta=meta,
-                         outer=outer, progress=False)
-            times[name].append(r["wall_time"])
-    res = {"outer_iterations": outer, "P": cfg.P, "K": cfg.K, "neumann_terms": cfg.neumann_terms,
-           "plain_s": times["plain"], "meta_s": times["meta"],
-           "ratio": float(np.mean(times["meta"]) / np.mean(times["plain"]))}
-    write_json(path, res)
-    return res
-
-
-def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[str],
-              cfg: ECGConfig, ratio: dict[str, Any] | None) -> dict[str, Any]:
-    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-    ns = sorted({r["n_ft"] for r in results})
-    table: dict[str, dict[int, tuple[float, float, int]]] = {}
-    groups: dict[str, dict[int, Any]] = {}
-    for m in methods:
-        table[m], groups[m] = {}, {}
-        for n in ns:
-            rs = [r for r in results if r["method"] == m and r["n_ft"] == n]
-            if not rs:
-                continue
-            table[m][n] = (*mean_std([r["test_auroc"] for r in rs]), len(rs))
-            if task.group_test is not None:
-                per = np.array([r["test_auroc_per_label"] for r in rs], dtype=float)
-                groups[m][n] = {
-                    "timing": mean_std(list(np.nanmean(per[:, list(TIMING_LABELS)], 1))),
-                    "morphology": mean_std(list(np.nanmean(per[:, 3:], 1))),
-                }
-    seen: dict[tuple[int, int], dict] = {}  # one entry per full-access Meta SimCLR pre-training
-    for r in results:
-        if r["method"] == "meta_simclr" and r.get("strengths"):
-            seen[(r["n_ft"], r["seed"])] = r["strengths"]
-    strengths = list(seen.values())
-    lines = [f"# ECG reproduction: {task.name}", "", "Command: `python -m tasks ecg "
-             + " ".join(argv) + "`", "", "Test macro AUROC (%), mean +- std over seeds (count):",
-             "", "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
-             "| --- |" + " --- |" * len(ns)]
-    for m in methods:
-        cells = [f"{100 * table[m][n][0]:.1f} +- {100 * table[m][n][1]:.1f} ({table[m][n][2]})"
-                 if n in table[m] else "-" for n in ns]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if task.group_test is not None:
-        lines += ["", "Macro AUROC (%) over the timing labels / the morphology labels:", "",
-                  "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
-                  "| --- |" + " --- |" * len(ns)]
-        for m in methods:
-            cells = [f"{100 * groups[m][n]['timing'][0]:.1f} / "
-                     f"{100 * groups[m][n]['morphology'][0]:.1f}" if n in groups[m] else "-"
-                     for n in ns]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    summary_strengths = None
-    if strengths and all("by_group" in s for s in strengths):
-        summary_strengths = {g: mean_std([s["by_group"][g] for s in strengths]) for g in GROUPS}
-        lines += ["", f"Learned warp strength w(x; phi) on the test set by ground-truth group "
-                  f"(initial {cfg.warp:g}), mean +- std over {len(strengths)} Meta SimCLR "
-                  "pre-trainings:", ""]
-        lines += [f"- {g}: {m:.2f} +- {s:.2f}" for g, (m, s) in summary_strengths.items()]
-    if ratio:
-        lines += ["", f"Meta/plain PT wall-time ratio ({ratio['outer_iterations']} outer "
-                  f"iterations, P={ratio['P']}, K={ratio['K']}): {ratio['ratio']:.2f} "
-                  f"(plain {ratio['plain_s']} s, meta {ratio['meta_s']} s)"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    summary = {"table": {m: {str(n): v for n, v in t.items()} for m, t in table.items()},
-               "timing_morphology": {m: {str(n): v for n, v in t.items()}
-                                     for m, t in groups.items()},
-               "strengths_by_group": summary_strengths, "time_ratio": ratio,
-               "config": asdict(cfg), "argv": argv, "task": task.name}
-    write_json(out / "results.json", summary)
-    if table:
-        plot_auroc(table, out / "auroc_vs_nft.png", title=f"ECG ({task.name})")
-    return summary
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -309,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = with_overrides(CONFIGS[args.config], **_overrides(args.set))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = (synthetic_task(args.n_pool, args.n_test) if args.synthetic
+    task = (synthetic_task(args.n_pool, args.n_test, version=args.generator) if args.synthetic
             else ptbxl_task(args.data_dir, args.labels, args.cache))
     plot_augmentations(task.x[int(task.pt_idx[0])], out / "augmentations.png", crop=cfg.crop,
                        noise=cfg.noise, warps=(cfg.warp, cfg.warp_max), sigma=cfg.warp_sigma)

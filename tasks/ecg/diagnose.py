@@ -73,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-steps", type=int, default=None,
                    help="Adam steps fitting the FT head (default: the config's head_refit_steps)")
     p.add_argument("--n-pool", type=int, default=2000)
+    p.add_argument("--generator", type=int, default=3, help="synthetic generator version")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     cfg = with_overrides(CONFIGS[args.config], warp=args.warp, head_refit_steps=args.head_steps)
-    task = synthetic_task(args.n_pool, 100)
+    task = synthetic_task(args.n_pool, 100, version=args.generator)
     pt = pretrain("simclr", task.x[task.pt_idx], cfg, args.seed, progress=True)
     hgs = per_example_hypergrads(task, cfg, pt, args.n_ft, args.seed, args.batches)
     summary = {}

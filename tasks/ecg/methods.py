@@ -4,8 +4,9 @@
   Meta SimCLR whose per-example warp strength is ``w(x; phi)``, learned online with
   ``hg.MetaPretrainer`` (P PT steps, then one two-stage hypergradient: IFT through the PT
   optimum, K head-only FT steps on D_FT(Meta)-train, BCE on D_FT(Meta)-val).
-* ``finetune``: the whole encoder plus a new linear head on D_FT-train, early stopping on the
-  D_FT-val macro AUROC, test macro AUROC of the best epoch. No PT = ``finetune(None, ...)``.
+* ``finetune`` (``tasks/ecg/finetune.py``, re-exported): the whole encoder plus a new linear
+  head on D_FT-train, early stopping on the D_FT-val macro AUROC, test macro AUROC of the best
+  epoch. No PT = ``finetune(None, ...)``. Settings: ``tasks/ecg/config.py``.
 
 Every PT batch is a deterministic function of its step index (indices and augmentation noise
 from generators seeded by ``(seed, step)``): one hypergradient sees the same views at every
@@ -18,81 +19,27 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hypergrad as hg
+from models import resnet1d
 from models.ecg_phi import WarpStrengthNet
-from models.resnet1d import (
-    RESNET_CONFIGS,
-    LinearHead,
-    ProjectionHead,
-    ResNet1d,
-    functional_forward,
-    recompute_bn_stats,
-)
 from tasks.ecg.augment import augment
+from tasks.ecg.config import CONFIGS, ECGConfig, with_overrides
+from tasks.ecg.finetune import finetune, macro_auroc, seeded_generator
 
 __all__ = ["ECGConfig", "CONFIGS", "SimCLRNet", "nt_xent", "simclr_loss", "ft_bce", "macro_auroc",
-           "pretrain", "finetune", "phi_strengths", "ift_solver", "with_overrides"]
+           "pretrain", "finetune", "phi_strengths", "ift_solver", "with_overrides",
+           "seeded_generator"]
 
-
-@dataclass(frozen=True)
-class ECGConfig:
-    """Every setting of one reproduction run (the paper's are in ``CONFIGS["paper"]``)."""
-
-    encoder: str = "small"  # key of models.resnet1d.RESNET_CONFIGS
-    proj_dim: int = 64
-    pt_batch: int = 64
-    pt_lr: float = 1e-3
-    pt_epochs: float = 10.0  # SimCLR epochs over the PT pool
-    warmup: int = 3  # outer iterations of plain PT before the first meta step
-    P: int = 10
-    K: int = 1
-    ft_unroll_lr: float = 0.1  # head step in the differentiable FT unroll
-    meta_lr: float = 1e-2
-    meta_batch: int = 64  # D_FT(Meta) train / val batch of one hypergradient
-    temperature: float = 0.5
-    crop: float = 0.5  # fraction of a lead zeroed at most (authors: 0.5)
-    noise: float = 0.1  # jitter std at most, relative to the lead's std (authors: 0.1)
-    warp: float = 25.0  # SimCLR's fixed warp strength = Meta SimCLR's initial one (samples^2)
-    warp_max: float = 100.0
-    warp_sigma: float = 15.0  # smoothing of the velocity field (samples)
-    phi_channels: int = 16
-    ft_epochs: int = 60
-    ft_batch: int = 64
-    ft_lr: float = 1e-3
-    patience: int = 15
-    bn_batches: int = 4  # PT-pool batches used to re-estimate BatchNorm statistics
-    head_refit_steps: int = 10  # Adam steps on psi_FT after every meta iteration (0 = off)
-    head_refit_lr: float = 1e-2
-    neumann_terms: int = 3  # IFT inverse: Neumann series with alpha = pt_lr (authors' choice)
-    neumann_damping: float = 1.0  # H + damping*I: online PT is non-convex (see ift_solver)
-
-    def steps_per_epoch(self, n_pool: int) -> int:
-        return max(1, n_pool // self.pt_batch)
-
-    def outer_iterations(self, n_pool: int) -> int:
-        return max(1, int(np.ceil(self.pt_epochs * self.steps_per_epoch(n_pool) / self.P)))
-
-
-CONFIGS: dict[str, ECGConfig] = {
-    "smoke": ECGConfig(encoder="tiny", proj_dim=16, pt_batch=16, pt_epochs=2.0, warmup=1, P=2,
-                       meta_batch=16, phi_channels=4, ft_epochs=3, ft_batch=16, patience=2,
-                       bn_batches=1, head_refit_steps=2),
-    "default": ECGConfig(),
-    # The authors' settings (simclr_ecg.py / simclr_eval.py): ResNet-18, batch 256, Adam 1e-4,
-    # 50 PT epochs with one warm-up epoch, temperature 0.5, FT 200 epochs at 1e-3, batch 64.
-    "paper": ECGConfig(encoder="paper", proj_dim=128, pt_batch=256, pt_lr=1e-4, pt_epochs=50.0,
-                       warmup=8, meta_lr=1e-4, meta_batch=256, phi_channels=32, ft_epochs=200,
-                       patience=200, bn_batches=8),
-}
+functional_forward = resnet1d.functional_forward
+_gen = seeded_generator
 
 
 class SimCLRNet(nn.Module):
@@ -100,8 +47,8 @@ class SimCLRNet(nn.Module):
 
     def __init__(self, cfg: ECGConfig, in_leads: int = 12) -> None:
         super().__init__()
-        self.enc = ResNet1d(in_leads, **RESNET_CONFIGS[cfg.encoder])
-        self.proj = ProjectionHead(self.enc.feature_dim, cfg.proj_dim)
+        self.enc = resnet1d.ResNet1d(in_leads, **resnet1d.RESNET_CONFIGS[cfg.encoder])
+        self.proj = resnet1d.ProjectionHead(self.enc.feature_dim, cfg.proj_dim)
 
 
 def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -117,23 +64,6 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), -1e9)
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
     return F.cross_entropy(sim, target)
-
-
-def macro_auroc(y: np.ndarray, score: np.ndarray) -> tuple[float, list[float]]:
-    """Mean AUROC over the labels that have both classes in ``y`` (NaN for the others)."""
-    from sklearn.metrics import roc_auc_score
-
-    per = [float(roc_auc_score(y[:, j], score[:, j])) if 0 < y[:, j].sum() < len(y)
-           else float("nan") for j in range(y.shape[1])]
-    ok = [a for a in per if not np.isnan(a)]
-    return (float(np.mean(ok)) if ok else float("nan")), per
-
-
-def _gen(*keys: int) -> torch.Generator:
-    s = 0
-    for k in keys:
-        s = (s * 1_000_003 + int(k)) % (2**62)
-    return torch.Generator().manual_seed(s)
 
 
 def simclr_loss(net: SimCLRNet, cfg: ECGConfig, p: dict[str, Tensor], strengths: Tensor,
@@ -157,18 +87,19 @@ def ft_bce(net: SimCLRNet, e: dict[str, Tensor], head: dict[str, Tensor],
 
 
 def ift_solver(cfg: ECGConfig):
-    """Damped truncated Neumann series for ``(H + damping I)^{-1} v`` with ``alpha = pt_lr``.
+    """Truncated Neumann series for ``(H + damping I)^{-1} v`` with ``alpha = pt_lr``.
 
-    Online PT sits nowhere near a minimum of the non-convex NT-Xent loss; the PT Hessian has
-    small negative eigenvalues, so the undamped series' residual is ``1 + O(alpha |lambda_min|)``
-    (measured 1.00015 at the first meta step), which ``MetaPretrainer`` rejects as divergence.
-    Damping (a proximal term on theta_PT in the IFT) makes the operator positive definite.
+    The default is the authors' setting: 1 term and no damping, i.e. ``x = alpha * v`` (no
+    Hessian product at all). Online PT is never near a minimum of the non-convex NT-Xent loss,
+    so the PT Hessian has small negative eigenvalues and the relative residual
+    ``|(I - alpha H) v| / |v|`` is ``1 + O(alpha |lambda_min|)`` (measured 1.00015);
+    ``hg.MetaPretrainer`` warns once about that and only raises above its
+    ``max_solve_residual`` (10). ``neumann_damping > 0`` solves ``(H + damping I) x = v``
+    instead (a proximal term on theta_PT), which keeps the residual below 1 with more terms.
     """
-    damping = float(cfg.neumann_damping)
-
     def solve(matvec, b):
-        op = matvec if damping == 0 else (lambda v: hg.tree.axpy(damping, v, matvec(v)))
-        return hg.neumann(op, b, iterations=cfg.neumann_terms, alpha=cfg.pt_lr)
+        return hg.neumann(matvec, b, iterations=cfg.neumann_terms, alpha=cfg.pt_lr,
+                          damping=float(cfg.neumann_damping))
 
     return solve
 
@@ -202,8 +133,8 @@ def pretrain(
     torch.manual_seed(seed)
     dt = x_pool.dtype  # the models follow the data's dtype
     net = SimCLRNet(cfg, x_pool.shape[1]).to(dt)
-    head = LinearHead(net.enc.feature_dim, 5 if meta_sets is None else meta_sets[0][1].shape[1])
-    head = head.to(dt)
+    n_labels = 5 if meta_sets is None else meta_sets[0][1].shape[1]
+    head = resnet1d.LinearHead(net.enc.feature_dim, n_labels).to(dt)
     is_meta = method == "meta_simclr"
     if is_meta:
         phi = WarpStrengthNet(x_pool.shape[1], cfg.phi_channels, init_strength=cfg.warp,
@@ -273,7 +204,7 @@ def pretrain(
         for k, v in trainer.pt_params.items():
             net.get_parameter(k).copy_(v)
     idx = torch.randperm(n, generator=_gen(seed, 9))[: cfg.bn_batches * cfg.pt_batch]
-    recompute_bn_stats(net.enc, x_pool[idx], cfg.pt_batch)
+    resnet1d.recompute_bn_stats(net.enc, x_pool[idx], cfg.pt_batch)
     hist = trainer.history
     probe_log = [h["probe"] for h in hist if "probe" in h]
     return {
@@ -327,57 +258,3 @@ def tree_detach(t: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in t.items()}
 
 
-def _predict(enc: nn.Module, head: nn.Module, x: Tensor, batch: int = 256) -> np.ndarray:
-    enc.eval()
-    with torch.no_grad():
-        return torch.cat([head(enc(x[i : i + batch])) for i in range(0, len(x), batch)]).numpy()
-
-
-def finetune(
-    enc_state: dict[str, Tensor] | None, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor], cfg: ECGConfig, seed: int,
-) -> dict[str, Any]:
-    """FT the whole encoder and a new linear head; early stopping on val macro AUROC."""
-    torch.manual_seed(seed)
-    dt = train[0].dtype
-    enc = ResNet1d(train[0].shape[1], **RESNET_CONFIGS[cfg.encoder]).to(dt)
-    if enc_state is not None:
-        enc.load_state_dict(enc_state)
-    head = LinearHead(enc.feature_dim, train[1].shape[1]).to(dt)
-    opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=cfg.ft_lr)
-    g = _gen(seed, 7)
-    best, best_epoch, best_state, curve = -np.inf, -1, None, []
-    x, y = train
-    for epoch in range(cfg.ft_epochs):
-        enc.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), cfg.ft_batch):
-            idx = perm[i : i + cfg.ft_batch]
-            if len(idx) < 2:  # BatchNorm needs two examples
-                continue
-            loss = F.binary_cross_entropy_with_logits(head(enc(x[idx])), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        auc, _ = macro_auroc(val[1].numpy(), _predict(enc, head, val[0]))
-        curve.append(auc)
-        if auc > best:
-            best, best_epoch = auc, epoch
-            best_state = (copy.deepcopy(enc.state_dict()), copy.deepcopy(head.state_dict()))
-        if epoch - best_epoch >= cfg.patience:
-            break
-    if best_state is not None:
-        enc.load_state_dict(best_state[0])
-        head.load_state_dict(best_state[1])
-    test_auc, per_label = macro_auroc(test[1].numpy(), _predict(enc, head, test[0]))
-    return {"test_auroc": test_auc, "test_auroc_per_label": per_label, "val_auroc": best,
-            "best_epoch": best_epoch, "epochs_run": len(curve), "val_curve": curve}
-
-
-def with_overrides(cfg: ECGConfig, **kw: Any) -> ECGConfig:
-    """``cfg`` with the non-None keyword overrides applied (unknown names rejected)."""
-    names = set(asdict(cfg))
-    bad = [k for k in kw if k not in names]
-    if bad:
-        raise ValueError(f"unknown config field(s) {bad}; known: {sorted(names)}")
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

@@ -8,9 +8,9 @@ labels are thresholds on controllable features:
     timing      TACHY     heart rate > 100 bpm
                 LONG_PR   PR interval > 205 ms
                 WIDE_QRS  QRS duration > 115 ms
-    morphology  ST_DEV    ST elevation/depression of 0.05-0.2 mV along an anterior, inferior
+    morphology  ST_DEV    ST elevation/depression of 0.04-0.15 mV along an anterior, inferior
                           or lateral vector (else 0)
-                T_INV     T vector reversed and scaled by 0.2-0.8 (else upright, x 0.4-1.2)
+                T_INV     T vector reversed and scaled by 0.15-0.6 (else upright, x 0.3-1.2)
 
 Every record belongs to one ground-truth group:
 
@@ -21,9 +21,19 @@ Every record belongs to one ground-truth group:
                 a warp of a few per cent flips them (positives and borderline negatives)
     morphology  timing normal, at least one of ST_DEV / T_INV
 
+Generator version 2 (the default; ``version=1`` is the previous generator, kept for the
+earlier RESULTS table). Version 2 adds *local timing variability* that is a nuisance for every
+label: a per-record beat-to-beat RR irregularity (coefficient of variation 0-15%), per-beat
+jitter of the PR interval (6%), QRS width (5%) and QT interval (6%) around the record's values,
+and a per-record QT factor (0.85-1.15). The labels are thresholds on the record's values (the
+per-beat means), so none of this changes a label. It is the kind of variation a temporal warp
+produces, so warp invariance should help the morphology labels, for which all timing is
+nuisance; while a strong warp still flips the borderline timing labels. Version 2 also makes
+the morphology abnormalities subtler (smaller ST shifts, flatter inverted T waves).
+
 A temporal warp stretches QRS complexes, PR and RR intervals: it can flip the labels of the
-timing group only, and leaves ST level and T polarity alone. Nuisances: electrical axis,
-amplitudes, rate within its class, heart-rate variability, baseline wander and white noise.
+timing group only, and leaves ST level and T polarity alone. Other nuisances: electrical axis,
+amplitudes, rate within its class, baseline wander and white noise.
 """
 
 from __future__ import annotations
@@ -101,10 +111,23 @@ TIMING = {"hr": ((55.0, 88.0), (88.0, 115.0), 100.0),  # bpm
           "qrs": ((70.0, 100.0), (95.0, 135.0), 115.0)}  # ms
 
 
-def _sample_features(rng: np.random.Generator, group: int) -> dict[str, float]:
+# version -> (ST shift range mV, inverted-T scale range, upright-T scale range)
+_MORPH = {1: ((0.05, 0.2), (0.2, 0.8), (0.4, 1.2)), 2: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2)),
+          3: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2)), 4: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2))}
+# version -> (max RR coefficient of variation, per-beat jitter of PR, QRS, QT, QT factor range)
+_TIMING_NOISE = {1: (0.03, 0.0, 0.0, 0.0, (1.0, 1.0)), 2: (0.15, 0.06, 0.05, 0.06, (0.85, 1.15)),
+                 3: (0.20, 0.08, 0.06, 0.08, (0.85, 1.15)),
+                 4: (0.30, 0.10, 0.08, 0.10, (0.8, 1.2))}
+# version -> (max axis rotation deg, gain range, wave amplitude jitter, baseline wander range)
+_AMP_NOISE = {1: (30.0, (0.7, 1.4), 0.15, (0.05, 0.2)), 2: (30.0, (0.7, 1.4), 0.15, (0.05, 0.2)),
+              3: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06)), 4: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06))}
+
+
+def _sample_features(rng: np.random.Generator, group: int, version: int = 2) -> dict[str, float]:
     """Features of one record of ``group`` (0 normal, 1 timing, 2 morphology)."""
+    st_r, inv_r, up_r = _MORPH[version]
     f = {k: rng.uniform(*normal) for k, (normal, _, _) in TIMING.items()}
-    f["st"], f["t_sign"] = 0.0, rng.uniform(0.4, 1.2)
+    f["st"], f["t_sign"] = 0.0, rng.uniform(*up_r)
     if group == 1:  # at least one timing feature in its borderline band
         pick = np.zeros(3, bool)
         while not pick.any():
@@ -117,9 +140,9 @@ def _sample_features(rng: np.random.Generator, group: int) -> dict[str, float]:
         while not pick.any():
             pick = rng.random(2) < 0.6
         if pick[0]:
-            f["st"] = rng.uniform(0.05, 0.2) * rng.choice([-1.0, 1.0])
+            f["st"] = rng.uniform(*st_r) * rng.choice([-1.0, 1.0])
         if pick[1]:
-            f["t_sign"] = -rng.uniform(0.2, 0.8)
+            f["t_sign"] = -rng.uniform(*inv_r)
     return f
 
 
@@ -129,42 +152,56 @@ def labels_of(f: dict[str, float]) -> np.ndarray:
                      f["qrs"] > TIMING["qrs"][2], f["st"] != 0.0, f["t_sign"] < 0], dtype=float)
 
 
-def _one_record(rng: np.random.Generator, f: dict[str, float], length: int) -> np.ndarray:
+def _one_record(rng: np.random.Generator, f: dict[str, float], length: int,
+                version: int = 2) -> np.ndarray:
     t = np.arange(length) / FS  # seconds
     hr, pr, qrs, st, t_sign = f["hr"], f["pr"] / 1000, f["qrs"] / 1000, f["st"], f["t_sign"]
+    cv_max, j_pr, j_qrs, j_qt, qt_f = _TIMING_NOISE[version]
     rr = 60.0 / hr
-    # beat times with mild heart-rate variability, covering the window with margins
+    # beat times with heart-rate variability (v1: 3%; v2: a per-record 0-15%), covering the
+    # window with margins; the record's rate is the label's rate on average
+    cv = 0.03 if version == 1 else rng.uniform(0.0, cv_max)
     n_beats = int(np.ceil((length / FS + 2.0) / rr)) + 2
-    rrs = rr * (1 + 0.03 * rng.standard_normal(n_beats))
+    rrs = rr * np.clip(1 + cv * rng.standard_normal(n_beats), 0.6, 1.4)
     r_times = -1.0 + rng.uniform(0, rr) + np.concatenate([[0.0], np.cumsum(rrs[:-1])])
-    rot = _rotation(rng, 30.0)
-    gain = rng.uniform(0.7, 1.4)
-    vec = {k: gain * rot @ (v * rng.uniform(0.85, 1.15)) for k, v in _WAVES.items()}
+    max_deg, gain_r, amp_j, bw_r = _AMP_NOISE[version]
+    rot = _rotation(rng, max_deg)
+    gain = rng.uniform(*gain_r)
+    vec = {k: gain * rot @ (v * rng.uniform(1 - amp_j, 1 + amp_j)) for k, v in _WAVES.items()}
     vec["T"] = vec["T"] * t_sign
     st_vec = gain * st * _ST_DIRS[rng.integers(3)]
-    qt = 0.40 * np.sqrt(rr)  # Bazett
+    qt = 0.40 * np.sqrt(rr)  # Bazett, times a per-record factor (v2)
+    if version > 1:
+        qt *= rng.uniform(*qt_f)
     d = t[None, :] - r_times[:, None]  # (beats, time): time since each R peak
+    # per-beat intervals (v2: jittered around the record's values), shape (beats, 1)
+    nb = len(r_times)
+
+    def per_beat(v: float, jit: float) -> np.ndarray:
+        return (v * (1 + jit * rng.standard_normal(nb)) if jit else np.full(nb, v))[:, None]
+
+    pr_b, qrs_b, qt_b = per_beat(pr, j_pr), per_beat(qrs, j_qrs), per_beat(qt, j_qt)
     # waves: (centre relative to R, std) in seconds
-    onset = -qrs / 2
+    onset = -qrs_b / 2
     waves = {
-        "P": (onset - pr + 0.05, 0.022),
-        "Q": (-0.36 * qrs, qrs / 11),
-        "R": (0.0, qrs / 7.5),
-        "S": (0.36 * qrs, qrs / 11),
-        "T": (qt - 0.09, 0.045),
+        "P": (onset - pr_b + 0.05, 0.022),
+        "Q": (-0.36 * qrs_b, qrs_b / 11),
+        "R": (0.0, qrs_b / 7.5),
+        "S": (0.36 * qrs_b, qrs_b / 11),
+        "T": (qt_b - 0.09, 0.045),
     }
     x = np.zeros((12, length))
     for name, (c, s) in waves.items():
         bump = np.exp(-0.5 * ((d - c) / s) ** 2).sum(0)  # (time,)
         x += np.outer(_LEADS @ vec[name], bump)
     if st != 0.0:
-        j, t_on = qrs / 2, qt - 0.09
+        j, t_on = qrs_b / 2, qt_b - 0.09
         plateau = _sigmoid((d - j) / 0.01) * _sigmoid((t_on - d) / 0.03)
         x += np.outer(_LEADS @ st_vec, plateau.sum(0))
     # nuisances: baseline wander (shared + per lead) and white noise
     for _ in range(2):
         f, ph = rng.uniform(0.05, 0.5), rng.uniform(0, 2 * np.pi)
-        amp = rng.uniform(0.05, 0.2) * (1 + 0.3 * rng.standard_normal((12, 1)))
+        amp = rng.uniform(*bw_r) * (1 + 0.3 * rng.standard_normal((12, 1)))
         x += amp * np.sin(2 * np.pi * f * t + ph)[None, :]
     x += rng.uniform(0.02, 0.06) * rng.standard_normal(x.shape)
     return x
@@ -172,9 +209,12 @@ def _one_record(rng: np.random.Generator, f: dict[str, float], length: int) -> n
 
 def make_synthetic_ecg(
     n: int, seed: int = 0, *, length: int = 1000, group_probs: tuple[float, float, float] = (
-        0.3, 0.35, 0.35)
+        0.3, 0.35, 0.35), version: int = 3,
 ) -> SyntheticECG:
-    """``n`` synthetic records of ``length`` samples at 100 Hz (see the module docstring)."""
+    """``n`` synthetic records of ``length`` samples at 100 Hz (see the module docstring);
+    ``version`` 1 is the previous generator, 2 (default) adds local timing variability."""
+    if version not in _MORPH:
+        raise ValueError(f"`version` must be one of {sorted(_MORPH)}, got {version!r}")
     if int(n) != n or n < 1:
         raise ValueError(f"`n` must be a positive integer, got {n!r}")
     if length < 200:
@@ -186,8 +226,8 @@ def make_synthetic_ecg(
     group = rng.choice(3, size=int(n), p=p)
     xs, ys, feats = [], [], {k: [] for k in ("hr", "pr", "qrs", "st", "t_sign")}
     for g in group:
-        f = _sample_features(rng, int(g))
-        xs.append(_one_record(rng, f, length))
+        f = _sample_features(rng, int(g), version)
+        xs.append(_one_record(rng, f, length, version))
         ys.append(labels_of(f))
         for k in feats:
             feats[k].append(f[k])

@@ -1,0 +1,110 @@
+"""The validation's outputs: the meta/plain PT time ratio and the results table (markdown +
+JSON + AUROC plot) of ``python -m tasks ecg``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tasks.common import mean_std, write_json
+from tasks.ecg.config import ECGConfig, with_overrides
+from tasks.ecg.methods import pretrain
+from tasks.ecg.plots import plot_auroc
+from tasks.ecg.synthetic import GROUPS, TIMING_LABELS
+
+if TYPE_CHECKING:
+    from tasks.ecg.cli import Task
+
+__all__ = ["time_ratio", "summarize", "METHODS"]
+
+METHODS = ("no_pt", "simclr_nowarp", "simclr", "meta_simclr", "meta_simclr_partial")
+
+
+def time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int, out: Path) -> dict[str, Any]:
+    """Wall time of ``outer`` outer iterations of MetaPretrainer with meta=False vs meta=True
+    (same loss, data and phi network), twice each, alternating."""
+    path = out / "time_ratio.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tr, va = task.ft_split(n, 0)
+    sets = ((task.x[tr], task.y[tr]), (task.x[va], task.y[va]))
+    cfg0 = with_overrides(cfg, warmup=0)
+    times: dict[str, list[float]] = {"plain": [], "meta": []}
+    for _ in range(2):
+        for meta, name in ((False, "plain"), (True, "meta")):
+            r = pretrain("meta_simclr", task.x[task.pt_idx], cfg0, 0, meta_sets=sets, meta=meta,
+                         outer=outer, progress=False)
+            times[name].append(r["wall_time"])
+    res = {"outer_iterations": outer, "P": cfg.P, "K": cfg.K, "neumann_terms": cfg.neumann_terms,
+           "plain_s": times["plain"], "meta_s": times["meta"],
+           "ratio": float(np.mean(times["meta"]) / np.mean(times["plain"]))}
+    write_json(path, res)
+    return res
+
+
+def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[str],
+              cfg: ECGConfig, ratio: dict[str, Any] | None) -> dict[str, Any]:
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    ns = sorted({r["n_ft"] for r in results})
+    table: dict[str, dict[int, tuple[float, float, int]]] = {}
+    groups: dict[str, dict[int, Any]] = {}
+    for m in methods:
+        table[m], groups[m] = {}, {}
+        for n in ns:
+            rs = [r for r in results if r["method"] == m and r["n_ft"] == n]
+            if not rs:
+                continue
+            table[m][n] = (*mean_std([r["test_auroc"] for r in rs]), len(rs))
+            if task.group_test is not None:
+                per = np.array([r["test_auroc_per_label"] for r in rs], dtype=float)
+                groups[m][n] = {
+                    "timing": mean_std(list(np.nanmean(per[:, list(TIMING_LABELS)], 1))),
+                    "morphology": mean_std(list(np.nanmean(per[:, 3:], 1))),
+                }
+    seen: dict[tuple[int, int], dict] = {}  # one entry per full-access Meta SimCLR pre-training
+    for r in results:
+        if r["method"] == "meta_simclr" and r.get("strengths"):
+            seen[(r["n_ft"], r["seed"])] = r["strengths"]
+    strengths = list(seen.values())
+    lines = [f"# ECG reproduction: {task.name}", "", "Command: `python -m tasks ecg "
+             + " ".join(argv) + "`", "", "Test macro AUROC (%), mean +- std over seeds (count):",
+             "", "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
+             "| --- |" + " --- |" * len(ns)]
+    for m in methods:
+        cells = [f"{100 * table[m][n][0]:.1f} +- {100 * table[m][n][1]:.1f} ({table[m][n][2]})"
+                 if n in table[m] else "-" for n in ns]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if task.group_test is not None:
+        lines += ["", "Macro AUROC (%) over the timing labels / the morphology labels:", "",
+                  "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
+                  "| --- |" + " --- |" * len(ns)]
+        for m in methods:
+            cells = [f"{100 * groups[m][n]['timing'][0]:.1f} / "
+                     f"{100 * groups[m][n]['morphology'][0]:.1f}" if n in groups[m] else "-"
+                     for n in ns]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    summary_strengths = None
+    if strengths and all("by_group" in s for s in strengths):
+        summary_strengths = {g: mean_std([s["by_group"][g] for s in strengths]) for g in GROUPS}
+        lines += ["", f"Learned warp strength w(x; phi) on the test set by ground-truth group "
+                  f"(initial {cfg.warp:g}), mean +- std over {len(strengths)} Meta SimCLR "
+                  "pre-trainings:", ""]
+        lines += [f"- {g}: {m:.2f} +- {s:.2f}" for g, (m, s) in summary_strengths.items()]
+    if ratio:
+        lines += ["", f"Meta/plain PT wall-time ratio ({ratio['outer_iterations']} outer "
+                  f"iterations, P={ratio['P']}, K={ratio['K']}): {ratio['ratio']:.2f} "
+                  f"(plain {ratio['plain_s']} s, meta {ratio['meta_s']} s)"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    summary = {"table": {m: {str(n): v for n, v in t.items()} for m, t in table.items()},
+               "timing_morphology": {m: {str(n): v for n, v in t.items()}
+                                     for m, t in groups.items()},
+               "strengths_by_group": summary_strengths, "time_ratio": ratio,
+               "config": asdict(cfg), "argv": argv, "task": task.name}
+    write_json(out / "results.json", summary)
+    if table:
+        plot_auroc(table, out / "auroc_vs_nft.png", title=f"ECG ({task.name})")
+    return summary
