@@ -1,8 +1,7 @@
 """Wall time per meta step with 1 vs N processes (gloo, CPU) and the communication volume,
 on the synthetic PPI task (GIN encoder, 200 weighted PT tasks; ``tasks/ppi``).
 
-    python -m benchmarks.distributed_scaling [--nproc 2] [--steps 6] [--config synthetic]
-        [--out benchmarks/results/distributed_scaling.json]
+    python -m benchmarks.distributed_scaling [--nproc 2] [--steps 6] [--config synthetic|paper]
 
 Runs the PPI task's own data-parallel Meta-PT trainer (``tasks.ppi.methods._build_trainer``:
 sharded batches, ``data_parallel`` losses, ``SyncBatchNorm``) under ``torchrun
@@ -88,11 +87,37 @@ def launch(nproc: int, args: argparse.Namespace, plain: bool, data: Path) -> dic
         return json.loads(out.read_text())
 
 
+def markdown(result: dict) -> str:
+    """The table and summary line of one :func:`main` result (also used by benchmarks.report)."""
+    rows = {(r["processes"], r["plain"]): r for r in result["rows"]}
+    n = result["nproc"]
+    many = rows[(n, False)]
+    lines = [f"PPI synthetic task (config `{result['config']}`): GIN with {many['pt_params']} PT "
+             f"parameters, {many['phi']} task weights, P = {many['P']}, PT batch "
+             f"{many['batch_size']}, meta batch {many['meta_batch_size']} (global); load average "
+             f"{result.get('load_average', float('nan')):.1f} on the 2-core machine", "",
+             "| processes | s / outer iteration, Meta-PT | s / outer iteration, plain PT | "
+             "all-reduce MiB / outer iteration / rank | all-reduce calls |",
+             "|---|---|---|---|---|"]
+    for w in (1, n):
+        m, p = rows[(w, False)], rows[(w, True)]
+        lines.append(f"| {w} | {m['seconds_per_meta_step']:.3f} | "
+                     f"{p['seconds_per_meta_step']:.3f} | "
+                     f"{m['allreduce_bytes_per_meta_step'] / 2**20:.2f} | "
+                     f"{m['allreduce_calls_per_meta_step']:.0f} |")
+    plain_mb = rows[(n, True)]["allreduce_bytes_per_meta_step"] / 2**20
+    lines += ["", f"Meta-PT scaling efficiency with {n} processes: {result['efficiency']:.2f} "
+              f"(speed-up {result['speedup']:.2f}x); "
+              f"{many['allreduce_bytes_per_meta_step'] / 2**20:.2f} MiB all-reduced per outer "
+              f"iteration per rank (plain PT: {plain_mb:.2f})."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/distributed_scaling.json"),
-                    help="JSON with every row")
+    ap.add_argument("--out", default="", help="JSON with every row (default: "
+                    "benchmarks/results/distributed_scaling_<config>.json)")
     ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="", help=argparse.SUPPRESS)
     ap.add_argument("--nproc", type=int, default=2)
@@ -102,36 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    args.out = args.out or str(ROOT / f"benchmarks/results/distributed_scaling_{args.config}.json")
     with tempfile.TemporaryDirectory() as tmp:
         _problem(args.config, Path(tmp))  # generate the data once, outside the timed workers
         rows = {(w, plain): launch(w, args, plain, Path(tmp))
                 for w in (1, args.nproc) for plain in (False, True)}
     one, many = rows[(1, False)], rows[(args.nproc, False)]
     speedup = one["seconds_per_meta_step"] / many["seconds_per_meta_step"]
-    eff = speedup / args.nproc
-    mb = many["allreduce_bytes_per_meta_step"] / 2**20
-    lines = [f"PPI synthetic task (config {args.config}): GIN with {many['pt_params']} PT "
-             f"parameters, {many['phi']} task weights, P = {many['P']}, PT batch "
-             f"{many['batch_size']}, meta batch {many['meta_batch_size']} (global)", "",
-             "| processes | s / outer iteration, Meta-PT | s / outer iteration, plain PT | "
-             "all-reduce MiB / outer iteration / rank | all-reduce calls |",
-             "|---|---|---|---|---|"]
-    for w in (1, args.nproc):
-        m, p = rows[(w, False)], rows[(w, True)]
-        lines.append(f"| {w} | {m['seconds_per_meta_step']:.3f} | "
-                     f"{p['seconds_per_meta_step']:.3f} | "
-                     f"{m['allreduce_bytes_per_meta_step'] / 2**20:.2f} | "
-                     f"{m['allreduce_calls_per_meta_step']:.0f} |")
-    lines += ["", f"scaling efficiency with {args.nproc} processes: {eff:.2f} (speed-up "
-              f"{speedup:.2f}x); {mb:.2f} MiB all-reduced per outer iteration per rank (plain "
-              f"PT: {rows[(args.nproc, True)]['allreduce_bytes_per_meta_step'] / 2**20:.2f})"]
-    print("\n".join(lines))
+    result = {"config": args.config, "nproc": args.nproc, "steps": args.steps,
+              "efficiency": speedup / args.nproc, "speedup": speedup,
+              "load_average": os.getloadavg()[0],
+              "rows": [{"processes": w, "plain": pl, **r} for (w, pl), r in rows.items()]}
+    print(markdown(result))
     from tasks.common import write_json
 
-    write_json(args.out, {"config": args.config, "nproc": args.nproc, "steps": args.steps,
-                          "efficiency": eff, "speedup": speedup,
-                          "rows": [{"processes": w, "plain": pl, **r}
-                                   for (w, pl), r in rows.items()]})
+    write_json(args.out, result)
     return 0
 
 

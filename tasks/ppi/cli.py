@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    hd.init(timeout_s=args.dist_timeout)  # no-op outside torchrun
+    # no-op outside torchrun; gloo because the tasks compute on CPU tensors
+    hd.init(backend="gloo", timeout_s=args.dist_timeout)
     ft_size = None if args.ft_train_size == 0 else args.ft_train_size
     s = get_config(args.config, meta_steps=args.meta_steps, meta_lr=args.meta_lr)
     if args.ft_train_size is not None:
