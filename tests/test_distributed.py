@@ -91,6 +91,27 @@ def test_ppi_task_cli_under_torchrun_equals_one_process(tmp_path):
     assert files[0] == files[1]
 
 
+def test_seed_parallel_spreads_seeds_over_ranks_and_rank0_aggregates(tmp_path):
+    """Per-seed experiments (synthetic, ECG) run seed-parallel under torchrun: every seed once,
+    on rank k % world, and one aggregate after all finished; a failing seed fails every rank
+    and leaves no aggregate."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    worker = str(ROOT / "tests" / "seed_parallel_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           worker]
+    ok = subprocess.run([*cmd, str(tmp_path / "ok")], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=180)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    rows = json.loads((tmp_path / "ok" / "all.json").read_text())
+    assert [(r["seed"], r["rank"]) for r in rows] == [(k, str(k % 2)) for k in range(5)]
+    bad = subprocess.run([*cmd, str(tmp_path / "bad"), "--fail-seed", "3"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert bad.returncode != 0 and "1 of 2 ranks failed" in bad.stderr
+    assert not (tmp_path / "bad" / "all.json").exists()
+
+
 def test_a_dead_rank_fails_the_job_loudly_and_resume_reaches_the_same_result(tmp_path):
     ref, out, ckpt = tmp_path / "ref.pt", tmp_path / "out.pt", tmp_path / "ckpt.pt"
     assert _run(2, ref, "--steps", "5").returncode == 0

@@ -1,0 +1,40 @@
+"""``tasks.common.seed_parallel`` under torchrun, used by tests/test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/seed_parallel_worker.py \
+        OUT [--fail-seed K]
+
+Seeds 0..4 each write OUT/seed<k>.json (with the rank that ran it); rank 0 aggregates them into
+OUT/all.json. ``--fail-seed K`` makes seed K raise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from tasks.common import seed_parallel, write_json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--fail-seed", type=int, default=-1)
+    args = ap.parse_args()
+
+    def run(seeds: list[int]) -> None:
+        for k in seeds:
+            if k == args.fail_seed:
+                raise ValueError(f"seed {k} failed")
+            write_json(args.out / f"seed{k}.json", {"seed": k, "rank": os.environ["RANK"]})
+
+    def aggregate() -> dict:
+        rows = [json.loads((args.out / f"seed{k}.json").read_text()) for k in range(5)]
+        return write_json(args.out / "all.json", rows)
+
+    seed_parallel(run, list(range(5)), aggregate, timeout_s=60)
+
+
+if __name__ == "__main__":
+    main()
