@@ -12,7 +12,9 @@ mean all-reduce is its own adjoint), so second-order products are data-parallel 
 With equal shard sizes and mean-reduced losses, every rank therefore computes exactly the
 single-process quantities on the union of the shards, solvers take the same branches on every
 rank (they only branch on all-reduced numbers), and parameters and meta-parameters stay
-identical across ranks with no broadcast. This composes with torch.func-style functional
+identical across ranks with no broadcast. Losses that couple the examples of a batch need the
+global batch too: :class:`SyncBatchNorm` (``convert_sync_batchnorm(module)``) for batch
+statistics and :func:`all_gather` for contrastive negatives, both differentiable to any order. This composes with torch.func-style functional
 parameters, where DDP's module hooks do not. gloo (CPU) or nccl (GPU) is chosen by
 :func:`init` from the device.
 
