@@ -14,9 +14,9 @@ single-process quantities on the union of the shards, solvers take the same bran
 rank (they only branch on all-reduced numbers), and parameters and meta-parameters stay
 identical across ranks with no broadcast. Losses that couple the examples of a batch need the
 global batch too: :class:`SyncBatchNorm` (``convert_sync_batchnorm(module)``) for batch
-statistics and :func:`all_gather` for contrastive negatives, both differentiable to any order. This composes with torch.func-style functional
-parameters, where DDP's module hooks do not. gloo (CPU) or nccl (GPU) is chosen by
-:func:`init` from the device.
+statistics and :func:`all_gather` for contrastive negatives, both differentiable to any order.
+This composes with torch.func-style functional parameters, where DDP's module hooks do not.
+gloo (CPU) or nccl (GPU) is chosen by :func:`init` from the device.
 
 Example (inside a torchrun worker):
     >>> import hypergrad as hg                                # doctest: +SKIP

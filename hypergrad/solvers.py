@@ -208,6 +208,7 @@ def neumann(
     tol: float = 1e-6,
     power_iterations: int = 20,
     damping: float = 0.0,
+    preconditioner: Tree | None = None,
 ) -> SolveResult:
     """Truncated Neumann series ``x = alpha * sum_{j=0}^{J-1} (I - alpha H)^j b`` (J = iterations).
 
@@ -225,6 +226,22 @@ def neumann(
     are counted in ``iterations`` of the result.
 
     ``damping`` solves ``(H + damping I) x = b`` instead (Tikhonov), as every solver does.
+
+    ``preconditioner`` (a tree like ``b`` of positive entries D, e.g. an adaptive optimizer's
+    per-coordinate step sizes) gives the diagonally preconditioned series
+        x = sum_{j<J} (I - alpha D H)^j alpha D b = alpha D sum_{j<J} (I - alpha H D)^j b,
+    the J-step response of preconditioned gradient descent; its residual is still exact,
+        b - H x = (I - alpha H D)^J b,
+    and ``alpha="auto"`` uses the largest eigenvalue of D^(1/2) H D^(1/2) (= that of H D).
+    ``preconditioner=None`` is D = I.
+
+    Example:
+        >>> import torch
+        >>> H = torch.diag(torch.tensor([1.0, 100.0]))
+        >>> r = neumann(lambda v: H @ v, torch.ones(2), iterations=1, alpha=1.0,
+        ...             preconditioner=torch.tensor([1.0, 0.01]))
+        >>> r.solution, float(r.residual_norm)   # D = H^-1: exact after one term
+        (tensor([1.0000, 0.0100]), 0.0)
     """
     _checks.callable_(matvec, "matvec")
     ref = _validate_b(b)
@@ -237,6 +254,8 @@ def neumann(
 
         def matvec(v: Tree) -> Tree:  # (H + damping I) v
             return tree.axpy(damping, v, undamped(v))
+    d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
+    hd = matvec if d is None else (lambda v: matvec(tree.map(torch.mul, d, v)))  # v -> H D v
     spent = 0
     stats: dict[str, Any] = {}
     if isinstance(alpha, str):
@@ -245,7 +264,11 @@ def neumann(
         if float(tree.norm(b)) == 0.0:
             alpha_value = 1.0
         else:
-            lam, spent = power_iteration(matvec, b, power_iterations)
+            sym = matvec
+            if d is not None:  # D^(1/2) H D^(1/2): symmetric, same spectrum as H D
+                sq = tree.map(torch.sqrt, d)
+                sym = lambda v: tree.map(torch.mul, sq, matvec(tree.map(torch.mul, sq, v)))  # noqa: E731
+            lam, spent = power_iteration(sym, b, power_iterations)
             stats["lambda_max"] = lam
             if not bool(lam > 0):
                 # H has a non-positive dominant eigenvalue: no alpha makes the series converge.
@@ -260,12 +283,12 @@ def neumann(
     if float(b_norm) == 0.0:
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
         return SolveResult(tree.zeros_like(b), torch.tensor(spent), zero, torch.tensor(True), stats)
-    p = b  # p_j = (I - alpha H)^j b
+    p = b  # p_j = (I - alpha H D)^j b   (D = I without a preconditioner)
     acc = b  # sum_{i<=j} p_i
     total = tree.zeros_like(b)  # the partial sum whose residual is p
     residual = torch.ones((), dtype=b_norm.dtype)
     for j in range(J):
-        hp = matvec(p)
+        hp = hd(p)
         if j == 0:
             _check_matvec_output(hp, b)
         spent += 1
@@ -278,5 +301,21 @@ def neumann(
         p = p_next
         acc = tree.add(acc, p)
         residual = p_norm / b_norm
-    solution = tree.scale(total, alpha_value)
+    solution = tree.scale(total if d is None else tree.map(torch.mul, d, total), alpha_value)
     return SolveResult(solution, torch.tensor(spent), residual, residual <= tol, stats)
+
+
+def _positive_diagonal(d: Tree, b: Tree) -> Tree:
+    """``preconditioner`` checked: the structure and shapes of ``b``, entries finite and > 0."""
+    tree.check_same_structure(d, b, ("preconditioner", "b"))
+    for x, y in zip(tree.leaves(d), tree.leaves(b)):
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+            raise ValueError(
+                f"`preconditioner` leaves must be tensors shaped like `b`'s, got "
+                f"{getattr(x, 'shape', type(x).__name__)} for {tuple(y.shape)}"
+            )
+        if not bool(torch.isfinite(x).all()) or not bool((x > 0).all()):
+            raise ValueError(
+                f"`preconditioner` entries must be finite and > 0, got min {float(x.min()):.3g}"
+            )
+    return tree.map(lambda x, y: x.to(dtype=y.dtype), d, b)
