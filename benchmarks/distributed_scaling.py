@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
     from tasks.ppi.methods import _build_trainer
 
     torch.set_num_threads(1)
-    hd.init(timeout_s=300)
+    hd.init(backend="gloo", timeout_s=300)
     sent = {"bytes": 0, "calls": 0}
     if hd.world_size() > 1:
         real = dist.all_reduce

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import tree
 from .tree import Tree
@@ -79,26 +80,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _flat_all_reduce_mean(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """One all-reduce for all tensors (flattened into one buffer): one message, not one per
-    parameter tensor."""
+def _flat_all_reduce(tensors: tuple[torch.Tensor, ...], mean: bool) -> list[torch.Tensor]:
+    """One all-reduce (sum, or mean) for all tensors, flattened into one buffer: one message,
+    not one per parameter tensor."""
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    if mean:
+        flat = flat / dist.get_world_size()
     return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-class _AllReduceMean(torch.autograd.Function):
-    """y_i = mean over ranks of x_i; self-adjoint, so its backward is itself (differentiable
-    any number of times)."""
+class _AllReduce(torch.autograd.Function):
+    """y_i = sum (or mean) over ranks of x_i. Both maps are self-adjoint, so the backward is
+    the same all-reduce of the cotangents (differentiable any number of times)."""
 
     @staticmethod
-    def forward(ctx, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return tuple(_flat_all_reduce_mean(xs))
+    def forward(ctx, mean: bool, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.mean = mean
+        return tuple(_flat_all_reduce(xs, mean))
 
     @staticmethod
-    def backward(ctx, *gs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return _AllReduceMean.apply(*gs)  # None grads arrive materialised as zeros
+    def backward(ctx, *gs: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *_AllReduce.apply(ctx.mean, *gs))  # None grads arrive as zeros
 
 
 class _Synced(torch.autograd.Function):
@@ -111,7 +114,7 @@ class _Synced(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return _AllReduceMean.apply(*gs)
+        return _AllReduce.apply(True, *gs)
 
 
 def synced(t: Tree) -> Tree:
@@ -149,10 +152,16 @@ def shard(batch: Any) -> Any:
     is the global mean. Identity when not distributed.
     """
     w, r = world_size(), rank()
-    leaves = [x for x in tree.flatten(batch)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
+    flat = tree.flatten(batch)[0]
+    arrays = [type(x).__name__ for x in flat if hasattr(x, "__array__")
+              and not isinstance(x, torch.Tensor)]
+    if arrays:
+        raise TypeError(f"`batch` holds {arrays[0]} leaves; convert them to tensors to shard them")
+    leaves = [x for x in flat if isinstance(x, torch.Tensor) and x.dim() > 0]
     if not leaves:
         raise TypeError(
-            f"`batch` must be a tensor or a pytree holding tensors, got {type(batch).__name__}"
+            "`batch` must be a tensor with a batch dimension or a pytree holding such tensors, "
+            f"got {type(batch).__name__}"
         )
     sizes = {int(x.shape[0]) for x in leaves}
     if len(sizes) != 1:
@@ -177,7 +186,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     adjoint). Identity when not distributed."""
     if world_size() == 1:
         return x
-    return _AllReduceMean.apply(x)[0] * world_size()
+    return _AllReduce.apply(False, x)[0]
 
 
 class _AllGather(torch.autograd.Function):
@@ -201,59 +210,100 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` (equal shapes) concatenated along dim 0 in rank order, differentiable
     to any order: for losses that couple examples (contrastive negatives), each rank scores its
     own rows against the gathered ones. Identity when not distributed."""
-    return x if world_size() == 1 else _AllGather.apply(x)
+    if world_size() == 1:
+        return x
+    shape = torch.tensor([x.dim(), *x.shape, *[0] * (8 - x.dim())], device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)  # unequal shapes would fail (gloo) or hang (nccl) later
+    if any(not torch.equal(t, shape) for t in shapes):
+        got = [tuple(t[1 : 1 + int(t[0])].tolist()) for t in shapes]
+        raise ValueError(f"all_gather needs equal shapes on every rank, got {got}")
+    return _AllGather.apply(x)
 
 
-class SyncBatchNorm(torch.nn.BatchNorm1d):
+class SyncBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics are those of the global batch (all ranks), computed
     with differentiable all-reduces, so Hessian-vector and mixed products through it are those
     of the single-process model on the union of the shards (``torch.nn.SyncBatchNorm`` has a
-    first-order-only backward). Plain ``BatchNorm1d`` when not distributed or in eval mode.
+    first-order-only backward). Input ``[N, C, *]``; plain batch norm when not distributed or in
+    eval mode. Statistics are computed in at least float32, like torch's BatchNorm.
 
         mean = sum_r sum_i x_ri / N,  var = sum_r sum_i (x_ri - mean)^2 / N   (N: global count)
     """
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects input [N, C, *], got {tuple(x.shape)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if not (self.training and world_size() > 1):
             return super().forward(x)
-        if x.dim() not in (2, 3):
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        local_n = x.numel() // x.shape[1]
+        if xs.dtype == torch.float64 or local_n * world_size() <= 2**24:
+            # one all-reduce for the sums and the (exactly representable) count
+            tot = all_reduce_sum(torch.cat([xs.sum(dims), xs.new_full((1,), local_n)]))
+            n, sums = int(tot[-1].detach()), tot[:-1]
+        else:
+            count = torch.tensor([local_n], dtype=torch.int64, device=x.device)
+            dist.all_reduce(count)
+            n, sums = int(count), all_reduce_sum(xs.sum(dims))
+        if n <= 1:
             raise ValueError(
-                f"SyncBatchNorm expects [N, C] or [N, C, L] input, got {tuple(x.shape)}"
+                f"SyncBatchNorm needs more than 1 value per channel in the global batch, got "
+                f"input {tuple(x.shape)} on each of {world_size()} ranks"
             )
-        dims = [0] if x.dim() == 2 else [0, 2]
-        shape = (1, -1) if x.dim() == 2 else (1, -1, 1)
-        # one all-reduce for the sums and the example count, one for the centred squares
-        tot = all_reduce_sum(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / x.shape[1])]))
-        n = float(tot[-1])
-        mean = tot[:-1] / n
-        xc = x - mean.view(shape)
+        mean = sums / n
+        xc = xs - mean.view(shape)
         var = all_reduce_sum((xc * xc).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                      else self.momentum)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1, 1), alpha=m)
+                rm, rv = self.running_mean, self.running_var
+                rm.mul_(1 - m).add_(mean.detach().to(rm.dtype), alpha=m)
+                rv.mul_(1 - m).add_((var.detach() * n / (n - 1)).to(rv.dtype), alpha=m)
         y = xc * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)
+
+
+_PLAIN_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def _to_sync(bn: _BatchNorm) -> SyncBatchNorm:
+    ref = next(iter(bn.state_dict().values()), None)  # keep dtype and device
+    kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    new = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                        bn.track_running_stats, **kw)
+    new.load_state_dict(bn.state_dict())
+    if bn.affine:
+        new.weight.requires_grad_(bn.weight.requires_grad)
+        new.bias.requires_grad_(bn.bias.requires_grad)
+    return new.train(bn.training)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every ``BatchNorm1d`` in ``module`` (in place) by :class:`SyncBatchNorm` with the
-    same parameters and buffers; returns ``module``. Parameter and buffer names are unchanged,
-    so ``functional_call`` dictionaries keep working."""
+    """Every ``BatchNorm1d/2d/3d`` in ``module`` (``module`` itself included) replaced in place by
+    :class:`SyncBatchNorm` with the same parameters, buffers and ``requires_grad``; returns the
+    module (a new one if ``module`` was itself a BatchNorm). Names are unchanged, so
+    ``functional_call`` dictionaries keep working. Other BatchNorm classes (subclasses,
+    ``torch.nn.SyncBatchNorm``) raise a TypeError rather than keep per-shard statistics."""
+    if type(module) in _PLAIN_BN:
+        return _to_sync(module)  # type: ignore[arg-type]
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        raise TypeError(
+            f"convert_sync_batchnorm cannot convert {type(module).__name__} (not a plain "
+            "BatchNorm1d/2d/3d; torch.nn.SyncBatchNorm is first-order only); replace it by "
+            "hypergrad.distributed.SyncBatchNorm yourself"
+        )
     for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm1d) and not isinstance(child, SyncBatchNorm):
-            ref = next(iter(child.state_dict().values()), None)  # keep dtype and device
-            kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-            new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                child.track_running_stats, **kw)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
+        new = convert_sync_batchnorm(child)
+        if new is not child:
             setattr(module, name, new)
-        else:
-            convert_sync_batchnorm(child)
     return module

@@ -254,7 +254,9 @@ class MetaPretrainer:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """Write then rename (a killed run never leaves half a file); the temporary name is per
+    process, so concurrent writers of one path cannot collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)

@@ -255,7 +255,9 @@ def neumann(
         def matvec(v: Tree) -> Tree:  # (H + damping I) v
             return tree.axpy(damping, v, undamped(v))
     d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
-    hd = matvec if d is None else (lambda v: matvec(tree.map(torch.mul, d, v)))  # v -> H D v
+
+    def hd(v: Tree) -> Tree:  # v -> H D v
+        return matvec(v if d is None else tree.map(torch.mul, d, v))
     spent = 0
     stats: dict[str, Any] = {}
     if isinstance(alpha, str):
@@ -264,10 +266,13 @@ def neumann(
         if float(tree.norm(b)) == 0.0:
             alpha_value = 1.0
         else:
-            sym = matvec
-            if d is not None:  # D^(1/2) H D^(1/2): symmetric, same spectrum as H D
-                sq = tree.map(torch.sqrt, d)
-                sym = lambda v: tree.map(torch.mul, sq, matvec(tree.map(torch.mul, sq, v)))  # noqa: E731
+            sq = None if d is None else tree.map(torch.sqrt, d)
+
+            def sym(v: Tree) -> Tree:  # D^(1/2) H D^(1/2): symmetric, same spectrum as H D
+                if sq is None:
+                    return matvec(v)
+                return tree.map(torch.mul, sq, matvec(tree.map(torch.mul, sq, v)))
+
             lam, spent = power_iteration(sym, b, power_iterations)
             stats["lambda_max"] = lam
             if not bool(lam > 0):
@@ -307,12 +312,12 @@ def neumann(
 
 def _positive_diagonal(d: Tree, b: Tree) -> Tree:
     """``preconditioner`` checked: the structure and shapes of ``b``, entries finite and > 0."""
-    tree.check_same_structure(d, b, ("preconditioner", "b"))
+    tree.check_same_structure(d, b, ("preconditioner", "b"))  # also checks leaf shapes
     for x, y in zip(tree.leaves(d), tree.leaves(b)):
-        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+        if not isinstance(x, torch.Tensor) or x.device != y.device:
             raise ValueError(
-                f"`preconditioner` leaves must be tensors shaped like `b`'s, got "
-                f"{getattr(x, 'shape', type(x).__name__)} for {tuple(y.shape)}"
+                f"`preconditioner` leaves must be tensors on `b`'s device {y.device}, got "
+                f"{getattr(x, 'device', type(x).__name__)}"
             )
         if not bool(torch.isfinite(x).all()) or not bool((x > 0).all()):
             raise ValueError(

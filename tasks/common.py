@@ -62,39 +62,58 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` from torchrun's environment; ``(0, 1)`` outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def seed_parallel(
     run_seeds: Callable[[list[int]], Any], seeds: list[int], aggregate: Callable[[], Any],
-    *, timeout_s: float = 7 * 24 * 3600.0,
+    *, timeout_s: float = 7 * 24 * 3600.0, poll_s: float = 1.0,
 ) -> Any:
     """Independent per-seed runs spread over the ranks of ``torchrun``, then one aggregate.
 
-    Rank r runs ``run_seeds(seeds[r::world])`` (each seed single-process, resumable through its
-    own files); after every rank finished, rank 0 alone calls ``aggregate()`` (which reads the
-    finished seeds' files) and returns its value; other ranks return None. A rank that raises
-    makes every rank raise (no hang, no aggregate of a partial run); a rerun resumes. Outside
-    torchrun: ``run_seeds(seeds)`` then ``aggregate()``. ``timeout_s`` bounds the wait for the
-    slowest rank.
+    Rank r runs ``run_seeds(seeds[r::world])``; after every rank finished, rank 0 alone calls
+    ``aggregate()`` (which reads the finished seeds' files) and returns its value; other ranks
+    return None. No process group is created: every seed runs as a single process (its
+    checkpoints, progress and ``hypergrad.distributed`` calls behave as without torchrun), and
+    the ranks only meet in torchrun's key-value store. A rank that fails makes rank 0 raise (no
+    aggregate of a partial run; torchrun then stops the others); a rerun resumes the finished
+    seeds. Outside torchrun: ``run_seeds(seeds)`` then ``aggregate()``.
     """
+    import datetime
+    import time
+
     import torch.distributed as dist
 
-    from hypergrad import distributed as hd
-
-    if not hd.init(backend="gloo", timeout_s=timeout_s):
+    rank, world = launch_rank()
+    if world == 1:
         run_seeds(seeds)
         return aggregate()
-    failed = torch.zeros(1)
-    error: BaseException | None = None
+    # torchrun's agent hosts a store at MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE); without
+    # an agent, rank 0 hosts it. Keys are per restart of the worker group.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.PrefixStore(
+        f"hypergrad/seed_parallel/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
+        dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                      is_master=rank == 0 and not agent,
+                      timeout=datetime.timedelta(seconds=timeout_s)))
     try:
-        mine = seeds[hd.rank():: hd.world_size()]
+        mine = seeds[rank::world]
         if mine:
             run_seeds(mine)
-    except Exception as exc:  # reported after every rank agreed the run failed
-        failed += 1
-        error = exc
-    dist.all_reduce(failed)
-    if failed.item():
-        raise RuntimeError(
-            f"{int(failed.item())} of {hd.world_size()} ranks failed"
-            + (f"; this rank: {error!r}" if error else "") + "; rerun to resume finished seeds"
-        ) from error
-    return aggregate() if hd.is_main() else None
+    except BaseException:
+        store.add("failed", 1)
+        raise
+    store.add("done", 1)
+    if rank != 0:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while store.add("done", 0) + store.add("failed", 0) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"seed_parallel: ranks still running after {timeout_s:g} s")
+        time.sleep(poll_s)
+    failed = store.add("failed", 0)
+    if failed:
+        raise RuntimeError(f"{failed} of {world} ranks failed; rerun to resume finished seeds")
+    return aggregate()

@@ -35,7 +35,7 @@ def main() -> None:
                     help="add a loss coupling examples across the batch (hd.all_gather)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    hd.init(timeout_s=30)
+    hd.init(backend="gloo", timeout_s=30)
     dtype = getattr(torch, args.dtype)
 
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,10 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
+import hypergrad as hg
+from hypergrad import distributed as hd
 from tasks.common import seed_parallel, write_json
 
 
@@ -27,6 +31,16 @@ def main() -> None:
         for k in seeds:
             if k == args.fail_seed:
                 raise ValueError(f"seed {k} failed")
+            # each seed is a plain single process: its MetaPretrainer checkpoints on any rank
+            trainer = hg.MetaPretrainer(
+                pt_loss=lambda p, h, b: ((p["w"] - h["c"]) ** 2).sum(),
+                ft_loss=lambda e, hd_, b: ((e["w"] + hd_["b"] - 1.0) ** 2).sum(),
+                pt_params={"w": torch.zeros(2)}, ft_head={"b": torch.zeros(2)},
+                hparams={"c": torch.full((2,), float(k))}, P=2, ft_lr=0.1)
+            ckpt = args.out / f"seed{k}" / "ckpt.pt"
+            trainer.run(3, lambda i: None, lambda j: (None, None), checkpoint=ckpt,
+                        checkpoint_every=1, progress=False)
+            assert hd.world_size() == 1 and ckpt.exists()
             write_json(args.out / f"seed{k}.json", {"seed": k, "rank": os.environ["RANK"]})
 
     def aggregate() -> dict:

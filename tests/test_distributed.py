@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,17 @@ def test_batch_coupled_losses_equal_one_process_with_sync_bn_and_all_gather(tmp_
     _assert_same(torch.load(one, weights_only=False), torch.load(two, weights_only=False), 1e-12)
 
 
+def test_sync_batchnorm_and_all_gather_match_one_process_to_second_order():
+    """2 ranks vs one process on the whole batch, float64: SyncBatchNorm (2-D, 3-D and 4-D input,
+    affine, momentum 0.1 / None / 0.3) forward, running statistics, gradient and Hessian-vector
+    product; all_gather gradient and HVP; integer sums; bfloat16 statistics; unequal shapes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", str(ROOT / "tests" / "sync_bn_worker.py")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 def test_per_shard_batch_norm_is_not_the_global_model(tmp_path):
     """The control: plain BatchNorm normalises each shard by its own statistics, so 2 processes
     differ from 1 (this is what SyncBatchNorm fixes)."""
@@ -93,8 +105,9 @@ def test_ppi_task_cli_under_torchrun_equals_one_process(tmp_path):
 
 def test_seed_parallel_spreads_seeds_over_ranks_and_rank0_aggregates(tmp_path):
     """Per-seed experiments (synthetic, ECG) run seed-parallel under torchrun: every seed once,
-    on rank k % world, and one aggregate after all finished; a failing seed fails every rank
-    and leaves no aggregate."""
+    on rank k % world, as a plain single process (its MetaPretrainer checkpoints on every rank),
+    and one aggregate after all finished; a failing seed fails the job and leaves no
+    aggregate."""
     import json
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -108,7 +121,7 @@ def test_seed_parallel_spreads_seeds_over_ranks_and_rank0_aggregates(tmp_path):
     assert [(r["seed"], r["rank"]) for r in rows] == [(k, str(k % 2)) for k in range(5)]
     bad = subprocess.run([*cmd, str(tmp_path / "bad"), "--fail-seed", "3"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
-    assert bad.returncode != 0 and "1 of 2 ranks failed" in bad.stderr
+    assert bad.returncode != 0 and "seed 3 failed" in bad.stderr
     assert not (tmp_path / "bad" / "all.json").exists()
 
 
@@ -141,20 +154,47 @@ def test_shard_rejects_batches_it_cannot_split_evenly():
         hd.shard({"x": torch.zeros(4, 2), "y": torch.zeros(5)})
     with pytest.raises(TypeError, match="`batch` must be a tensor"):
         hd.shard(["a", 3])
+    with pytest.raises(TypeError, match="`batch` must be a tensor with a batch dimension"):
+        hd.shard(torch.tensor(3.0))
+    with pytest.raises(TypeError, match="ndarray"):
+        hd.shard({"x": torch.zeros(4), "y": np.zeros(4)})
 
 
-def test_convert_sync_batchnorm_keeps_names_dtype_state_and_single_process_output():
+def test_convert_sync_batchnorm_keeps_names_dtype_state_and_frozen_flags():
     from hypergrad import distributed as hd
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double().train()
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                              torch.nn.Sequential(torch.nn.BatchNorm2d(2))).double().train()
     net[1].running_mean.fill_(0.5)
-    ref = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double().train()
-    ref.load_state_dict(net.state_dict())
+    net[1].bias.requires_grad_(False)
     names = dict(net.named_parameters()).keys() | dict(net.named_buffers()).keys()
-    hd.convert_sync_batchnorm(net)
-    assert isinstance(net[1], hd.SyncBatchNorm)
+    assert hd.convert_sync_batchnorm(net) is net
+    assert isinstance(net[1], hd.SyncBatchNorm) and isinstance(net[2][0], hd.SyncBatchNorm)
     assert names == dict(net.named_parameters()).keys() | dict(net.named_buffers()).keys()
     assert net[1].running_mean.dtype == torch.float64 and float(net[1].running_mean[0]) == 0.5
-    x = torch.randn(8, 3, dtype=torch.float64)
-    torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
+    assert net[1].weight.requires_grad and not net[1].bias.requires_grad
+    top = hd.convert_sync_batchnorm(torch.nn.BatchNorm1d(3))  # the module itself
+    assert isinstance(top, hd.SyncBatchNorm)
+
+
+class _MyBN(torch.nn.BatchNorm1d):
+    pass
+
+
+@pytest.mark.parametrize("bn", [torch.nn.SyncBatchNorm(3), _MyBN(3)], ids=["torch_sync", "sub"])
+def test_convert_sync_batchnorm_refuses_batchnorms_it_cannot_convert_exactly(bn):
+    from hypergrad import distributed as hd
+
+    with pytest.raises(TypeError, match="cannot convert"):
+        hd.convert_sync_batchnorm(torch.nn.Sequential(bn))
+
+
+def test_sync_batchnorm_is_plain_batchnorm_in_one_process():
+    from hypergrad import distributed as hd
+
+    ref = torch.nn.BatchNorm1d(4).double().train()
+    sync = hd.convert_sync_batchnorm(torch.nn.BatchNorm1d(4).double().train())
+    x = torch.randn(8, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(sync(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(sync.running_var, ref.running_var, rtol=0, atol=0)

@@ -293,6 +293,9 @@ def test_jacobi_preconditioner_solves_a_badly_scaled_system_in_far_fewer_terms()
                      preconditioner=1 / torch.diagonal(A), tol=1e-8)
     assert float(plain.residual_norm) > 0.1
     assert bool(jac.converged)
+    Dh = torch.diagonal(A) ** -0.5  # 'auto' estimates the top eigenvalue of D^1/2 A D^1/2
+    lam = float(torch.linalg.eigvalsh(Dh[:, None] * A * Dh[None, :]).max())
+    assert 0.5 * lam < float(jac.stats["lambda_max"]) <= lam * (1 + 1e-12)
     torch.testing.assert_close(jac.solution, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-9)
 
 

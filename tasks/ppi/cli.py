@@ -235,10 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         from .synthetic import read_meta, write_synthetic
 
-        if hd.is_main():
-            write_synthetic(out / "data", s.synthetic)
-        hd.barrier()
-        root = write_synthetic(out / "data", s.synthetic)  # reused: rank 0 wrote it
+        # every rank writes the same deterministic files (atomic renames of per-process temp
+        # files), so no rank waits on another's generation time
+        root = write_synthetic(out / "data", s.synthetic)
         relevance = read_meta(root)["relevance"]
         store = load_ppi(root)
     else:

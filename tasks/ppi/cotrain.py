@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,9 +23,10 @@ from hypergrad import distributed as hd
 from tasks.common import atomic_save
 
 from .config import Settings
-from .data import GraphBatch
+from .data import GraphBatch, GraphStore
 from .finetune import Problem
 from .methods import (
+    Loss3,
     Params,
     PTResult,
     _ft_loss,
@@ -36,6 +38,8 @@ from .methods import (
 )
 
 __all__ = ["cotrain"]
+
+Stream = Callable[[int], torch.Tensor]
 
 
 def _pcgrad(g1: list[torch.Tensor], g2: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -114,7 +118,11 @@ def cotrain(
     return res
 
 
-def _ift_step(params, phi, meta_opt, net, pt_loss_w, ft_of, store, pt_stream, mtr, mva, i, s):
+def _ift_step(
+    params: Params, phi: Params, meta_opt: torch.optim.Optimizer, net: _Net,
+    pt_loss_w: Loss3, ft_of: Callable[[Params, GraphBatch], torch.Tensor], store: GraphStore,
+    pt_stream: Stream, mtr: Stream, mva: Stream, i: int, s: Settings,
+) -> None:
     """One IFT hyper step (Lorraine et al. 2020): inner = weighted PT + FT-train loss on fixed
     batches, outer = FT loss on a meta-val batch; Neumann series with the PT lr as step."""
     pb, tb, vb = store.batch(pt_stream(i)), store.batch(mtr(i)), store.batch(mva(i))

@@ -54,10 +54,11 @@ class PTResult:
 class _Net:
     """Encoder template (for functional_call), its fixed BN buffers, and initial parameters."""
 
-    def __init__(self, s: Settings, n_pt: int, n_ft: int, seed: int) -> None:
+    def __init__(self, s: Settings, n_pt: int, n_ft: int, seed: int, sync_bn: bool = False
+                 ) -> None:
         torch.manual_seed(seed)
         self.enc = GINEncoder(s.gin).train()
-        if hd.world_size() > 1:  # batch statistics of the global batch (same parameter names)
+        if sync_bn:  # data parallel: statistics of the global batch (same parameter names)
             hd.convert_sync_batchnorm(self.enc)
         self.buffers = {k: v.detach().clone() for k, v in self.enc.named_buffers()}
         pt_head, ft_head = nn.Linear(s.gin.repr_dim, n_pt), nn.Linear(s.gin.repr_dim, n_ft)
@@ -163,7 +164,7 @@ def _build_trainer(
     """The MetaPretrainer of Graph Sup PT (meta=False) / Meta-PT and its batch functions."""
     store = problem.store
     tasks = problem.meta_tasks(fold)
-    net = _Net(s, store.num_pt_tasks, len(tasks), seed)
+    net = _Net(s, store.num_pt_tasks, len(tasks), seed, sync_bn=hd.world_size() > 1)
     pt_stream = _stream(problem.split.pretrain, s.batch_size, seed)
     mbs = s.meta_batch_size or s.batch_size
     mtr = _stream(problem.meta_train, mbs, seed + 1)
