@@ -8,6 +8,7 @@ from .implicit import HypergradientError, HypergradientWarning, implicit_grad, i
 from .krylov import gmres, minres, normal_cg
 from .meta_loop import MetaPretrainer
 from .nystrom import nystrom
+from .preconditioners import adam_preconditioner
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import SolveResult, cg, neumann, power_iteration
@@ -27,6 +28,7 @@ __all__ = [
     "cg",
     "neumann",
     "power_iteration",
+    "adam_preconditioner",
     "gmres",
     "minres",
     "normal_cg",

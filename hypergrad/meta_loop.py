@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 import warnings
@@ -42,6 +43,7 @@ import torch
 
 from . import _checks, distributed, tree
 from .implicit import HypergradientError, HypergradientWarning
+from .preconditioners import adam_preconditioner
 from .pretraining import pretraining_hypergrad
 from .solvers import SolveResult, neumann
 from .tree import Tree
@@ -65,6 +67,11 @@ class MetaPretrainer:
     ``alpha="auto"`` or CG are one ``functools.partial`` away. A solve whose relative residual
     exceeds ``max_solve_residual`` raises (divergence: stop rather than train on garbage); a
     residual in (1, max_solve_residual] warns once (negative curvature of an unconverged PT).
+
+    ``ift_preconditioner="adam"`` gives the solver (``neumann``) the PT Adam state's diagonal
+    :func:`hypergrad.adam_preconditioner` at every meta step, so the series is the response of
+    the optimizer PT actually runs rather than of plain gradient descent at the PT lr; a
+    callable ``trainer -> tree`` supplies any other diagonal.
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class MetaPretrainer:
         solver: Callable[..., SolveResult] | None = None,
         meta: bool = True,
         max_solve_residual: float = 10.0,
+        ift_preconditioner: str | Callable[[MetaPretrainer], Tree] | None = None,
     ) -> None:
         _checks.callable_(pt_loss, "pt_loss")
         _checks.callable_(ft_loss, "ft_loss")
@@ -104,6 +112,18 @@ class MetaPretrainer:
             lr = float(self.pt_opt.param_groups[0]["lr"])
             solver = functools.partial(neumann, iterations=3, alpha=lr)
         self.solver = solver
+        if ift_preconditioner is not None:
+            if ift_preconditioner != "adam" and not callable(ift_preconditioner):
+                raise ValueError(
+                    "`ift_preconditioner` must be None, 'adam' or a callable trainer -> tree, "
+                    f"got {ift_preconditioner!r}"
+                )
+            if "preconditioner" not in inspect.signature(solver).parameters:
+                raise ValueError(
+                    "`ift_preconditioner` needs a solver with a `preconditioner` argument "
+                    "(hypergrad.neumann), got `solver` without one"
+                )
+        self.ift_preconditioner = ift_preconditioner
         self.max_solve_residual = _checks.positive_number(max_solve_residual, "max_solve_residual")
         self.pt_steps_done = 0
         self.meta_steps_done = 0
@@ -124,13 +144,19 @@ class MetaPretrainer:
 
     def meta_step(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any) -> dict[str, float]:
         """One hypergradient (Algorithm 1) and one meta-optimizer step; psi_FT kept online."""
+        solver = self.solver
+        if self.ift_preconditioner == "adam":
+            solver = functools.partial(
+                solver, preconditioner=adam_preconditioner(self.pt_opt, self.pt_params))
+        elif self.ift_preconditioner is not None:
+            solver = functools.partial(solver, preconditioner=self.ift_preconditioner(self))
         res = pretraining_hypergrad(
             lambda p, h: self.pt_loss(p, h, pt_batch),
             lambda e, hd: self.ft_loss(e, hd, ft_train_batch),
             lambda e, hd: self.ft_loss(e, hd, ft_val_batch),
             self.pt_params, self.ft_head, self.hparams,
             encoder=self.encoder, ft_steps=self.K, ft_lr=self.ft_lr,
-            head_only=self.head_only, solver=self.solver,
+            head_only=self.head_only, solver=solver,
         )
         solve = res.info.get("solve")
         residual = float(solve.residual_norm) if solve is not None else 0.0

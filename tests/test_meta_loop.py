@@ -165,3 +165,73 @@ def test_bad_loop_arguments_are_named(kwargs, match):
         hg.MetaPretrainer(pt_loss=lambda p, h, b: p["a"].sum(), ft_loss=lambda e, h, b: 0,
                           pt_params={"a": torch.zeros(1)}, ft_head={"b": torch.zeros(1)},
                           hparams={"c": torch.zeros(1)}, **kwargs)
+
+
+# --- Adam-preconditioned IFT ----------------------------------------------------------------
+def test_adam_preconditioner_is_the_bias_corrected_adam_step_per_coordinate():
+    g = torch.Generator().manual_seed(0)
+    p = {"a": torch.randn(4, generator=g).requires_grad_(),
+         "b": torch.randn(2, 3, generator=g).requires_grad_()}
+    opt = torch.optim.Adam([p["a"], p["b"]], lr=0.1, betas=(0.8, 0.9), eps=1e-6)
+    assert all(torch.equal(d, torch.ones_like(d)) for d in hg.adam_preconditioner(opt, p).values())
+    v = {k: torch.zeros_like(x) for k, x in p.items()}
+    for _ in range(3):
+        opt.zero_grad()
+        loss = (p["a"] ** 4).sum() + (torch.sin(p["b"]) * 3).sum()
+        loss.backward()
+        v = {k: 0.9 * v[k] + 0.1 * p[k].grad ** 2 for k in p}
+        opt.step()
+    d = hg.adam_preconditioner(opt, p)
+    for k in p:
+        torch.testing.assert_close(d[k], 1 / ((v[k] / (1 - 0.9**3)).sqrt() + 1e-6))
+
+
+def test_adam_preconditioner_rejects_what_it_cannot_read():
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="Adam-like"):
+        hg.adam_preconditioner(torch.optim.SGD([w], lr=0.1), {"w": w})
+    with pytest.raises(ValueError, match="does not optimize"):
+        hg.adam_preconditioner(torch.optim.Adam([w]), {"w": torch.zeros(3)})
+
+
+def test_meta_step_hands_the_pt_adam_diagonal_to_the_solver():
+    """ift_preconditioner='adam': the IFT solve receives adam_preconditioner of the PT optimizer
+    as it is at the meta step, and the hypergradient changes accordingly."""
+    make, pt_batch, ft_batch = _setup()
+    seen = []
+
+    def solver(matvec, b, preconditioner=None):
+        seen.append(preconditioner)
+        return hg.neumann(matvec, b, iterations=3, alpha=0.05, preconditioner=preconditioner)
+
+    hist = {}
+    for mode in (None, "adam"):
+        tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": solver, "ift_preconditioner": mode})
+        hist[mode] = tr.run(2, pt_batch, ft_batch, progress=False)
+        if mode == "adam":
+            expected = hg.adam_preconditioner(tr.pt_opt, tr.pt_params)
+            for k in expected:  # the last meta step came after the last PT step
+                torch.testing.assert_close(seen[-1][k], expected[k])
+            assert float(seen[-1]["enc"].max()) > 2.0  # far from plain GD's D = 1
+    assert seen[0] is None and seen[1] is None
+    assert hist["adam"][1]["hypergrad_norm"] != pytest.approx(hist[None][1]["hypergrad_norm"])
+
+
+def _kwargs(make):
+    """The constructor arguments of _setup's trainer (to rebuild it with other options)."""
+    tr = make()
+    return dict(pt_loss=tr.pt_loss, ft_loss=tr.ft_loss, pt_params=tr.pt_params,
+                ft_head=tr.ft_head, hparams=tr.hparams, encoder=tr.encoder,
+                pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=0.05),
+                meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=0.1), P=3, K=1, ft_lr=0.05)
+
+
+def test_ift_preconditioner_needs_a_solver_that_takes_one():
+    make, _, _ = _setup()
+    with pytest.raises(ValueError, match="`preconditioner` argument"):
+        hg.MetaPretrainer(**{**_kwargs(make), "solver": lambda mv, b: hg.cg(mv, b),
+                             "ift_preconditioner": "adam"})
+    with pytest.raises(ValueError, match="`ift_preconditioner` must be"):
+        hg.MetaPretrainer(**{**_kwargs(make), "ift_preconditioner": "rmsprop"})
+    # the default solver (Neumann, alpha = PT lr) takes one
+    hg.MetaPretrainer(**{**_kwargs(make), "ift_preconditioner": "adam"})
