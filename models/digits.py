@@ -32,21 +32,25 @@ def init_linear(name: str, n_in: int, n_out: int, g: torch.Generator, dtype: tor
 
 def init_params(
     kind: str, side: int, width: int, heads: dict[str, int], g: torch.Generator,
-    dtype: torch.dtype = torch.float32, depth: int = 2,
+    dtype: torch.dtype = torch.float32, depth: int = 2, prefix: str = "enc",
 ) -> dict[str, torch.Tensor]:
-    """Encoder ``kind`` ("mlp" or "cnn") with ``width`` features, plus the given linear heads."""
+    """Encoder ``kind`` ("mlp" or "cnn") with ``width`` features, plus the given linear heads.
+
+    The encoder's entries are named ``"<prefix>.*"`` (another prefix gives a second network,
+    e.g. the noisy-label weight net, that :func:`features` evaluates with the same prefix).
+    """
     p: dict[str, torch.Tensor] = {}
     if kind == "mlp":
         n_in = side * side
         for i in range(depth):
-            p.update(init_linear(f"enc.fc{i}", n_in, width, g, dtype))
+            p.update(init_linear(f"{prefix}.fc{i}", n_in, width, g, dtype))
             n_in = width
     elif kind == "cnn":
         c1, c2 = 16, width
-        p["enc.conv0.weight"] = _uniform((c1, 1, 3, 3), 9, g, dtype)
-        p["enc.conv0.bias"] = _uniform((c1,), 9, g, dtype)
-        p["enc.conv1.weight"] = _uniform((c2, c1, 3, 3), 9 * c1, g, dtype)
-        p["enc.conv1.bias"] = _uniform((c2,), 9 * c1, g, dtype)
+        p[f"{prefix}.conv0.weight"] = _uniform((c1, 1, 3, 3), 9, g, dtype)
+        p[f"{prefix}.conv0.bias"] = _uniform((c1,), 9, g, dtype)
+        p[f"{prefix}.conv1.weight"] = _uniform((c2, c1, 3, 3), 9 * c1, g, dtype)
+        p[f"{prefix}.conv1.bias"] = _uniform((c2,), 9 * c1, g, dtype)
     else:
         raise ValueError(f"`kind` must be 'mlp' or 'cnn', got {kind!r}")
     for name, n_out in heads.items():
@@ -59,18 +63,20 @@ def encoder_part(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in params.items() if k.startswith("enc.")}
 
 
-def features(params: dict[str, torch.Tensor], x: torch.Tensor, act: str = "elu") -> torch.Tensor:
+def features(params: dict[str, torch.Tensor], x: torch.Tensor, act: str = "elu",
+             prefix: str = "enc") -> torch.Tensor:
     """Encoder output ``(n, width)`` for images ``x`` of shape ``(n, 1, side, side)``."""
     f = ACTIVATIONS[act]
-    if "enc.conv0.weight" in params:
-        h = f(F.conv2d(x, params["enc.conv0.weight"], params["enc.conv0.bias"], padding=1))
+    e = prefix
+    if f"{e}.conv0.weight" in params:
+        h = f(F.conv2d(x, params[f"{e}.conv0.weight"], params[f"{e}.conv0.bias"], padding=1))
         h = F.avg_pool2d(h, 2)
-        h = f(F.conv2d(h, params["enc.conv1.weight"], params["enc.conv1.bias"], padding=1))
+        h = f(F.conv2d(h, params[f"{e}.conv1.weight"], params[f"{e}.conv1.bias"], padding=1))
         return h.mean(dim=(-2, -1))
     h = x.flatten(1)
     i = 0
-    while f"enc.fc{i}.weight" in params:
-        h = f(F.linear(h, params[f"enc.fc{i}.weight"], params[f"enc.fc{i}.bias"]))
+    while f"{e}.fc{i}.weight" in params:
+        h = f(F.linear(h, params[f"{e}.fc{i}.weight"], params[f"{e}.fc{i}.bias"]))
         i += 1
     return h
 

@@ -48,6 +48,13 @@ def test_rotation_tiny_run_and_resume(tmp_path):
     assert resumed["phi"] == full["phi"] and resumed["val_loss"] == full["val_loss"]
 
 
+@pytest.mark.parametrize("ift", ["neumann", "adam_neumann", "adam_momentum", "forward"])
+def test_rotation_ift_variants_run(ift):
+    cfg = dataclasses.replace(R.CONFIGS["tiny"], meta_steps=3, ift=ift, neumann_iterations=4)
+    res = R.run_one(cfg, seed=2, init_angle=40.0)
+    assert np.isfinite(res["phi"]) and res["phi"] != 40.0
+
+
 def test_noisy_tiny_run_and_resume(tmp_path):
     cfg = dataclasses.replace(N.CONFIGS["tiny"], meta_steps=4, warmup=1, baseline=False)
     full = N.run_one(cfg, seed=0)
@@ -159,6 +166,14 @@ def test_rotation_smoke_recovers_angle_from_inside_the_basin():
     assert res["error"] < 15.0
 
 
+@pytest.mark.slow
+def test_rotation_smoke_recovers_angle_from_far_starts():
+    # 0 and 18 degrees: the IFT (ift="neumann") sends both to the mirror solution near -90
+    for seed, init in ((0, 0.0), (1, 18.0)):
+        res = R.run_one(R.CONFIGS["smoke"], seed=seed, init_angle=init)
+        assert res["error"] < 15.0, (init, res["phi"])
+
+
 def test_rotation_runs_on_mnist_idx_files(tmp_path):
     from tests.test_synthetic_data import _fixture
 
@@ -168,3 +183,15 @@ def test_rotation_runs_on_mnist_idx_files(tmp_path):
     assert task.side == 28 and len(task.pt) == 80 - 60  # padded to MNIST's 28x28
     res = R.run_one(cfg, seed=0, init_angle=45.0)
     assert np.isfinite(res["phi"])
+
+
+def test_diagnose_screen_and_warm_landscape_run():
+    from tasks.synthetic import diagnose
+
+    cfg = dataclasses.replace(R.CONFIGS["tiny"], ift="neumann")
+    rows = diagnose.screen(cfg, angles=(10.0, 100.0), pt_steps=3, n_batches=2)
+    assert [r["angle"] for r in rows] == [10.0, 100.0]
+    assert all(np.isfinite(r["hypergrad_mean"]) and len(r["per_batch"]) == 2 for r in rows)
+    warm = diagnose.warm_landscape(cfg, 10.0, (0.0, 5.0), pt_steps=3, more_steps=2)
+    assert [r["delta"] for r in warm] == [0.0, 5.0]
+    assert all(np.isfinite(r["val_loss"]) for r in warm)

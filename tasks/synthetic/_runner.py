@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from models import digits as M
 from tasks.common import write_json
 
 __all__ = ["apply_overrides", "run_seeds", "cosine_lr", "batch_generator", "time_ratio",
-           "linear_probe"]
+           "linear_probe", "run_with_warmup", "tree_detach", "init_classifier", "ft_logits",
+           "probe_accuracy"]
 
 
 def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
@@ -160,3 +162,44 @@ def run_with_warmup(trainer: Any, warmup: int, meta_steps: int, pt_batch, ft_bat
     trainer.meta = True
     return trainer.run(warmup + meta_steps, pt_batch, ft_batch, checkpoint=checkpoint,
                        checkpoint_every=checkpoint_every, progress=progress, callback=callback)
+
+
+# --- the classifier shared by the rotation and noisy-label tasks ----------------------------
+
+def tree_detach(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in t.items()}
+
+
+def init_classifier(kind: str, side: int, width: int, depth: int, ft_mode: str,
+                    g: torch.Generator, dtype: torch.dtype
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """PT network (encoder + 10-way PT head) and the FT head psi_FT.
+
+    ``ft_mode="shared_head"``: FT continues the PT classifier; psi_FT is a per-class bias.
+    ``"new_head"``: a new linear head.
+    """
+    p = M.init_params(kind, side, width, {"pt": 10, "ft": 10}, g, dtype, depth=depth)
+    pt_params = {k: v for k, v in p.items() if not k.startswith("ft.")}
+    ft_head = {k: v for k, v in p.items() if k.startswith("ft.")}
+    if ft_mode == "shared_head":
+        ft_head = {"ft.bias": torch.zeros(10, dtype=dtype)}
+    elif ft_mode != "new_head":
+        raise ValueError(f"`ft_mode` must be 'new_head' or 'shared_head', got {ft_mode!r}")
+    return pt_params, ft_head
+
+
+def ft_logits(enc: dict[str, torch.Tensor], head: dict[str, torch.Tensor], x: torch.Tensor,
+              act: str) -> torch.Tensor:
+    """FT logits: the PT classifier re-biased (shared head; ``enc`` is the whole PT network)
+    or a new linear head on the encoder features."""
+    if "ft.bias" in head and "ft.weight" not in head:
+        return M.linear(enc, "pt", M.features(enc, x, act)) + head["ft.bias"]
+    return M.linear(head, "ft", M.features(enc, x, act))
+
+
+def probe_accuracy(pt_params: dict[str, torch.Tensor], ft: dict[str, tuple], act: str) -> float:
+    """Test accuracy of a linear head fitted on the frozen encoder's FT-train features."""
+    enc = M.encoder_part(tree_detach(pt_params))
+    with torch.no_grad():
+        f = {k: M.features(enc, x, act) for k, (x, _) in ft.items()}
+    return linear_probe(f["train"], ft["train"][1], f["test"], ft["test"][1])

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="seeds, e.g. 0-9 or 0,3,5 (rotation: seed k starts from init angle "
                    "18*(k mod 10) degrees); exactness uses the first only")
-    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default "
+                   "runs/synthetic/EXPERIMENT, or EXPERIMENT_CONFIG for configs other than paper)")
     p.add_argument("--data-dir", default=None,
                    help="directory with MNIST idx files (default: sklearn's bundled digits)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir is not None and hasattr(cfg, "data_dir"):
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     cfg = apply_overrides(cfg, args.overrides)
-    out = args.out or Path("runs/synthetic") / args.experiment
+    # one directory per config: finished seeds are reused, so smoke and paper must not share
+    name = args.experiment if args.config == "paper" else f"{args.experiment}_{args.config}"
+    out = args.out or Path("runs/synthetic") / name
     if args.fresh and out.exists():
         shutil.rmtree(out)
     seeds = args.seeds or parse_seeds(DEFAULT_SEEDS[args.experiment][args.config])

@@ -38,10 +38,15 @@ from . import data as D
 from ._runner import (
     batch_generator,
     cosine_lr,
-    linear_probe,
+    ft_logits,
+    init_classifier,
+    probe_accuracy,
     run_seeds,
     run_with_warmup,
+    tree_detach,
 )
+from .metrics import auroc, weight_stats
+from .precond import AdamPreconditionedNeumann
 
 __all__ = ["NoisyConfig", "CONFIGS", "NoisyTask", "run_one", "run", "auroc"]
 
@@ -58,6 +63,7 @@ class NoisyConfig:
     meta_lr: float = 2e-2
     meta_lr_final: float = 2e-3
     neumann_iterations: int = 3
+    ift: str = "neumann"         # or "adam_momentum" (precond.py: the J-step Adam response)
     noise_frac: float = 0.5
     batch_size: int = 128
     meta_batch: int = 0          # size of the PT batch the hypergradient uses (0: batch_size)
@@ -67,6 +73,9 @@ class NoisyConfig:
     width: int = 64
     depth: int = 2
     weight_width: int = 128
+    weight_kind: str = "mlp"     # weight net encoder: "mlp" (one hidden layer) or "cnn"
+    weight_power: float = 1.0    # w = softmax(MLP(x))_y ** weight_power (sharper for > 1)
+    weight_wd: float = 0.0       # decoupled weight decay (AdamW) on the weight net
     act: str = "elu"
     data_dir: str | None = None
     mnist_limit: int = 6000
@@ -90,42 +99,23 @@ CONFIGS = {
 }
 
 
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (probability a positive outranks a negative; ties count 1/2)."""
-    scores = np.asarray(scores, dtype=float)
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def weight_outputs(hparams: dict[str, torch.Tensor], x: torch.Tensor, act: str = "elu"
+                   ) -> torch.Tensor:
+    """MLP(x; phi), the weight net's 10 outputs (one per possible label)."""
+    return M.linear(hparams, "w.out", M.features(hparams, x, act, prefix="w"))
 
 
 def weight_logits(hparams: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                   act: str = "elu") -> torch.Tensor:
     """s(x, y) = <MLP(x), onehot(y)> + b for a batch."""
-    f = M.ACTIVATIONS[act]
-    h = f(F.linear(x.flatten(1), hparams["w.fc0.weight"], hparams["w.fc0.bias"]))
-    out = F.linear(h, hparams["w.out.weight"], hparams["w.out.bias"])
-    return (out * F.one_hot(y, out.shape[1]).to(out.dtype)).sum(1) + hparams["w.b"]
+    out = weight_outputs(hparams, x, act)
+    return out.gather(1, y[:, None]).squeeze(1) + hparams["w.b"]
 
 
 def weight_probs(hparams: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  act: str = "elu") -> torch.Tensor:
     """w(x, y) = softmax(MLP(x))_y: the weights of the labels of one image sum to one."""
-    f = M.ACTIVATIONS[act]
-    h = f(F.linear(x.flatten(1), hparams["w.fc0.weight"], hparams["w.fc0.bias"]))
-    out = F.linear(h, hparams["w.out.weight"], hparams["w.out.bias"])
-    return out.softmax(1).gather(1, y[:, None]).squeeze(1)
+    return weight_outputs(hparams, x, act).softmax(1).gather(1, y[:, None]).squeeze(1)
 
 
 class NoisyTask:
@@ -147,23 +137,18 @@ class NoisyTask:
         self.ft = {"train": (sp.ft_train.x, sp.ft_train.y), "val": (sp.ft_val.x, sp.ft_val.y),
                    "test": (sp.test.x, sp.test.y)}
         gp = torch.Generator().manual_seed(seed)
-        p = M.init_params("mlp", self.side, cfg.width, {"pt": 10, "ft": 10}, gp, dtype,
-                          depth=cfg.depth)
-        self.pt_params0 = {k: v for k, v in p.items() if not k.startswith("ft.")}
-        self.ft_head0 = {k: v for k, v in p.items() if k.startswith("ft.")}
-        if cfg.ft_mode == "shared_head":
-            self.ft_head0 = {"ft.bias": torch.zeros(10, dtype=dtype)}
-        elif cfg.ft_mode != "new_head":
-            raise ValueError(f"`ft_mode` must be 'new_head' or 'shared_head', got {cfg.ft_mode!r}")
-        h = M.init_linear("w.fc0", self.side * self.side, cfg.weight_width, gp, dtype)
-        h.update(M.init_linear("w.out", cfg.weight_width, 10, gp, dtype))
+        self.pt_params0, self.ft_head0 = init_classifier("mlp", self.side, cfg.width, cfg.depth,
+                                                         cfg.ft_mode, gp, dtype)
+        h = M.init_params(cfg.weight_kind, self.side, cfg.weight_width, {"w.out": 10}, gp, dtype,
+                          depth=1, prefix="w")
         h["w.b"] = torch.zeros((), dtype=dtype)
         self.hparams0 = h
 
     def weights(self, hparams, idx) -> torch.Tensor:
         x, y = self.x_pt[idx], self.y_pt[idx]
         if self.cfg.weight_form == "softmax":
-            return weight_probs(hparams, x, y, self.cfg.act)
+            w = weight_probs(hparams, x, y, self.cfg.act)
+            return w if self.cfg.weight_power == 1 else w ** self.cfg.weight_power
         return torch.sigmoid(weight_logits(hparams, x, y, self.cfg.act))
 
     def pt_loss(self, params, hparams, idx) -> torch.Tensor:
@@ -183,11 +168,7 @@ class NoisyTask:
 
     def ft_loss(self, enc, head, which) -> torch.Tensor:
         x, y = self.ft[which]
-        if self.cfg.ft_mode == "shared_head":  # enc is the whole PT network
-            logits = M.linear(enc, "pt", M.features(enc, x, self.cfg.act)) + head["ft.bias"]
-        else:
-            logits = M.linear(head, "ft", M.features(enc, x, self.cfg.act))
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(ft_logits(enc, head, x, self.cfg.act), y)
 
     @property
     def encoder(self):
@@ -210,41 +191,31 @@ class NoisyTask:
 
     def trainer(self, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
-                                   alpha=cfg.pt_lr)
-        return hg.MetaPretrainer(
+        solver: Any = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
+                                        alpha=cfg.pt_lr)
+        if cfg.ift == "adam_momentum":
+            solver = AdamPreconditionedNeumann(cfg.neumann_iterations, momentum=True)
+        elif cfg.ift != "neumann":
+            raise ValueError(f"`ift` must be 'neumann' or 'adam_momentum', got {cfg.ift!r}")
+        tr = hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
             ft_head=self.ft_head0, hparams=self.hparams0, encoder=self.encoder,
             pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
-            meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
+            meta_optimizer=lambda ts: torch.optim.AdamW(ts, lr=cfg.meta_lr,
+                                                        weight_decay=cfg.weight_wd),
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
             meta=meta,
         )
+        if isinstance(solver, AdamPreconditionedNeumann):
+            solver.bind(tr)
+        return tr
 
     def all_weights(self, hparams) -> np.ndarray:
         with torch.no_grad():
             return self.weights(tree_detach(hparams), torch.arange(len(self.y_pt))).numpy()
 
     def probe_accuracy(self, pt_params) -> float:
-        """Test accuracy of a linear head fitted on the frozen encoder's FT-train features."""
-        enc = M.encoder_part(tree_detach(pt_params))
-        with torch.no_grad():
-            f = {k: M.features(enc, x, self.cfg.act) for k, (x, _) in self.ft.items()}
-        return linear_probe(f["train"], self.ft["train"][1], f["test"], self.ft["test"][1])
-
-
-def tree_detach(t):
-    return {k: v.detach() for k, v in t.items()}
-
-
-def weight_stats(w: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
-    clean_w, noisy_w = w[~noisy], w[noisy]
-    return {
-        "mean_weight_clean": float(clean_w.mean()), "mean_weight_noisy": float(noisy_w.mean()),
-        "ratio": float(clean_w.mean() / max(noisy_w.mean(), 1e-30)),
-        "median_ratio": float(np.median(clean_w) / max(np.median(noisy_w), 1e-30)),
-        "auroc": auroc(w, ~noisy),
-    }
+        return probe_accuracy(pt_params, self.ft, self.cfg.act)
 
 
 def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress: bool = False,

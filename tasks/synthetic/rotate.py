@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rotate", "draw_noise", "sample_angles"]
+__all__ = ["rotate", "rotate_with_tangent", "draw_noise", "sample_angles"]
 
 
 def rotate(x: torch.Tensor, angle_deg: torch.Tensor | float) -> torch.Tensor:
@@ -42,6 +42,39 @@ def rotate(x: torch.Tensor, angle_deg: torch.Tensor | float) -> torch.Tensor:
     theta = torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1)], -2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _thetas(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r = a * (math.pi / 180.0)
+    c, s = torch.cos(r), torch.sin(r)
+    z = torch.zeros_like(c)
+    theta = torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1)], -2)
+    k = math.pi / 180.0  # d theta / d angle (degrees)
+    dtheta = torch.stack([torch.stack([-s * k, -c * k, z], -1),
+                          torch.stack([c * k, -s * k, z], -1)], -2)
+    return theta, dtheta
+
+
+def rotate_with_tangent(x: torch.Tensor, angle_deg: torch.Tensor) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+    """``rotate(x, angle)`` and its derivative in each image's own angle, without a graph.
+
+    Each output pixel depends only on its own sampling point, so for one channel
+    ``d y / d angle = <d y / d grid, d grid / d angle>`` per pixel: one ordinary backward of
+    ``grid_sample`` (with ones) instead of differentiating it twice, which is ~20x slower on CPU.
+    ``affine_grid`` is linear in theta, so ``d grid / d angle = affine_grid(d theta / d angle)``.
+    """
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"`x` must have shape (n, 1, h, w), got {tuple(x.shape)}")
+    a = torch.as_tensor(angle_deg, dtype=x.dtype).detach().expand(x.shape[0])
+    theta, dtheta = _thetas(a)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False).requires_grad_(True)
+    dgrid = F.affine_grid(dtheta, list(x.shape), align_corners=False)
+    with torch.enable_grad():
+        y = F.grid_sample(x.detach(), grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+        (g,) = torch.autograd.grad(y, grid, grad_outputs=torch.ones_like(y))
+    return y.detach(), (g * dgrid).sum(-1).unsqueeze(1)
 
 
 def draw_noise(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32

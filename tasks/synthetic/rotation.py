@@ -15,10 +15,13 @@ Choices (the paper's appendix is not available; RESULTS.md says why and what els
   PT head. PT and FT are the same 10-way task, so FT continues the PT classifier
   ("shared_head": psi_FT is a per-class bias; "new_head", a fresh linear head on the encoder,
   is an option). FT sets are small (100 train, 200 val), so PT matters.
-- Algorithm 1 as in the paper: P = 10 PT steps per meta step, K = 1 head-only FT step,
-  MetaPretrainer's default IFT (3-term Neumann, alpha = the PT learning rate), Adam for PT
-  (lr 1e-3) and for phi (1 degree per step, cosine-decayed to 0.05). Plain-SGD PT is an option
-  (ablation in RESULTS.md).
+- Algorithm 1's loop as in the paper: P = 10 PT steps per meta step, K = 1 head-only FT step,
+  Adam for PT (lr 1e-3) and for phi (1 degree per step, cosine-decayed to 0.05).
+- d theta_PT / d phi (``ift``): by default a forward-mode tangent carried along the PT run
+  (forward.py), because the IFT's short-horizon response points the wrong way far from 90
+  degrees (measured in RESULTS.md). ``ift="neumann"`` is Algorithm 1 exactly
+  (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); Adam-preconditioned
+  series are in precond.py. Plain-SGD PT is an option (with ``ift="neumann"``).
 - the error is the circular distance |phi - 90| (mod 360).
 """
 
@@ -42,12 +45,16 @@ from . import data as D
 from ._runner import (
     batch_generator,
     cosine_lr,
-    linear_probe,
+    ft_logits,
+    init_classifier,
+    probe_accuracy,
     run_seeds,
     run_with_warmup,
     time_ratio,
 )
-from .rotate import rotate, sample_angles
+from .forward import ForwardModeTrainer
+from .precond import AdamPreconditionedNeumann
+from .rotate import rotate, rotate_with_tangent, sample_angles
 
 __all__ = ["RotationConfig", "CONFIGS", "build", "run_one", "run", "angle_error"]
 
@@ -67,6 +74,10 @@ class RotationConfig:
     neumann_iterations: int = 3   # MetaPretrainer's default solver: Neumann, alpha = pt_lr ...
     neumann_alpha_scale: float = 1.0  # ... times this (SGD at the edge of stability has
     #                                   lambda_max ~ 2 / pt_lr: there alpha = pt_lr diverges)
+    ift: str = "forward"          # forward-mode tangent (forward.py); "neumann": Algorithm 1's
+    #                               IFT; "adam_neumann" / "adam_momentum": precond.py
+    tangent_decay: float = 1.0    # forward: T <- decay * T - ... at every PT step
+    precond_scale: float = 1.0    # adam_neumann: D = this * lr / (sqrt(v_hat) + eps)
     batch_size: int = 128
     n_ft_train: int = 100
     n_ft_val: int = 200
@@ -76,10 +87,12 @@ class RotationConfig:
     width: int = 64
     depth: int = 2
     act: str = "elu"
+    encoder_kind: str = "mlp"     # or "cnn" (models/digits.py: 2 convs + pooling)
+    pt_label_smoothing: float = 0.0
     ft_angle: float = 90.0
     angle_std: float = 1.0
-    ft_mode: str = "shared_head"  # or "shared_head": FT continues the PT classifier, psi_FT =
-    #                               a per-class bias (PT and FT share the 10 digit classes)
+    ft_mode: str = "shared_head"  # FT continues the PT classifier, psi_FT = a per-class bias
+    #                               (PT and FT share the 10 digit classes); or "new_head"
     init_angles: tuple = tuple(float(a) for a in np.arange(0, 180, 18))  # 10 over [0, 180)
     data_dir: str | None = None
     mnist_limit: int = 6000
@@ -120,14 +133,8 @@ class RotationTask:
                    "val": (ft_rot(sp.ft_val), sp.ft_val.y),
                    "test": (ft_rot(sp.test), sp.test.y)}
         gp = torch.Generator().manual_seed(seed)
-        p = M.init_params("mlp", self.side, cfg.width, {"pt": 10, "ft": 10}, gp, dtype,
-                          depth=cfg.depth)
-        self.pt_params0 = {k: v for k, v in p.items() if not k.startswith("ft.")}
-        self.ft_head0 = {k: v for k, v in p.items() if k.startswith("ft.")}
-        if cfg.ft_mode == "shared_head":
-            self.ft_head0 = {"ft.bias": torch.zeros(10, dtype=dtype)}
-        elif cfg.ft_mode != "new_head":
-            raise ValueError(f"`ft_mode` must be 'new_head' or 'shared_head', got {cfg.ft_mode!r}")
+        self.pt_params0, self.ft_head0 = init_classifier(
+            cfg.encoder_kind, self.side, cfg.width, cfg.depth, cfg.ft_mode, gp, dtype)
 
     @property
     def encoder(self):
@@ -136,20 +143,26 @@ class RotationTask:
     def pt_loss(self, params, hparams, batch) -> torch.Tensor:
         idx, eps = batch
         angles = sample_angles(hparams["phi"], eps, self.cfg.angle_std)
-        x = rotate(self.pt.x[idx], angles)
+        return self.pt_loss_x(params, rotate(self.pt.x[idx], angles), batch)
+
+    def pt_inputs(self, hparams, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated PT images and their derivative in phi (for the forward-mode tangent)."""
+        idx, eps = batch
+        angles = sample_angles(hparams["phi"], eps, self.cfg.angle_std)
+        return rotate_with_tangent(self.pt.x[idx], angles)
+
+    def pt_loss_x(self, params, x, batch) -> torch.Tensor:
+        idx, _ = batch
         loss = F.cross_entropy(M.linear(params, "pt", M.features(params, x, self.cfg.act)),
-                               self.pt.y[idx])
+                               self.pt.y[idx], label_smoothing=self.cfg.pt_label_smoothing)
         if self.cfg.pt_wd:
             loss = loss + self.cfg.pt_wd * sum((v**2).sum() for v in params.values())
         return loss
 
     def ft_loss(self, enc, head, which) -> torch.Tensor:
         x, y = self.ft[which]
-        if self.cfg.ft_mode == "shared_head":  # enc is the whole PT network
-            logits = M.linear(enc, "pt", M.features(enc, x, self.cfg.act)) + head["ft.bias"]
-            return F.cross_entropy(logits, y)
-        loss = F.cross_entropy(M.linear(head, "ft", M.features(enc, x, self.cfg.act)), y)
-        if which == "train" and self.cfg.ft_wd:
+        loss = F.cross_entropy(ft_logits(enc, head, x, self.cfg.act), y)
+        if which == "train" and self.cfg.ft_wd and "ft.weight" in head:
             loss = loss + self.cfg.ft_wd * (head["ft.weight"] ** 2).sum()
         return loss
 
@@ -164,9 +177,20 @@ class RotationTask:
 
     def trainer(self, init_angle: float, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
-                                   alpha=cfg.pt_lr * cfg.neumann_alpha_scale)
-        return hg.MetaPretrainer(
+        if cfg.ift in ("adam_neumann", "adam_momentum") and cfg.pt_optimizer == "adam":
+            solver = AdamPreconditionedNeumann(cfg.neumann_iterations, cfg.precond_scale,
+                                               momentum=cfg.ift == "adam_momentum")
+        elif cfg.ift in ("neumann", "adam_neumann", "adam_momentum", "forward"):
+            solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
+                                       alpha=cfg.pt_lr * cfg.neumann_alpha_scale)
+        else:
+            raise ValueError(f"`ift` must be 'neumann', 'adam_neumann', 'adam_momentum' or "
+                             f"'forward', got {cfg.ift!r}")
+        cls, extra = hg.MetaPretrainer, {}
+        if cfg.ift == "forward":
+            cls, extra = ForwardModeTrainer, {"tangent_decay": cfg.tangent_decay,
+                                              "pt_split": (self.pt_inputs, self.pt_loss_x)}
+        tr = cls(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss,
             pt_params=self.pt_params0, ft_head=self.ft_head0,
             hparams={"phi": torch.tensor(float(init_angle), dtype=self.pt.x.dtype)},
@@ -175,14 +199,14 @@ class RotationTask:
             else (lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr)),
             meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
-            meta=meta,
+            meta=meta, **extra,
         )
+        if isinstance(solver, AdamPreconditionedNeumann):
+            solver.bind(tr)
+        return tr
 
     def probe_accuracy(self, pt_params) -> float:
-        enc = M.encoder_part({k: v.detach() for k, v in pt_params.items()})
-        with torch.no_grad():
-            f = {k: M.features(enc, x, self.cfg.act) for k, (x, _) in self.ft.items()}
-        return linear_probe(f["train"], self.ft["train"][1], f["test"], self.ft["test"][1])
+        return probe_accuracy(pt_params, self.ft, self.cfg.act)
 
 def build(cfg: RotationConfig, seed: int) -> RotationTask:
     return RotationTask(cfg, seed)
