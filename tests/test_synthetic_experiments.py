@@ -48,7 +48,8 @@ def test_rotation_tiny_run_and_resume(tmp_path):
     assert resumed["phi"] == full["phi"] and resumed["val_loss"] == full["val_loss"]
 
 
-@pytest.mark.parametrize("ift", ["neumann", "adam_neumann", "adam_momentum", "forward"])
+@pytest.mark.parametrize(
+    "ift", ["neumann", "adam_neumann", "adam_momentum", "library_adam", "forward"])
 def test_rotation_ift_variants_run(ift):
     cfg = dataclasses.replace(R.CONFIGS["tiny"], meta_steps=3, ift=ift, neumann_iterations=4)
     res = R.run_one(cfg, seed=2, init_angle=40.0)

@@ -75,7 +75,7 @@ class RotationConfig:
     neumann_alpha_scale: float = 1.0  # ... times this (SGD at the edge of stability has
     #                                   lambda_max ~ 2 / pt_lr: there alpha = pt_lr diverges)
     ift: str = "forward"          # forward-mode tangent (forward.py); "neumann": Algorithm 1's
-    #                               IFT; "adam_neumann" / "adam_momentum": precond.py
+    #                   IFT; "adam_neumann" / "adam_momentum": precond.py; "library_adam"
     tangent_decay: float = 1.0    # forward: T <- decay * T - ... at every PT step
     precond_scale: float = 1.0    # adam_neumann: D = this * lr / (sqrt(v_hat) + eps)
     batch_size: int = 128
@@ -180,13 +180,15 @@ class RotationTask:
         if cfg.ift in ("adam_neumann", "adam_momentum") and cfg.pt_optimizer == "adam":
             solver = AdamPreconditionedNeumann(cfg.neumann_iterations, cfg.precond_scale,
                                                momentum=cfg.ift == "adam_momentum")
-        elif cfg.ift in ("neumann", "adam_neumann", "adam_momentum", "forward"):
+        elif cfg.ift in ("neumann", "adam_neumann", "adam_momentum", "forward", "library_adam"):
             solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
                                        alpha=cfg.pt_lr * cfg.neumann_alpha_scale)
         else:
-            raise ValueError(f"`ift` must be 'neumann', 'adam_neumann', 'adam_momentum' or "
-                             f"'forward', got {cfg.ift!r}")
+            raise ValueError(f"`ift` must be 'neumann', 'adam_neumann', 'adam_momentum', "
+                             f"'library_adam' or 'forward', got {cfg.ift!r}")
         cls, extra = hg.MetaPretrainer, {}
+        if cfg.ift == "library_adam":  # hypergrad's own Adam-preconditioned Neumann series
+            extra = {"ift_preconditioner": "adam"}
         if cfg.ift == "forward":
             cls, extra = ForwardModeTrainer, {"tangent_decay": cfg.tangent_decay,
                                               "pt_split": (self.pt_inputs, self.pt_loss_x)}
