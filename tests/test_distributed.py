@@ -125,6 +125,28 @@ def test_seed_parallel_spreads_seeds_over_ranks_and_rank0_aggregates(tmp_path):
     assert not (tmp_path / "bad" / "all.json").exists()
 
 
+def test_synthetic_task_cli_under_torchrun_is_seed_parallel_and_equals_one_process(tmp_path):
+    """``python -m tasks synthetic rotation`` with the same flags under torchrun: the seeds are
+    split over the ranks, each runs as one process, rank 0 writes the same metrics."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    flags = ["-m", "tasks", "synthetic", "rotation", "--config", "tiny", "--no-progress",
+             "--out"]
+    got = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        launcher = ([] if n == 1 else
+                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"])
+        r = subprocess.run([sys.executable, *launcher, *flags, str(out)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("wrote") == 1  # one aggregate, by rank 0
+        got[n] = json.loads((out / "metrics.json").read_text())
+    assert got[1]["seeds"] == got[2]["seeds"] == [0, 1]
+    assert got[1]["final_phi"] == got[2]["final_phi"]
+
+
 def test_a_dead_rank_fails_the_job_loudly_and_resume_reaches_the_same_result(tmp_path):
     ref, out, ckpt = tmp_path / "ref.pt", tmp_path / "out.pt", tmp_path / "ckpt.pt"
     assert _run(2, ref, "--steps", "5").returncode == 0

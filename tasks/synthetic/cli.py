@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tasks.common import launch_rank, seed_parallel
+
 from . import exactness as E
 from . import noisy as N
 from . import rotation as R
@@ -84,12 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or parse_seeds(DEFAULT_SEEDS[args.experiment][args.config])
     progress = not args.no_progress
     t0 = time.perf_counter()
+    rank, world = launch_rank()
     if args.experiment == "exactness":
+        if rank != 0:  # one run: under torchrun, rank 0 does it and the others have nothing to do
+            return 0
         if args.seeds:
             cfg = dataclasses.replace(cfg, seed=seeds[0])
         metrics = E.run(cfg, out, part=args.part, progress=progress)
     else:
-        metrics = mod.run(cfg, seeds, out, progress=progress)
+        # under torchrun: seed parallel (rank r runs seeds r, r+N, ...), rank 0 aggregates
+        metrics = seed_parallel(
+            lambda mine: mod.run(cfg, mine, out, progress=progress and rank == 0,
+                                 aggregate=False),
+            seeds, lambda: mod.run(cfg, seeds, out, progress=False))
+        if rank != 0:
+            return 0
     print(mod.summary(metrics))
     print(f"wrote {out / 'metrics.json'} ({time.perf_counter() - t0:.0f} s)")
     return 0

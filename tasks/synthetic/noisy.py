@@ -258,10 +258,15 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
     return res
 
 
-def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True) -> dict[str, Any]:
+def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
+        aggregate: bool = True) -> dict[str, Any] | None:
+    """Every seed, then metrics.json and the weight histograms (``aggregate=False``: the seeds
+    only, as one rank of a seed-parallel run)."""
     out = Path(out)
     results = run_seeds(out, seeds, lambda s, d: run_one(cfg, s, d, progress=progress),
                         progress=progress, desc="noisy-label seeds")
+    if not aggregate:
+        return None
     metrics: dict[str, Any] = {"experiment": "noisy", "config": dataclasses.asdict(cfg),
                                "seeds": seeds, "paper_ratio": "> 100"}
     for key in ("ratio", "median_ratio", "auroc", "mean_weight_clean", "mean_weight_noisy",

@@ -251,9 +251,10 @@ def measure_time_ratio(cfg: RotationConfig, seed: int = 0) -> dict[str, float]:
     res.update(P=cfg.P, K=cfg.K)
     return res
 
-def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True
-        ) -> dict[str, Any]:
-    """Every seed (init angle ``init_angles[seed % 10]``), then metrics.json and the plot."""
+def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
+        aggregate: bool = True) -> dict[str, Any] | None:
+    """Every seed (init angle ``init_angles[seed % 10]``), then metrics.json and the plot
+    (``aggregate=False``: the seeds only, as one rank of a seed-parallel run)."""
     out = Path(out)
 
     def one(seed: int, seed_dir: Path) -> dict[str, Any]:
@@ -261,6 +262,8 @@ def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True
         return run_one(cfg, seed, init, seed_dir, progress=progress)
 
     results = run_seeds(out, seeds, one, progress=progress, desc="rotation seeds")
+    if not aggregate:
+        return None
     errors = [r["error"] for r in results]
     mean, std = mean_std(errors)
     metrics: dict[str, Any] = {
