@@ -117,6 +117,10 @@ def test_cli_rotation_writes_outputs_and_skips_finished_seeds(tmp_path, capsys):
     assert cli.main(args) == 0  # rerun: finished seeds are reused, not recomputed
     assert (out / "seed0" / "result.json").stat().st_mtime_ns == before
     assert json.loads((out / "metrics.json").read_text())["errors"] == metrics["errors"]
+    # other settings into the same --out would silently reuse these seeds: refused by name
+    with pytest.raises(SystemExit, match="other settings"):
+        cli.main([*args, "--set", "K=3"])
+    assert cli.main([*args, "--set", "K=3", "--fresh"]) == 0
 
 
 def test_cli_noisy_and_overrides(tmp_path):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from tasks.common import launch_rank, seed_parallel
+from tasks.common import launch_rank, seed_parallel, write_json
 
 from . import exactness as E
 from . import noisy as N
@@ -83,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs/synthetic") / name
     if args.fresh and out.exists():
         shutil.rmtree(out)
+    # finished seeds are reused: refuse an --out holding runs made with other settings
+    settings = {"experiment": args.experiment, "config": json.loads(json.dumps(
+        dataclasses.asdict(cfg), default=str))}
+    cfg_file = out / "settings.json"
+    if cfg_file.exists() and json.loads(cfg_file.read_text()) != settings:
+        raise SystemExit(f"--out {out} holds runs made with other settings ({cfg_file}); use "
+                         "a new --out or --fresh")
+    write_json(cfg_file, settings)
     seeds = args.seeds or parse_seeds(DEFAULT_SEEDS[args.experiment][args.config])
     progress = not args.no_progress
     t0 = time.perf_counter()
