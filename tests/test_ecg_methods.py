@@ -200,3 +200,43 @@ def test_per_example_hypergrads_by_group():
     out = per_example_hypergrads(task, CFG, pt, 20, 0, batches=2, progress=False)
     vals = [v for vs in out.values() for v in vs]
     assert len(vals) == 2 * CFG.pt_batch and np.isfinite(vals).all() and np.abs(vals).sum() > 0
+
+
+def test_ift_solver_default_is_the_authors_one_term_series():
+    """Default: 1 Neumann term, alpha = PT lr, no damping, i.e. x = alpha * b, no matvec."""
+    from tasks.ecg.methods import CONFIGS, ift_solver, with_overrides
+
+    cfg = CONFIGS["default"]
+    assert (cfg.neumann_terms, cfg.neumann_damping) == (1, 0.0)
+    calls = []
+    H = torch.diag(torch.tensor([2.0, -0.5, 1.0], dtype=torch.float64))
+
+    def matvec(v):
+        calls.append(1)
+        return {"a": H @ v["a"]}
+
+    b = {"a": torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)}
+    res = ift_solver(cfg)(matvec, b)
+    torch.testing.assert_close(res.solution["a"], cfg.pt_lr * b["a"])
+    # the damped 3-term series of round 1 is still available, against its closed form
+    cfg3 = with_overrides(cfg, neumann_terms=3, neumann_damping=1.0)
+    res3 = ift_solver(cfg3)(matvec, b)
+    M = torch.eye(3, dtype=torch.float64) - cfg.pt_lr * (H + torch.eye(3, dtype=torch.float64))
+    want = cfg.pt_lr * (b["a"] + M @ b["a"] + M @ M @ b["a"])
+    torch.testing.assert_close(res3.solution["a"], want)
+
+
+def test_paired_differences_match_per_seed():
+    from tasks.ecg.report import paired_differences
+
+    def run(m, s, auc, per):
+        return {"method": m, "n_ft": 100, "seed": s, "ft_seed": 0, "test_auroc": auc,
+                "test_auroc_per_label": per}
+
+    rs = [run("simclr", 0, 0.8, [0.7, 0.8, 0.9, 0.6, 1.0]),
+          run("simclr_nowarp", 0, 0.7, [0.6, 0.8, 0.7, 0.6, 0.8]),
+          run("simclr", 1, 0.9, [0.9] * 5)]  # seed 1 has no partner
+    d = paired_differences(rs)[("simclr", "simclr_nowarp")][100]
+    np.testing.assert_allclose(d["all"], [0.1])
+    np.testing.assert_allclose(d["timing"], [0.1])
+    np.testing.assert_allclose(d["morphology"], [0.1])

@@ -75,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-pool", type=int, default=2000)
     p.add_argument("--generator", type=int, default=3, help="synthetic generator version")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pt", help="a saved SimCLR pre-training (OUT/pt/simclr_s0.pt of the CLI) "
+                   "instead of pre-training here")
     p.add_argument("--out", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     cfg = with_overrides(CONFIGS[args.config], warp=args.warp, head_refit_steps=args.head_steps)
     task = synthetic_task(args.n_pool, 100, version=args.generator)
-    pt = pretrain("simclr", task.x[task.pt_idx], cfg, args.seed, progress=True)
+    pt = (torch.load(args.pt, weights_only=False) if args.pt
+          else pretrain("simclr", task.x[task.pt_idx], cfg, args.seed, progress=True))
     hgs = per_example_hypergrads(task, cfg, pt, args.n_ft, args.seed, args.batches)
     summary = {}
     for g, v in hgs.items():

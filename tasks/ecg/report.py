@@ -94,6 +94,15 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                   f"(initial {cfg.warp:g}), mean +- std over {len(strengths)} Meta SimCLR "
                   "pre-trainings:", ""]
         lines += [f"- {g}: {m:.2f} +- {s:.2f}" for g, (m, s) in summary_strengths.items()]
+    pairs = paired_differences(results)
+    if pairs:
+        lines += ["", "Paired differences (points; per seed, then mean +- std), all labels | "
+                  "timing labels | morphology labels:", ""]
+        for (a, b), by_n in pairs.items():
+            for n, d in by_n.items():
+                cells = [" / ".join(f"{100 * v:+.1f}" for v in d[k]) + " (" + " +- ".join(
+                    f"{100 * v:.1f}" for v in mean_std(d[k])) + ")" for k in d]
+                lines.append(f"- {a} - {b}, N={n}: " + " | ".join(cells))
     if ratio:
         lines += ["", f"Meta/plain PT wall-time ratio ({ratio['outer_iterations']} outer "
                   f"iterations, P={ratio['P']}, K={ratio['K']}): {ratio['ratio']:.2f} "
@@ -103,8 +112,36 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                "timing_morphology": {m: {str(n): v for n, v in t.items()}
                                      for m, t in groups.items()},
                "strengths_by_group": summary_strengths, "time_ratio": ratio,
+               "paired": {f"{a}-{b}": {str(n): d for n, d in by_n.items()}
+                          for (a, b), by_n in pairs.items()},
                "config": asdict(cfg), "argv": argv, "task": task.name}
     write_json(out / "results.json", summary)
     if table:
         plot_auroc(table, out / "auroc_vs_nft.png", title=f"ECG ({task.name})")
     return summary
+
+
+PAIRS = (("meta_simclr", "simclr"), ("meta_simclr", "no_pt"), ("meta_simclr", "simclr_nowarp"),
+         ("simclr", "simclr_nowarp"), ("simclr_nowarp", "no_pt"))
+
+
+def paired_differences(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, Any]]:
+    """Per-seed differences of test AUROC (all / timing / morphology labels) between methods
+    run on the same D_FT (same N, PT seed and FT seed), for the pairs in ``PAIRS``."""
+    def split(r: dict[str, Any]) -> dict[str, float]:
+        per = np.asarray(r["test_auroc_per_label"], dtype=float)
+        morph = [j for j in range(len(per)) if j not in TIMING_LABELS]
+        return {"all": r["test_auroc"], "timing": float(np.nanmean(per[list(TIMING_LABELS)])),
+                "morphology": float(np.nanmean(per[morph]))}
+
+    by_key = {(r["method"], r["n_ft"], r["seed"], r.get("ft_seed", 0)): split(r) for r in results}
+    out: dict[tuple[str, str], dict[int, Any]] = {}
+    for a, b in PAIRS:
+        for (m, n, s, f), va in sorted(by_key.items(), key=lambda kv: kv[0][1:]):
+            vb = by_key.get((b, n, s, f))
+            if m != a or vb is None:
+                continue
+            d = out.setdefault((a, b), {}).setdefault(n, {k: [] for k in va})
+            for k in va:
+                d[k].append(va[k] - vb[k])
+    return out

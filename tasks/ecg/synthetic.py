@@ -21,15 +21,26 @@ Every record belongs to one ground-truth group:
                 a warp of a few per cent flips them (positives and borderline negatives)
     morphology  timing normal, at least one of ST_DEV / T_INV
 
-Generator version 2 (the default; ``version=1`` is the previous generator, kept for the
-earlier RESULTS table). Version 2 adds *local timing variability* that is a nuisance for every
-label: a per-record beat-to-beat RR irregularity (coefficient of variation 0-15%), per-beat
-jitter of the PR interval (6%), QRS width (5%) and QT interval (6%) around the record's values,
-and a per-record QT factor (0.85-1.15). The labels are thresholds on the record's values (the
-per-beat means), so none of this changes a label. It is the kind of variation a temporal warp
-produces, so warp invariance should help the morphology labels, for which all timing is
-nuisance; while a strong warp still flips the borderline timing labels. Version 2 also makes
-the morphology abnormalities subtler (smaller ST shifts, flatter inverted T waves).
+Generator versions (``version=``; tasks/ecg/RESULTS.md compares them):
+
+    1   the previous generator, kept bit-identical for the earlier RESULTS table: RR
+        variability 3%, no other timing nuisance, axis +-30 deg, gain 0.7-1.4, wave amplitudes
+        +-15%, baseline wander 0.05-0.2 mV, ST 0.05-0.2 mV, inverted T x 0.2-0.8.
+    2   adds *local timing variability*, a nuisance for every label: a per-record beat-to-beat
+        RR irregularity (coefficient of variation drawn from 0-15%), per-beat jitter of the PR
+        interval (6%), QRS width (5%) and QT interval (6%) around the record's values, and a
+        per-record QT factor (0.85-1.15); subtler morphology (ST 0.04-0.15 mV, inverted T x
+        0.15-0.6, upright T x 0.3-1.2).
+    3   (default) version 2 with RR variability up to 20% and per-beat jitter 8/6/8%, and
+        smaller amplitude nuisances (axis +-10 deg, gain 0.9-1.1, wave amplitudes +-5%,
+        baseline wander 0.02-0.06 mV), so that timing is a larger share of what tells records
+        apart.
+    4   version 3 with RR variability up to 30%, per-beat jitter 10/8/10%, QT factor 0.8-1.2.
+
+The labels are thresholds on the record's values (the per-beat means), so the per-beat jitter
+changes no label. It is the kind of variation a temporal warp produces, so warp invariance is
+meant to help the morphology labels, for which all timing is nuisance, while a strong warp
+still flips the borderline timing labels.
 
 A temporal warp stretches QRS complexes, PR and RR intervals: it can flip the labels of the
 timing group only, and leaves ST level and T polarity alone. Other nuisances: electrical axis,

@@ -56,6 +56,34 @@ def linear_probe(enc_state, task, cfg, n: int, seed: int) -> dict[str, float]:
     return _split_auroc(task.y_test.numpy(), score)
 
 
+def probe_saved(args) -> int:
+    """Linear probes of a CLI run's saved SimCLR encoders; mean +- std over seeds."""
+    cfg = CONFIGS["default"]
+    task = synthetic_task(2000, 1000, version=args.generator)
+    ns = [int(v) for v in args.n_ft.split(",")]
+    res: dict = {}
+    for name in ("simclr_nowarp", "simclr"):
+        for s in range(args.seeds):
+            path = Path(args.pt_dir) / "pt" / f"{name}_s{s}.pt"
+            enc_state = torch.load(path, weights_only=False)["enc_state"]
+            for n in ns:
+                res.setdefault(name, {}).setdefault(n, []).append(
+                    linear_probe(enc_state, task, cfg, n, s))
+    summary = {name: {n: {k: (float(np.mean([r[k] for r in rs])),
+                              float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0)
+                          for k in ("all", "timing", "morphology")}
+                      for n, rs in by_n.items()} for name, by_n in res.items()}
+    diff = {n: {k: [a[k] - b[k] for a, b in zip(res["simclr"][n], res["simclr_nowarp"][n])]
+                for k in ("all", "timing", "morphology")} for n in ns}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "probe_saved.json", {"summary": summary, "paired_diff_warp_minus_nowarp":
+                                          diff, "per_run": res, "pt_dir": args.pt_dir})
+    for n in ns:
+        print(n, {k: [round(100 * v, 1) for v in d] for k, d in diff[n].items()}, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.ecg.warp_check")
     p.add_argument("--warp", default="0,25", help="comma-separated fixed warp strengths")
@@ -64,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-n", default="100", help="|D_FT| values also fine-tuned (slow)")
     p.add_argument("--generator", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pt-dir", help="probe the saved SimCLR pre-trainings of a CLI run instead "
+                   "(DIR/pt/simclr_s*.pt, simclr_nowarp_s*.pt) for seeds 0..--seeds-1")
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.pt_dir:
+        return probe_saved(args)
     torch.set_num_threads(1)
     from tasks.ecg.cli import _overrides
     from tasks.ecg.methods import finetune
