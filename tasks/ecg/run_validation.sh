@@ -6,8 +6,9 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=${OUT:-runs/ecg_val2}
 GEN=${GEN:-3}
+SEEDS=${SEEDS:-5}
 mkdir -p $OUT
-COMMON="--synthetic --generator $GEN --config default --seeds 3 --out $OUT --no-progress"
+COMMON="--synthetic --generator $GEN --config default --seeds $SEEDS --out $OUT --no-progress"
 ( nice -n 10 python -m tasks ecg --method no_pt,simclr_nowarp,simclr --n-ft 100,250,500 $COMMON > $OUT.p1.log 2>&1
   nice -n 10 python -m tasks ecg --method meta_simclr --n-ft 100 $COMMON >> $OUT.p1.log 2>&1
   nice -n 10 python -m tasks.ecg.ratio_variants --generator $GEN --out $OUT/ratio > $OUT.ratio.log 2>&1 ) &
