@@ -38,11 +38,23 @@ class WarpStrengthNet(nn.Module):
         self.out = nn.Linear(channels, 1)
         self.max_strength = float(max_strength)
         self.init_strength = float(init_strength)
+        # fixed per-channel standardisation of the pooled features (identity until calibrate)
+        self.register_buffer("feat_mean", torch.zeros(channels))
+        self.register_buffer("feat_std", torch.ones(channels))
         with torch.no_grad():
             self.out.weight.zero_()
             p = init_strength / max_strength
             self.out.bias.fill_(math.log(p / (1 - p)))
 
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        """Fix the standardisation of the pooled features to their mean/std over ``x`` (e.g.
+        part of the PT pool, at initialisation). The output layer then sees only between-example
+        variation, not the common mode, which otherwise dominates its gradient."""
+        f = self.features(x).mean(-1)
+        self.feat_mean.copy_(f.mean(0))
+        self.feat_std.copy_(f.std(0).clamp_min(1e-6))
+
     def forward(self, x: Tensor) -> Tensor:
-        z = self.out(self.features(x).mean(-1)).squeeze(-1)
-        return self.max_strength * torch.sigmoid(z)
+        f = (self.features(x).mean(-1) - self.feat_mean) / self.feat_std
+        return self.max_strength * torch.sigmoid(self.out(f).squeeze(-1))

@@ -92,3 +92,18 @@ def test_phi_positive_bounded_and_starts_at_init():
     torch.testing.assert_close(phi(x[:2]), s[:2])
     with pytest.raises(ValueError, match="init_strength"):
         WarpStrengthNet(init_strength=5.0, max_strength=4.0)
+
+
+def test_phi_calibrate_standardises_features_and_keeps_init():
+    torch.manual_seed(0)
+    phi = WarpStrengthNet(12, 8, init_strength=25.0, max_strength=100.0)
+    x = torch.randn(64, 12, 200)
+    phi.calibrate(x)
+    with torch.no_grad():
+        f = (phi.features(x).mean(-1) - phi.feat_mean) / phi.feat_std
+    torch.testing.assert_close(f.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(f.std(0), torch.ones(8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(phi(x), torch.full((64,), 25.0))  # still starts at init
+    with torch.no_grad():
+        phi.out.weight.normal_(0, 0.5)
+    torch.testing.assert_close(phi(x[:3]), phi(x)[:3])  # per example (fixed statistics)

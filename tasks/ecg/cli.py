@@ -105,7 +105,12 @@ def _overrides(items: list[str]) -> dict[str, Any]:
         k, v = item.split("=", 1)
         if k not in fields:
             raise SystemExit(f"--set: unknown config field {k!r}; known: {sorted(fields)}")
-        out[k] = type(fields[k])(v)
+        if isinstance(fields[k], bool):
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--set {k}: expected true/false, got {v!r}")
+            out[k] = v.lower() in ("true", "1")
+        else:
+            out[k] = type(fields[k])(v)
     return out
 
 
@@ -148,7 +153,7 @@ def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, see
                    checkpoint=out / "ckpt" / f"{key}.pt", progress=progress,
                    probe=task.x_test[:PROBE])
     if res["phi"] is not None:
-        res["strengths"] = _strength_report(res["phi"], task, cfg)
+        res["strengths"] = _strength_report(res["phi"], task, cfg, res.get("phi_buffers"))
         if task.group_test is not None and res["probe_strengths"]:
             g = task.group_test[:PROBE]
             traj = np.asarray(res["probe_strengths"])
@@ -158,11 +163,13 @@ def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, see
     return res
 
 
-def _strength_report(phi_params, task: Task, cfg: ECGConfig) -> dict[str, Any]:
+def _strength_report(phi_params, task: Task, cfg: ECGConfig, buffers=None) -> dict[str, Any]:
     from models.ecg_phi import WarpStrengthNet
 
     phi = WarpStrengthNet(task.x.shape[1], cfg.phi_channels, init_strength=cfg.warp,
                           max_strength=cfg.warp_max).to(task.x.dtype)
+    for k, v in (buffers or {}).items():  # phi's fixed feature standardisation
+        phi.get_buffer(k).copy_(v)
     s = phi_strengths(phi, phi_params, task.x_test).numpy()
     rep: dict[str, Any] = {"all": float(s.mean()), "init": cfg.warp}
     if task.group_test is not None:

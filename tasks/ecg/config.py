@@ -32,6 +32,7 @@ class ECGConfig:
     warp_max: float = 100.0
     warp_sigma: float = 15.0  # smoothing of the velocity field (samples)
     phi_channels: int = 16
+    phi_standardize: bool = False  # fixed standardisation of phi's features (models/ecg_phi.py)
     ft_epochs: int = 60
     ft_batch: int = 64
     ft_lr: float = 1e-3

@@ -139,6 +139,8 @@ def pretrain(
     if is_meta:
         phi = WarpStrengthNet(x_pool.shape[1], cfg.phi_channels, init_strength=cfg.warp,
                               max_strength=cfg.warp_max).to(dt)
+        if cfg.phi_standardize:
+            phi.calibrate(x_pool[torch.randperm(len(x_pool), generator=_gen(seed, 10))[:256]])
         hparams = dict(phi.named_parameters())
 
         def strength(h: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -212,6 +214,7 @@ def pretrain(
         "pt_params": tree_detach(trainer.pt_params),
         "ft_head": tree_detach(trainer.ft_head),
         "phi": tree_detach(trainer.hparams) if is_meta else None,
+        "phi_buffers": tree_detach(dict(phi.named_buffers())) if is_meta else None,
         "history": hist,
         "probe_strengths": probe_log,
         "wall_time": wall,
