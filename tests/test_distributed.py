@@ -147,6 +147,29 @@ def test_synthetic_task_cli_under_torchrun_is_seed_parallel_and_equals_one_proce
     assert got[1]["final_phi"] == got[2]["final_phi"]
 
 
+def test_ecg_task_cli_under_torchrun_is_seed_parallel_and_equals_one_process(tmp_path):
+    """``python -m tasks ecg`` with the same flags under torchrun: PT seeds split over the
+    ranks, rank 0 writes the same results table as one process."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    flags = ["-m", "tasks", "ecg", "--synthetic", "--config", "smoke", "--method",
+             "no_pt,meta_simclr", "--n-ft", "20", "--seeds", "2", "--n-pool", "40",
+             "--n-test", "30", "--set", "pt_batch=8", "--set", "meta_batch=8", "--set",
+             "ft_epochs=2", "--set", "pt_epochs=1", "--no-progress", "--out"]
+    got = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        launcher = ([] if n == 1 else
+                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"])
+        r = subprocess.run([sys.executable, *launcher, *flags, str(out)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[n] = json.loads((out / "results.json").read_text())
+        assert len(list((out / "runs").glob("*.json"))) == 4
+    assert got[1]["table"] == got[2]["table"]
+
+
 def test_a_dead_rank_fails_the_job_loudly_and_resume_reaches_the_same_result(tmp_path):
     ref, out, ckpt = tmp_path / "ref.pt", tmp_path / "out.pt", tmp_path / "ckpt.pt"
     assert _run(2, ref, "--steps", "5").returncode == 0

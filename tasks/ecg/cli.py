@@ -8,6 +8,10 @@ Example (the synthetic validation of tasks/ecg/RESULTS.md)::
 Resumable: every fine-tuning result is a JSON file under ``OUT/runs`` and every pre-training
 result a file under ``OUT/pt``; finished ones are skipped, and an interrupted pre-training
 resumes from its ``hg.MetaPretrainer`` checkpoint under ``OUT/ckpt``.
+
+Under ``torchrun --nproc-per-node N`` (same flags) the PT seeds are split over the ranks (rank r
+runs seeds r, r+N, ... with all their methods and |D_FT| values); rank 0 then writes the table,
+the plots and the time ratio.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.common import atomic_save, seed_everything, write_json
+from tasks.common import atomic_save, launch_rank, seed_everything, seed_parallel, write_json
 from tasks.ecg.data import load_ptbxl, sample_ft_split
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
 from tasks.ecg.plots import plot_augmentations, plot_strengths
@@ -236,29 +240,46 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     task = (synthetic_task(args.n_pool, args.n_test, version=args.generator) if args.synthetic
             else ptbxl_task(args.data_dir, args.labels, args.cache))
-    plot_augmentations(task.x[int(task.pt_idx[0])], out / "augmentations.png", crop=cfg.crop,
-                       noise=cfg.noise, warps=(cfg.warp, cfg.warp_max), sigma=cfg.warp_sigma)
-    jobs = [(m, n, s, f) for s in range(args.seeds) for n in ns for m in methods
-            for f in range(args.ft_seeds)]
-    from tqdm.auto import tqdm
+    rank, _ = launch_rank()
+    if rank == 0:
+        plot_augmentations(task.x[int(task.pt_idx[0])], out / "augmentations.png",
+                           crop=cfg.crop, noise=cfg.noise, warps=(cfg.warp, cfg.warp_max),
+                           sigma=cfg.warp_sigma)
 
-    results = []
-    for m, n, s, f in tqdm(jobs, desc="ECG runs", disable=args.no_progress):
-        if args.summary_only:
+    def jobs(seeds: list[int]) -> list[tuple[str, int, int, int]]:
+        return [(m, n, s, f) for s in seeds for n in ns for m in methods
+                for f in range(args.ft_seeds)]
+
+    def run_seeds(seeds: list[int]) -> None:
+        """Every job of these PT seeds (one rank's share under torchrun); each writes its JSON
+        and a seed's PT checkpoints are only touched by the rank that owns the seed."""
+        from tqdm.auto import tqdm
+
+        for m, n, s, f in tqdm(jobs(seeds), desc="ECG runs",
+                               disable=args.no_progress or rank != 0):
+            run_one(m, n, s, f, task, cfg, out, args.meta_n, not args.no_progress and rank == 0)
+
+    def aggregate() -> dict[str, Any] | None:
+        results = []
+        for m, n, s, f in jobs(list(range(args.seeds))):
             path = out / "runs" / f"{m}_n{n}_s{s}_f{f}.json"
-            r = json.loads(path.read_text()) if path.exists() else None
-        else:
-            r = run_one(m, n, s, f, task, cfg, out, args.meta_n, not args.no_progress)
-        if r is not None:
-            results.append(r)
-    ratio = None
-    if args.time_ratio or (out / "time_ratio.json").exists():
-        ratio = (json.loads((out / "time_ratio.json").read_text()) if args.summary_only
-                 else time_ratio(task, cfg, ns[0], args.time_ratio, out))
-    summary = summarize(results, task, out, argv, cfg, ratio)
-    pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
-    if pts and task.group_test is not None:
-        vals = torch.load(pts[-1], weights_only=False)["strengths"]["values_by_group"]
-        plot_strengths(vals, out / "strengths.png")
+            if path.exists():  # (meta_simclr_partial with meta_n >= n has no run)
+                results.append(json.loads(path.read_text()))
+        ratio = None
+        if args.time_ratio or (out / "time_ratio.json").exists():
+            ratio = (json.loads((out / "time_ratio.json").read_text()) if args.summary_only
+                     else time_ratio(task, cfg, ns[0], args.time_ratio, out))
+        summary = summarize(results, task, out, argv, cfg, ratio)
+        pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
+        if pts and task.group_test is not None:
+            vals = torch.load(pts[-1], weights_only=False)["strengths"]["values_by_group"]
+            plot_strengths(vals, out / "strengths.png")
+        return summary
+
+    # under torchrun: seed parallel (rank r runs PT seeds r, r+N, ...), rank 0 aggregates
+    summary = (aggregate() if args.summary_only
+               else seed_parallel(run_seeds, list(range(args.seeds)), aggregate))
+    if rank != 0:
+        return 0
     print((out / "results.md").read_text())
     return 0 if summary else 1
