@@ -74,23 +74,33 @@ def test_per_shard_batch_norm_is_not_the_global_model(tmp_path):
     assert not torch.allclose(a["hparams"]["phi"], b["hparams"]["phi"], rtol=1e-6)
 
 
+def _task_cli(tmp_path: Path, flags: list[str]) -> dict[int, subprocess.CompletedProcess]:
+    """``python -m tasks <flags> --out tmp/n1`` in one process and the same under torchrun
+    with 2 processes (``--out tmp/n2``)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = {}
+    for n in (1, 2):
+        launcher = ([] if n == 1 else
+                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"])
+        r = subprocess.run([sys.executable, *launcher, "-m", "tasks", *flags, "--out",
+                            str(tmp_path / f"n{n}")], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        done[n] = r
+    return done
+
+
 def test_ppi_task_cli_under_torchrun_equals_one_process(tmp_path):
     """``python -m tasks ppi`` with the same flags under torchrun: the learned task weights
     (which depend on every PT step and hypergradient, through the GIN's BatchNorm) equal the
     single-process run's, and rank 0 alone wrote the outputs."""
     import json
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    flags = ["-m", "tasks", "ppi", "--synthetic", "--config", "smoke", "--method", "meta_pt",
-             "--seeds", "1", "--no-progress", "--out"]
+    _task_cli(tmp_path, ["ppi", "--synthetic", "--config", "smoke", "--method", "meta_pt",
+                         "--seeds", "1", "--no-progress"])
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"n{n}"
-        launcher = ([] if n == 1 else
-                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"])
-        r = subprocess.run([sys.executable, *launcher, *flags, str(out)], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
         assert not list(out.rglob("*.tmp"))
         runs[n] = json.loads((out / "runs" / "meta_pt__shared__s0.json").read_text())
     w1, w2 = (torch.tensor(runs[n]["weights"], dtype=torch.float64) for n in (1, 2))
@@ -130,19 +140,9 @@ def test_synthetic_task_cli_under_torchrun_is_seed_parallel_and_equals_one_proce
     split over the ranks, each runs as one process, rank 0 writes the same metrics."""
     import json
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    flags = ["-m", "tasks", "synthetic", "rotation", "--config", "tiny", "--no-progress",
-             "--out"]
-    got = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
-        launcher = ([] if n == 1 else
-                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"])
-        r = subprocess.run([sys.executable, *launcher, *flags, str(out)], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stdout.count("wrote") == 1  # one aggregate, by rank 0
-        got[n] = json.loads((out / "metrics.json").read_text())
+    runs = _task_cli(tmp_path, ["synthetic", "rotation", "--config", "tiny", "--no-progress"])
+    assert runs[2].stdout.count("wrote") == 1  # one aggregate, by rank 0
+    got = {n: json.loads((tmp_path / f"n{n}" / "metrics.json").read_text()) for n in (1, 2)}
     assert got[1]["seeds"] == got[2]["seeds"] == [0, 1]
     assert got[1]["final_phi"] == got[2]["final_phi"]
 
@@ -152,21 +152,12 @@ def test_ecg_task_cli_under_torchrun_is_seed_parallel_and_equals_one_process(tmp
     ranks, rank 0 writes the same results table as one process."""
     import json
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    flags = ["-m", "tasks", "ecg", "--synthetic", "--config", "smoke", "--method",
-             "no_pt,meta_simclr", "--n-ft", "20", "--seeds", "2", "--n-pool", "40",
-             "--n-test", "30", "--set", "pt_batch=8", "--set", "meta_batch=8", "--set",
-             "ft_epochs=2", "--set", "pt_epochs=1", "--no-progress", "--out"]
-    got = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
-        launcher = ([] if n == 1 else
-                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"])
-        r = subprocess.run([sys.executable, *launcher, *flags, str(out)], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        got[n] = json.loads((out / "results.json").read_text())
-        assert len(list((out / "runs").glob("*.json"))) == 4
+    _task_cli(tmp_path, ["ecg", "--synthetic", "--config", "smoke", "--method",
+                         "no_pt,meta_simclr", "--n-ft", "20", "--seeds", "2", "--n-pool", "40",
+                         "--n-test", "30", "--set", "pt_batch=8", "--set", "meta_batch=8",
+                         "--set", "ft_epochs=2", "--set", "pt_epochs=1", "--no-progress"])
+    got = {n: json.loads((tmp_path / f"n{n}" / "results.json").read_text()) for n in (1, 2)}
+    assert all(len(list((tmp_path / f"n{n}" / "runs").glob("*.json"))) == 4 for n in (1, 2))
     assert got[1]["table"] == got[2]["table"]
 
 
