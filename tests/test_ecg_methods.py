@@ -188,6 +188,8 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     before = {p: (tmp_path / "runs" / p).read_text() for p in runs}
     assert cli.main(argv) == 0  # resumed: every result is reused, nothing recomputed
     assert {p: (tmp_path / "runs" / p).read_text() for p in runs} == before
+    with pytest.raises(SystemExit, match="other settings"):  # would mix into these results
+        cli.main([*argv, "--generator", "1"])
     with pytest.raises(SystemExit):
         cli.main(["--synthetic", "--method", "nope", "--out", str(tmp_path)])
 

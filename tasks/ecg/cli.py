@@ -238,6 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg = with_overrides(CONFIGS[args.config], **_overrides(args.set))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # finished runs, PT results and the time ratio are reused by file name: refuse an --out
+    # holding them for other settings (data, generator, config, partial-access size)
+    settings = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
+                "data": "synthetic" if args.synthetic else str(args.data_dir),
+                "generator": args.generator if args.synthetic else None,
+                "n_pool": args.n_pool if args.synthetic else None,
+                "n_test": args.n_test if args.synthetic else None,
+                "labels": None if args.synthetic else args.labels, "meta_n": args.meta_n}
+    settings_file = out / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise SystemExit(f"--out {out} holds runs made with other settings ({settings_file}); "
+                         "use a new --out")
+    if not settings_file.exists() and any((out / "runs").glob("*.json")):
+        raise SystemExit(f"--out {out} holds runs whose settings were not recorded (made before "
+                         "settings.json existed); use a new --out")
+    write_json(settings_file, settings)
     task = (synthetic_task(args.n_pool, args.n_test, version=args.generator) if args.synthetic
             else ptbxl_task(args.data_dir, args.labels, args.cache))
     rank, _ = launch_rank()
@@ -277,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         return summary
 
     # under torchrun: seed parallel (rank r runs PT seeds r, r+N, ...), rank 0 aggregates
-    summary = (aggregate() if args.summary_only
-               else seed_parallel(run_seeds, list(range(args.seeds)), aggregate))
+    if args.summary_only:
+        summary = aggregate() if rank == 0 else None
+    else:
+        summary = seed_parallel(run_seeds, list(range(args.seeds)), aggregate)
     if rank != 0:
         return 0
     print((out / "results.md").read_text())

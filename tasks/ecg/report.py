@@ -94,10 +94,11 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                   f"(initial {cfg.warp:g}), mean +- std over {len(strengths)} Meta SimCLR "
                   "pre-trainings:", ""]
         lines += [f"- {g}: {m:.2f} +- {s:.2f}" for g, (m, s) in summary_strengths.items()]
-    pairs = paired_differences(results)
+    split = task.group_test is not None  # timing/morphology labels exist only synthetically
+    pairs = paired_differences(results, split_labels=split)
     if pairs:
-        lines += ["", "Paired differences (points; per seed, then mean +- std), all labels | "
-                  "timing labels | morphology labels:", ""]
+        lines += ["", "Paired differences (points; per seed, then mean +- std), all labels"
+                  + (" | timing labels | morphology labels:" if split else ":"), ""]
         for (a, b), by_n in pairs.items():
             for n, d in by_n.items():
                 cells = [" / ".join(f"{100 * v:+.1f}" for v in d[k]) + " (" + " +- ".join(
@@ -125,10 +126,14 @@ PAIRS = (("meta_simclr", "simclr"), ("meta_simclr", "no_pt"), ("meta_simclr", "s
          ("simclr", "simclr_nowarp"), ("simclr_nowarp", "no_pt"))
 
 
-def paired_differences(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, Any]]:
-    """Per-seed differences of test AUROC (all / timing / morphology labels) between methods
-    run on the same D_FT (same N, PT seed and FT seed), for the pairs in ``PAIRS``."""
+def paired_differences(results: list[dict[str, Any]], split_labels: bool = True
+                       ) -> dict[tuple[str, str], dict[int, Any]]:
+    """Per-seed differences of test AUROC (all labels, and with ``split_labels`` the synthetic
+    timing / morphology labels) between methods run on the same D_FT (same N, PT seed and FT
+    seed), for the pairs in ``PAIRS``. PTB-XL has no such split: ``split_labels=False``."""
     def split(r: dict[str, Any]) -> dict[str, float]:
+        if not split_labels:
+            return {"all": r["test_auroc"]}
         per = np.asarray(r["test_auroc_per_label"], dtype=float)
         morph = [j for j in range(len(per)) if j not in TIMING_LABELS]
         return {"all": r["test_auroc"], "timing": float(np.nanmean(per[list(TIMING_LABELS)])),

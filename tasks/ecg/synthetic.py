@@ -134,7 +134,7 @@ _AMP_NOISE = {1: (30.0, (0.7, 1.4), 0.15, (0.05, 0.2)), 2: (30.0, (0.7, 1.4), 0.
               3: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06)), 4: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06))}
 
 
-def _sample_features(rng: np.random.Generator, group: int, version: int = 2) -> dict[str, float]:
+def _sample_features(rng: np.random.Generator, group: int, version: int) -> dict[str, float]:
     """Features of one record of ``group`` (0 normal, 1 timing, 2 morphology)."""
     st_r, inv_r, up_r = _MORPH[version]
     f = {k: rng.uniform(*normal) for k, (normal, _, _) in TIMING.items()}
@@ -164,7 +164,7 @@ def labels_of(f: dict[str, float]) -> np.ndarray:
 
 
 def _one_record(rng: np.random.Generator, f: dict[str, float], length: int,
-                version: int = 2) -> np.ndarray:
+                version: int) -> np.ndarray:
     t = np.arange(length) / FS  # seconds
     hr, pr, qrs, st, t_sign = f["hr"], f["pr"] / 1000, f["qrs"] / 1000, f["st"], f["t_sign"]
     cv_max, j_pr, j_qrs, j_qt, qt_f = _TIMING_NOISE[version]
@@ -223,7 +223,8 @@ def make_synthetic_ecg(
         0.3, 0.35, 0.35), version: int = 3,
 ) -> SyntheticECG:
     """``n`` synthetic records of ``length`` samples at 100 Hz (see the module docstring);
-    ``version`` 1 is the previous generator, 2 (default) adds local timing variability."""
+    ``version`` 1 is the previous generator, 2 adds local timing variability, 3 (default) also
+    shrinks the amplitude nuisances (module docstring)."""
     if version not in _MORPH:
         raise ValueError(f"`version` must be one of {sorted(_MORPH)}, got {version!r}")
     if int(n) != n or n < 1:

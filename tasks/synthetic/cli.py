@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     # one directory per config: finished seeds are reused, so smoke and paper must not share
     name = args.experiment if args.config == "paper" else f"{args.experiment}_{args.config}"
     out = args.out or Path("runs/synthetic") / name
+    seeds = args.seeds or parse_seeds(DEFAULT_SEEDS[args.experiment][args.config])
+    if args.experiment == "exactness" and args.seeds:
+        cfg = dataclasses.replace(cfg, seed=seeds[0])  # part of the settings checked below
+    rank, world = launch_rank()
+    if args.fresh and world > 1:
+        raise SystemExit("--fresh under torchrun would let ranks delete each other's files; "
+                         "delete --out before launching instead")
     if args.fresh and out.exists():
         shutil.rmtree(out)
     # finished seeds are reused: refuse an --out holding runs made with other settings
@@ -91,16 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     if cfg_file.exists() and json.loads(cfg_file.read_text()) != settings:
         raise SystemExit(f"--out {out} holds runs made with other settings ({cfg_file}); use "
                          "a new --out or --fresh")
+    if not cfg_file.exists() and any(out.glob("seed*/result.json")):
+        raise SystemExit(f"--out {out} holds runs whose settings were not recorded (made before "
+                         "settings.json existed); use a new --out or --fresh")
     write_json(cfg_file, settings)
-    seeds = args.seeds or parse_seeds(DEFAULT_SEEDS[args.experiment][args.config])
     progress = not args.no_progress
     t0 = time.perf_counter()
-    rank, world = launch_rank()
     if args.experiment == "exactness":
         if rank != 0:  # one run: under torchrun, rank 0 does it and the others have nothing to do
             return 0
-        if args.seeds:
-            cfg = dataclasses.replace(cfg, seed=seeds[0])
         metrics = E.run(cfg, out, part=args.part, progress=progress)
     else:
         # under torchrun: seed parallel (rank r runs seeds r, r+N, ...), rank 0 aggregates

@@ -48,8 +48,16 @@ class ForwardModeTrainer(hg.MetaPretrainer):
         self.pt_split = pt_split
         if len(self.hparams) != 1 or next(iter(self.hparams.values())).numel() != 1:
             raise ValueError("ForwardModeTrainer needs a single scalar meta-parameter")
-        if not isinstance(self.pt_opt, torch.optim.Adam):
-            raise TypeError("ForwardModeTrainer linearises Adam: use an Adam PT optimizer")
+        opt = self.pt_opt
+        if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+            raise TypeError("ForwardModeTrainer linearises plain Adam: use one torch.optim.Adam "
+                            f"param group as the PT optimizer, got {type(opt).__name__}")
+        g = opt.param_groups[0]
+        unsupported = {k: g.get(k) for k in ("weight_decay", "amsgrad", "maximize",
+                                              "decoupled_weight_decay") if g.get(k)}
+        if unsupported:  # their terms are not in the tangent recursion: it would be wrong
+            raise ValueError(f"ForwardModeTrainer does not differentiate Adam's {unsupported}; "
+                             "put weight decay in the PT loss instead")
         self.tangent_decay = float(tangent_decay)
         self.tangent = {k: torch.zeros_like(v) for k, v in self.pt_params.items()}
         self.tangent_m = {k: torch.zeros_like(v) for k, v in self.pt_params.items()}

@@ -177,7 +177,11 @@ class RotationTask:
 
     def trainer(self, init_angle: float, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        if cfg.ift in ("adam_neumann", "adam_momentum") and cfg.pt_optimizer == "adam":
+        if cfg.ift in ("adam_neumann", "adam_momentum", "library_adam", "forward") and (
+                cfg.pt_optimizer != "adam"):
+            raise ValueError(f"ift={cfg.ift!r} needs pt_optimizer='adam', got "
+                             f"{cfg.pt_optimizer!r}")
+        if cfg.ift in ("adam_neumann", "adam_momentum"):
             solver = AdamPreconditionedNeumann(cfg.neumann_iterations, cfg.precond_scale,
                                                momentum=cfg.ift == "adam_momentum")
         elif cfg.ift in ("neumann", "adam_neumann", "adam_momentum", "forward", "library_adam"):
