@@ -17,6 +17,15 @@ def _plt():
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return Path(path)
+
+
 def plot_rotation(results: list[dict[str, Any]], target: float, path: Path) -> Path:
     """phi trajectories (one line per run) against the target angle."""
     plt = _plt()
@@ -28,11 +37,7 @@ def plot_rotation(results: list[dict[str, Any]], target: float, path: Path) -> P
     ax.set_ylabel("phi (degrees)")
     ax.set_title("Meta-learned PT rotation")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_weights(clean: list[float], noisy: list[float], path: Path, title: str = "") -> Path:
@@ -51,11 +56,7 @@ def plot_weights(clean: list[float], noisy: list[float], path: Path, title: str 
     ax.set_ylabel("PT examples")
     ax.set_title(title or "Per-example PT weights")
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_exactness(cos: list[float], phi_alg: list[float], phi_exact: list[float], target: float,
@@ -73,8 +74,4 @@ def plot_exactness(cos: list[float], phi_alg: list[float], phi_exact: list[float
     b.set_xlabel("meta step")
     b.set_ylabel("phi")
     b.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
