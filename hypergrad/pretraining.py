@@ -37,7 +37,8 @@ import torch
 
 from . import _checks, tree
 from .implicit import implicit_solution
-from .solvers import SolveResult, neumann
+from .neumann_series import neumann
+from .solvers import SolveResult
 from .tree import Tree
 from .unroll import gradient_step, unroll
 
