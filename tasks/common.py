@@ -47,6 +47,22 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def check_settings(out: str | Path, settings: dict[str, Any], runs_glob: str,
+                   fix: str = "use a new --out") -> None:
+    """Record ``settings`` in ``out/settings.json``, refusing (SystemExit naming ``fix``) an
+    ``out`` whose recorded settings differ, or that holds runs (``runs_glob``) but no record:
+    resumable CLIs reuse finished runs by file name, so other settings would mix silently."""
+    out = Path(out)
+    settings = json.loads(json.dumps(_jsonable(settings), default=str))
+    path = out / "settings.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        raise SystemExit(f"--out {out} holds runs made with other settings ({path}); {fix}")
+    if not path.exists() and any(out.glob(runs_glob)):
+        raise SystemExit(f"--out {out} holds runs whose settings were not recorded (made before "
+                         f"settings.json existed); {fix}")
+    write_json(path, settings)
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file then rename: a killed run never leaves half a file."""
     path = Path(path)

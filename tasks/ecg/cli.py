@@ -20,74 +20,29 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tasks.common import atomic_save, launch_rank, seed_everything, seed_parallel, write_json
-from tasks.ecg.data import load_ptbxl, sample_ft_split
+from tasks.common import (
+    atomic_save,
+    check_settings,
+    launch_rank,
+    seed_everything,
+    seed_parallel,
+    write_json,
+)
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
 from tasks.ecg.plots import plot_augmentations, plot_strengths
 from tasks.ecg.report import METHODS, summarize, time_ratio
-from tasks.ecg.synthetic import GROUPS, LABELS, make_synthetic_ecg
+from tasks.ecg.synthetic import GROUPS
+from tasks.ecg.task import Task, ptbxl_task, synthetic_task
 
 __all__ = ["METHODS", "Task", "synthetic_task", "ptbxl_task", "build_parser", "main"]
 PROBE = 300  # test examples whose strengths are logged after every meta step
-
-
-@dataclass
-class Task:
-    """Non-test signals ``x``/``y`` with PT indices and D_FT candidate indices; the test set;
-    ground-truth groups (synthetic only)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    pt_idx: np.ndarray
-    ft_train_idx: np.ndarray
-    ft_val_idx: np.ndarray | None  # None: D_FT val drawn from ft_train_idx (paper, 80/20)
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    label_names: tuple[str, ...]
-    name: str
-    group_test: np.ndarray | None = None
-    group: np.ndarray | None = None  # ground-truth groups of ``x`` (synthetic only)
-
-    def ft_split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.ft_val_idx is None:
-            return sample_ft_split(self.ft_train_idx, n, seed)
-        n_tr = int(0.8 * n)
-        rng = np.random.RandomState(seed)
-        return (rng.permutation(self.ft_train_idx)[:n_tr],
-                rng.permutation(self.ft_val_idx)[: n - n_tr])
-
-
-def synthetic_task(n_pool: int, n_test: int, seed: int = 12345, version: int = 3) -> Task:
-    """Pool and test set from ``make_synthetic_ecg`` (generator ``version``), paper conventions
-    (scalar standardisation fitted on the pool, zero-padding to 1024)."""
-    pool = make_synthetic_ecg(n_pool, seed, version=version)
-    test = make_synthetic_ecg(n_test, seed + 1, version=version)
-    mean, std = float(pool.x.mean(dtype=np.float64)), float(pool.x.std(dtype=np.float64))
-
-    def prep(a: np.ndarray) -> torch.Tensor:
-        return torch.nn.functional.pad(torch.from_numpy((a - mean) / std).float(), (0, 24))
-
-    idx = np.arange(n_pool)
-    return Task(prep(pool.x), torch.from_numpy(pool.y), idx, idx, None, prep(test.x),
-                torch.from_numpy(test.y), LABELS, "synthetic", test.group, pool.group)
-
-
-def ptbxl_task(data_dir: str, labels: str, cache: str | None) -> Task:
-    d = load_ptbxl(data_dir, labels, cache=cache)
-    x, y = torch.from_numpy(d.x), torch.from_numpy(d.y)
-    te = d.splits["test"]
-    if labels == "paper":
-        pool = d.splits["pool"]
-        return Task(x, y, pool, pool, None, x[te], y[te], d.label_names, "ptbxl-paper")
-    tr = d.splits["train"]
-    return Task(x, y, tr, tr, d.splits["val"], x[te], y[te], d.label_names, "ptbxl-benchmark")
 
 
 def _parse_ints(text: str, name: str) -> list[int]:
@@ -240,20 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # finished runs, PT results and the time ratio are reused by file name: refuse an --out
     # holding them for other settings (data, generator, config, partial-access size)
-    settings = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
-                "data": "synthetic" if args.synthetic else str(args.data_dir),
-                "generator": args.generator if args.synthetic else None,
-                "n_pool": args.n_pool if args.synthetic else None,
-                "n_test": args.n_test if args.synthetic else None,
-                "labels": None if args.synthetic else args.labels, "meta_n": args.meta_n}
-    settings_file = out / "settings.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        raise SystemExit(f"--out {out} holds runs made with other settings ({settings_file}); "
-                         "use a new --out")
-    if not settings_file.exists() and any((out / "runs").glob("*.json")):
-        raise SystemExit(f"--out {out} holds runs whose settings were not recorded (made before "
-                         "settings.json existed); use a new --out")
-    write_json(settings_file, settings)
+    check_settings(out, {"config": asdict(cfg),
+                         "data": "synthetic" if args.synthetic else str(args.data_dir),
+                         "generator": args.generator if args.synthetic else None,
+                         "n_pool": args.n_pool if args.synthetic else None,
+                         "n_test": args.n_test if args.synthetic else None,
+                         "labels": None if args.synthetic else args.labels,
+                         "meta_n": args.meta_n}, "runs/*.json")
     task = (synthetic_task(args.n_pool, args.n_test, version=args.generator) if args.synthetic
             else ptbxl_task(args.data_dir, args.labels, args.cache))
     rank, _ = launch_rank()

@@ -21,7 +21,6 @@ import torch
 
 import hypergrad as hg
 from tasks.common import write_json
-from tasks.ecg.cli import synthetic_task
 from tasks.ecg.methods import (
     CONFIGS,
     SimCLRNet,
@@ -34,6 +33,7 @@ from tasks.ecg.methods import (
     with_overrides,
 )
 from tasks.ecg.synthetic import GROUPS
+from tasks.ecg.task import synthetic_task
 
 
 def per_example_hypergrads(task, cfg, pt: dict, n_ft: int, seed: int, batches: int,

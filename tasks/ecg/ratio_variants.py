@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.ecg.cli import synthetic_task
 from tasks.ecg.methods import CONFIGS, with_overrides
 from tasks.ecg.report import time_ratio
+from tasks.ecg.task import synthetic_task
 
 VARIANTS = {"neumann1_refit10": {},
             "neumann3_damped_refit10": {"neumann_terms": 3, "neumann_damping": 1.0},

@@ -17,7 +17,7 @@ from tasks.ecg.plots import plot_auroc
 from tasks.ecg.synthetic import GROUPS, TIMING_LABELS
 
 if TYPE_CHECKING:
-    from tasks.ecg.cli import Task
+    from tasks.ecg.task import Task
 
 __all__ = ["time_ratio", "summarize", "METHODS"]
 

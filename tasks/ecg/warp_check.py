@@ -19,9 +19,9 @@ import torch
 
 from models.resnet1d import RESNET_CONFIGS, ResNet1d
 from tasks.common import atomic_save, write_json
-from tasks.ecg.cli import synthetic_task
 from tasks.ecg.methods import CONFIGS, macro_auroc, pretrain, with_overrides
 from tasks.ecg.synthetic import TIMING_LABELS
+from tasks.ecg.task import synthetic_task
 
 
 def _split_auroc(y: np.ndarray, score: np.ndarray) -> dict[str, float]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from tasks.common import launch_rank, seed_parallel, write_json
+from tasks.common import check_settings, launch_rank, seed_parallel
 
 from . import exactness as E
 from . import noisy as N
@@ -91,17 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                          "delete --out before launching instead")
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    # finished seeds are reused: refuse an --out holding runs made with other settings
-    settings = {"experiment": args.experiment, "config": json.loads(json.dumps(
-        dataclasses.asdict(cfg), default=str))}
-    cfg_file = out / "settings.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) != settings:
-        raise SystemExit(f"--out {out} holds runs made with other settings ({cfg_file}); use "
-                         "a new --out or --fresh")
-    if not cfg_file.exists() and any(out.glob("seed*/result.json")):
-        raise SystemExit(f"--out {out} holds runs whose settings were not recorded (made before "
-                         "settings.json existed); use a new --out or --fresh")
-    write_json(cfg_file, settings)
+    check_settings(out, {"experiment": args.experiment, "config": dataclasses.asdict(cfg)},
+                   "seed*/result.json", fix="use a new --out or --fresh")
     progress = not args.no_progress
     t0 = time.perf_counter()
     if args.experiment == "exactness":
