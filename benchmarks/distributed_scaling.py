@@ -71,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
             "phi": sum(v.numel() for v in trainer.hparams.values()),
             "P": s.P, "batch_size": s.batch_size, "meta_batch_size": s.meta_batch_size,
             "meta": not args.plain}))
+    hd.shutdown()
 
 
 def launch(nproc: int, args: argparse.Namespace, plain: bool, data: Path) -> dict:

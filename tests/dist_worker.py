@@ -94,7 +94,7 @@ def main() -> None:
     trainer.run(args.steps, lambda i: batch(10_000 + i),
                 lambda j: (batch(20_000 + j), batch(30_000 + j)),
                 checkpoint=args.ckpt, checkpoint_every=1, progress=False, callback=die)
-    same = torch.tensor([float(hg.tree.norm(trainer.hparams["phi"]))], dtype=torch.float64)
+    same = torch.tensor([float(hg.tree.norm(trainer.hparams["phi"]).detach())], dtype=torch.float64)
     if hd.world_size() > 1:  # meta-parameters must be identical on every rank
         gathered = [torch.zeros_like(same) for _ in range(hd.world_size())]
         torch.distributed.all_gather(gathered, same)
@@ -104,8 +104,7 @@ def main() -> None:
                     "ft_head": hg.tree.detach(trainer.ft_head),
                     "hparams": hg.tree.detach(trainer.hparams),
                     "history": trainer.history, "world": hd.world_size()}, args.out)
-    if hd.world_size() > 1:
-        torch.distributed.destroy_process_group()
+    hd.shutdown()
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def main() -> None:
         assert "equal shapes" in str(e)
     else:
         raise AssertionError("all_gather accepted unequal shapes")
-    torch.distributed.destroy_process_group()
+    hd.shutdown()
+    assert hd.world_size() == 1 and not torch.distributed.is_initialized()
+    hd.shutdown()  # idempotent
 
 
 if __name__ == "__main__":

@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = time_meta_vs_plain(problem, s, outer=args.timing)
         if hd.is_main():
             write_json(out / "timing.json", {**timing, "world_size": hd.world_size()})
+    hd.shutdown()  # the collective work is done; rank 0 aggregates and plots alone
     if not hd.is_main():
         return 0
     table = aggregate(out, [f.tolist() for f in problem.folds])
