@@ -101,6 +101,7 @@ def test_auroc_matches_rank_definition():
     brute = np.mean([(a > b) + 0.5 * (a == b) for a in s[pos] for b in s[~pos]])
     assert abs(N.auroc(s, pos) - brute) < 1e-12
     assert N.auroc(np.array([1.0, 2.0]), np.array([False, True])) == 1.0
+    assert np.isnan(N.auroc(np.array([1.0, 2.0]), np.array([True, True])))
 
 
 def test_cli_rotation_writes_outputs_and_skips_finished_seeds(tmp_path, capsys):

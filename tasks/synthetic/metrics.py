@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 __all__ = ["auroc", "weight_stats"]
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (probability a positive outranks a negative; ties count 1/2)."""
-    scores = np.asarray(scores, dtype=float)
+    """Area under the ROC curve (probability a positive outranks a negative; ties count 1/2),
+    scikit-learn's ``roc_auc_score``; NaN when one class is absent."""
     positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=float)))
 
 
 def weight_stats(w: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
