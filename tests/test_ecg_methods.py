@@ -156,6 +156,23 @@ def test_simclr_and_meta_simclr_end_to_end(data, tmp_path):
         pretrain("byol", pool, CFG, 0)
 
 
+def test_pool_strengths_set_each_examples_warp(data):
+    """The oracle's fixed per-example strengths: all zeros is SimCLR without warp, exactly;
+    any other value changes the run; the shape is checked."""
+    x, _ = data
+    pool = x[:32]
+    zero = pretrain("simclr", pool, CFG, 0, progress=False, outer=2,
+                    pool_strengths=torch.zeros(32))
+    nowarp = pretrain("simclr", pool, with_overrides(CFG, warp=0.0), 0, progress=False, outer=2)
+    for k, v in nowarp["enc_state"].items():
+        torch.testing.assert_close(zero["enc_state"][k], v, rtol=0, atol=0)
+    half = pretrain("simclr", pool, CFG, 0, progress=False, outer=2,
+                    pool_strengths=torch.tensor([0.0, 50.0]).repeat(16))
+    assert not torch.equal(half["enc_state"]["stem.0.weight"], zero["enc_state"]["stem.0.weight"])
+    with pytest.raises(ValueError, match="pool_strengths"):
+        pretrain("simclr", pool, CFG, 0, progress=False, outer=1, pool_strengths=torch.zeros(31))
+
+
 def test_meta_pretraining_resumes_exactly(data, tmp_path):
     x, y = data
     pool, sets = x[:32], ((x[32:40], y[32:40]), (x[40:48], y[40:48]))

@@ -104,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, seed: int,
-               meta_sets, progress: bool) -> dict[str, Any]:
+               meta_sets, progress: bool, pool_strengths=None) -> dict[str, Any]:
     path = out / "pt" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     res = pretrain(method, task.x[task.pt_idx], cfg, seed, meta_sets=meta_sets,
                    checkpoint=out / "ckpt" / f"{key}.pt", progress=progress,
-                   probe=task.x_test[:PROBE])
+                   probe=task.x_test[:PROBE], pool_strengths=pool_strengths)
     if res["phi"] is not None:
         res["strengths"] = _strength_report(res["phi"], task, cfg, res.get("phi_buffers"))
         if task.group_test is not None and res["probe_strengths"]:
@@ -154,6 +154,13 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     elif method == "simclr_nowarp":  # the authors' SimCLR baseline: crop + jitter only
         pt = _pt_result(f"simclr_nowarp_s{seed}", out, "simclr", task,
                         with_overrides(cfg, warp=0.0), seed, None, progress)
+    elif method == "simclr_oracle":  # synthetic only: the per-group strengths phi should find
+        if task.group is None:
+            raise SystemExit("--method simclr_oracle needs ground-truth groups (--synthetic)")
+        timing = torch.from_numpy(task.group[task.pt_idx] == GROUPS.index("timing"))
+        s = torch.where(timing, 0.0, float(cfg.warp))
+        pt = _pt_result(f"simclr_oracle_s{seed}", out, "simclr", task, cfg, seed, None, progress,
+                        pool_strengths=s)
     elif method in ("meta_simclr", "meta_simclr_partial"):
         if method == "meta_simclr_partial":
             if meta_n >= n:

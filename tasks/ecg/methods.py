@@ -116,20 +116,26 @@ def phi_strengths(phi: nn.Module, params: dict[str, Tensor] | None, x: Tensor,
 def pretrain(
     method: str, x_pool: Tensor, cfg: ECGConfig, seed: int, *, meta_sets=None,
     checkpoint: str | Path | None = None, progress: bool = True, meta: bool | None = None,
-    outer: int | None = None, probe: Tensor | None = None,
+    outer: int | None = None, probe: Tensor | None = None, pool_strengths: Tensor | None = None,
 ) -> dict[str, Any]:
     """SimCLR (``method="simclr"``) or Meta SimCLR (``"meta_simclr"``) pre-training.
 
     ``meta_sets`` = ``((x_tr, y_tr), (x_val, y_val))``, D_FT(Meta), needed for Meta SimCLR.
     ``meta=False`` runs Meta SimCLR's loop without meta steps (the cost-ratio baseline).
     ``outer`` overrides the number of outer iterations. ``probe``: examples whose strengths
-    are recorded after every meta step. Returns the encoder state (BatchNorm statistics
+    are recorded after every meta step. ``pool_strengths`` (SimCLR only): a fixed warp
+    strength for every pool example instead of ``cfg.warp`` (the synthetic task's ground-truth
+    oracle, ``simclr_oracle``). Returns the encoder state (BatchNorm statistics
     re-estimated on the pool), phi's parameters, the history and wall times.
     """
     if method not in ("simclr", "meta_simclr"):
         raise ValueError(f"`method` must be 'simclr' or 'meta_simclr', got {method!r}")
     if method == "meta_simclr" and meta_sets is None:
         raise ValueError("`meta_sets` ((x_tr, y_tr), (x_val, y_val)) is needed for meta_simclr")
+    n_pool = len(x_pool)
+    if pool_strengths is not None and (method != "simclr" or pool_strengths.shape != (n_pool,)):
+        raise ValueError(f"`pool_strengths` needs method 'simclr' and shape ({n_pool},), got "
+                         f"{method!r} and {tuple(pool_strengths.shape)}")
     torch.manual_seed(seed)
     dt = x_pool.dtype  # the models follow the data's dtype
     net = SimCLRNet(cfg, x_pool.shape[1]).to(dt)
@@ -152,7 +158,8 @@ def pretrain(
             return h["warp"].expand(x.shape[0])
 
     def pt_loss(p: dict[str, Tensor], h: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
-        return simclr_loss(net, cfg, p, strength(h, batch["x"]), batch)
+        s = batch["s"] if "s" in batch else strength(h, batch["x"])
+        return simclr_loss(net, cfg, p, s, batch)
 
     def ft_loss(e: dict[str, Tensor], hd: dict[str, Tensor], batch: tuple[Tensor, Tensor]):
         return ft_bce(net, e, hd, batch)
@@ -162,7 +169,10 @@ def pretrain(
     def pt_batch_fn(i: int) -> dict[str, Any]:
         perm = torch.randperm(n, generator=_gen(seed, 1, i // spe))
         idx = perm[(i % spe) * cfg.pt_batch : (i % spe + 1) * cfg.pt_batch]
-        return {"x": x_pool[idx], "seed": int(_gen(seed, 2, i).initial_seed())}
+        b = {"x": x_pool[idx], "seed": int(_gen(seed, 2, i).initial_seed())}
+        if pool_strengths is not None:
+            b["s"] = pool_strengths[idx].to(dt)
+        return b
 
     def ft_batch_fn(j: int):
         out = []

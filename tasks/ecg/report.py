@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["time_ratio", "summarize", "METHODS"]
 
-METHODS = ("no_pt", "simclr_nowarp", "simclr", "meta_simclr", "meta_simclr_partial")
+METHODS = ("no_pt", "simclr_nowarp", "simclr", "simclr_oracle", "meta_simclr",
+           "meta_simclr_partial")
 
 
 def time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int, out: Path) -> dict[str, Any]:
@@ -123,7 +124,8 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
 
 
 PAIRS = (("meta_simclr", "simclr"), ("meta_simclr", "no_pt"), ("meta_simclr", "simclr_nowarp"),
-         ("simclr", "simclr_nowarp"), ("simclr_nowarp", "no_pt"))
+         ("simclr", "simclr_nowarp"), ("simclr_nowarp", "no_pt"), ("simclr_oracle", "simclr"),
+         ("meta_simclr", "simclr_oracle"))
 
 
 def paired_differences(results: list[dict[str, Any]], split_labels: bool = True
