@@ -57,12 +57,14 @@ def linear_probe(enc_state, task, cfg, n: int, seed: int) -> dict[str, float]:
 
 
 def probe_saved(args) -> int:
-    """Linear probes of a CLI run's saved SimCLR encoders; mean +- std over seeds."""
+    """Linear probes of a CLI run's saved SimCLR encoders (``--methods``); mean +- std over
+    seeds, and every method's paired difference to the first one."""
     cfg = CONFIGS["default"]
     task = synthetic_task(2000, 1000, version=args.generator)
     ns = [int(v) for v in args.n_ft.split(",")]
     res: dict = {}
-    for name in ("simclr_nowarp", "simclr"):
+    methods = args.methods.split(",")
+    for name in methods:
         for s in range(args.seeds):
             path = Path(args.pt_dir) / "pt" / f"{name}_s{s}.pt"
             enc_state = torch.load(path, weights_only=False)["enc_state"]
@@ -73,14 +75,18 @@ def probe_saved(args) -> int:
                               float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0)
                           for k in ("all", "timing", "morphology")}
                       for n, rs in by_n.items()} for name, by_n in res.items()}
-    diff = {n: {k: [a[k] - b[k] for a, b in zip(res["simclr"][n], res["simclr_nowarp"][n])]
-                for k in ("all", "timing", "morphology")} for n in ns}
+    base = methods[0]
+    diff = {m: {n: {k: [a[k] - b[k] for a, b in zip(res[m][n], res[base][n])]
+                    for k in ("all", "timing", "morphology")} for n in ns} for m in methods[1:]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "probe_saved.json", {"summary": summary, "paired_diff_warp_minus_nowarp":
-                                          diff, "per_run": res, "pt_dir": args.pt_dir})
-    for n in ns:
-        print(n, {k: [round(100 * v, 1) for v in d] for k, d in diff[n].items()}, flush=True)
+    write_json(out / "probe_saved.json", {"summary": summary, f"paired_diff_minus_{base}": diff,
+                                          "per_run": res, "pt_dir": args.pt_dir})
+    for m, by_n in diff.items():
+        for n, d in by_n.items():
+            print(f"{m} - {base}, N={n}:", {k: f"{100 * np.mean(v):+.1f} +- "
+                                            f"{100 * np.std(v, ddof=1):.1f}" for k, v in d.items()},
+                  flush=True)
     return 0
 
 
@@ -93,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--pt-dir", help="probe the saved SimCLR pre-trainings of a CLI run instead "
-                   "(DIR/pt/simclr_s*.pt, simclr_nowarp_s*.pt) for seeds 0..--seeds-1")
+                   "(DIR/pt/{method}_s*.pt) for seeds 0..--seeds-1")
+    p.add_argument("--methods", default="simclr_nowarp,simclr",
+                   help="saved pre-trainings to probe (DIR/pt/{method}_s{seed}.pt); differences "
+                   "are taken to the first")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
