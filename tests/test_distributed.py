@@ -64,6 +64,17 @@ def test_sync_batchnorm_and_all_gather_match_one_process_to_second_order():
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def test_a_process_group_left_alive_is_destroyed_at_exit():
+    """init() registers an exit handler: a script that never calls shutdown() still destroys
+    its gloo group while Python is alive (instead of in gloo's C++ teardown) and exits 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", str(ROOT / "tests" / "exit_worker.py")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("initialized at exit: False") == 2, r.stdout
+
+
 def test_per_shard_batch_norm_is_not_the_global_model(tmp_path):
     """The control: plain BatchNorm normalises each shard by its own statistics, so 2 processes
     differ from 1 (this is what SyncBatchNorm fixes)."""
