@@ -34,7 +34,7 @@ def data():
     return x, torch.from_numpy(d.y)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 def test_synthetic_ground_truth(version):
     d = make_synthetic_ecg(120, seed=0, version=version)
     assert d.x.shape == (120, 12, 1000) and d.y.shape == (120, 5)
@@ -57,6 +57,20 @@ def test_synthetic_ground_truth(version):
         make_synthetic_ecg(0)
     with pytest.raises(ValueError, match="`version`"):
         make_synthetic_ecg(4, version=9)
+
+
+def test_synthetic_v5_is_v3_plus_pacing_spikes_on_the_timing_group():
+    """Version 5: the same records, labels and groups as version 3, except that every
+    timing-group record carries a short pacing spike before each P wave."""
+    a, b = make_synthetic_ecg(60, seed=1, version=3), make_synthetic_ecg(60, seed=1, version=5)
+    np.testing.assert_array_equal(a.y, b.y)
+    np.testing.assert_array_equal(a.group, b.group)
+    timing = a.group == GROUPS.index("timing")
+    assert timing.any() and (~timing).any()
+    np.testing.assert_array_equal(a.x[~timing], b.x[~timing])
+    d = np.abs(b.x - a.x)[timing].max(1)  # (records, time): largest change over the leads
+    assert (d.max(1) > 0.5).all()  # every paced record has spikes of > 0.5 mV
+    assert ((d > 0.05).mean(1) < 0.1).all()  # ... lasting a few samples per beat
 
 
 def test_synthetic_v3_adds_beat_to_beat_timing_variability():

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable)")
     p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
     p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
-    p.add_argument("--generator", type=int, choices=(1, 2, 3, 4), default=3,
+    p.add_argument("--generator", type=int, choices=(1, 2, 3, 4, 5), default=3,
                    help="synthetic generator version (1: the previous one)")
     p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
