@@ -106,10 +106,11 @@ def neumann(
         return matvec(v if d is None else tree.map(torch.mul, d, v))
     spent = 0
     stats: dict[str, Any] = {}
+    b_norm = tree.norm(b)
     if isinstance(alpha, str):
         if alpha != "auto":
             raise ValueError(f"`alpha` must be a positive number or 'auto', got {alpha!r}")
-        if float(tree.norm(b)) == 0.0:
+        if float(b_norm) == 0.0:
             alpha_value = 1.0
         else:
             sq = None if d is None else tree.map(torch.sqrt, d)
@@ -130,7 +131,6 @@ def neumann(
     else:
         alpha_value = _checks.positive_number(alpha, "alpha")
     stats["alpha"] = alpha_value
-    b_norm = tree.norm(b)
     if float(b_norm) == 0.0:
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
         return SolveResult(tree.zeros_like(b), torch.tensor(spent), zero, torch.tensor(True), stats)
