@@ -170,7 +170,7 @@ def shard(batch: Any) -> Any:
     is the global mean. Identity when not distributed.
     """
     w, r = world_size(), rank()
-    flat = tree.flatten(batch)[0]
+    flat, spec = tree.flatten(batch)
     arrays = [type(x).__name__ for x in flat if hasattr(x, "__array__")
               and not isinstance(x, torch.Tensor)]
     if arrays:
@@ -193,7 +193,6 @@ def shard(batch: Any) -> Any:
     if w == 1:
         return batch
     n = size // w
-    flat, spec = tree.flatten(batch)
     flat = [x[r * n : (r + 1) * n] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
             for x in flat]
     return tree.unflatten(flat, spec)
