@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         timing = time_meta_vs_plain(problem, s, outer=args.timing)
         if hd.is_main():
             write_json(out / "timing.json", {**timing, "world_size": hd.world_size()})
+    main_rank = hd.is_main()  # read before shutdown: without a group every rank reads as 0
     hd.shutdown()  # the collective work is done; rank 0 aggregates and plots alone
-    if not hd.is_main():
+    if not main_rank:
         return 0
     table = aggregate(out, [f.tolist() for f in problem.folds])
     src = "synthetic stand-in" if args.synthetic else f"data {args.data_dir}"
