@@ -108,7 +108,7 @@ def cotrain(
             loss.backward()
         opt.step()
         if variant == "ift" and step % 2 == 1 and (step // 2 + 1) % s.ift_every == 0:
-            _ift_step(params, phi, meta_opt, net, pt_loss_w, ft_of, store,
+            _ift_step(params, phi, meta_opt, pt_loss_w, ft_of, store,
                       pt_stream, mtr, mva, step // 2, s)
     info = {"total_time": time.perf_counter() - t0, "steps": steps}
     weights = (2 * torch.sigmoid(phi["logit"].detach())).tolist() if variant == "ift" else None
@@ -119,7 +119,7 @@ def cotrain(
 
 
 def _ift_step(
-    params: Params, phi: Params, meta_opt: torch.optim.Optimizer, net: _Net,
+    params: Params, phi: Params, meta_opt: torch.optim.Optimizer,
     pt_loss_w: Loss3, ft_of: Callable[[Params, GraphBatch], torch.Tensor], store: GraphStore,
     pt_stream: Stream, mtr: Stream, mva: Stream, i: int, s: Settings,
 ) -> None:
