@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.out = args.out or str(ROOT / f"benchmarks/results/distributed_scaling_{args.config}.json")
     with tempfile.TemporaryDirectory() as tmp:
-        _problem(args.config, Path(tmp))  # generate the data once, outside the timed workers
+        from tasks.ppi.config import get_config
+        from tasks.ppi.synthetic import write_synthetic
+
+        # generate the data once, outside the timed workers (which load it)
+        write_synthetic(Path(tmp), get_config(args.config).synthetic)
         rows = {(w, plain): launch(w, args, plain, Path(tmp))
                 for w in (1, args.nproc) for plain in (False, True)}
     one, many = rows[(1, False)], rows[(args.nproc, False)]
