@@ -14,7 +14,7 @@ from tasks.common import mean_std, write_json
 from tasks.ecg.config import ECGConfig, with_overrides
 from tasks.ecg.methods import pretrain
 from tasks.ecg.plots import plot_auroc
-from tasks.ecg.synthetic import GROUPS, TIMING_LABELS
+from tasks.ecg.synthetic import GROUPS, timing_morphology
 
 if TYPE_CHECKING:
     from tasks.ecg.task import Task
@@ -61,11 +61,9 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                 continue
             table[m][n] = (*mean_std([r["test_auroc"] for r in rs]), len(rs))
             if task.group_test is not None:
-                per = np.array([r["test_auroc_per_label"] for r in rs], dtype=float)
-                groups[m][n] = {
-                    "timing": mean_std(list(np.nanmean(per[:, list(TIMING_LABELS)], 1))),
-                    "morphology": mean_std(list(np.nanmean(per[:, 3:], 1))),
-                }
+                split = [timing_morphology(r["test_auroc_per_label"]) for r in rs]
+                groups[m][n] = {k: mean_std([d[k] for d in split])
+                                for k in ("timing", "morphology")}
     seen: dict[tuple[int, int], dict] = {}  # one entry per full-access Meta SimCLR pre-training
     for r in results:
         if r["method"] == "meta_simclr" and r.get("strengths"):
@@ -136,10 +134,7 @@ def paired_differences(results: list[dict[str, Any]], split_labels: bool = True
     def split(r: dict[str, Any]) -> dict[str, float]:
         if not split_labels:
             return {"all": r["test_auroc"]}
-        per = np.asarray(r["test_auroc_per_label"], dtype=float)
-        morph = [j for j in range(len(per)) if j not in TIMING_LABELS]
-        return {"all": r["test_auroc"], "timing": float(np.nanmean(per[list(TIMING_LABELS)])),
-                "morphology": float(np.nanmean(per[morph]))}
+        return {"all": r["test_auroc"], **timing_morphology(r["test_auroc_per_label"])}
 
     by_key = {(r["method"], r["n_ft"], r["seed"], r.get("ft_seed", 0)): split(r) for r in results}
     out: dict[tuple[str, str], dict[int, Any]] = {}

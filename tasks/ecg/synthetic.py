@@ -59,13 +59,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "SyntheticECG", "make_synthetic_ecg"]
+__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "SyntheticECG", "make_synthetic_ecg",
+           "timing_morphology"]
 
 LABELS = ("TACHY", "LONG_PR", "WIDE_QRS", "ST_DEV", "T_INV")
 TIMING_LABELS = (0, 1, 2)
 GROUPS = ("normal", "timing", "morphology")
 FS = 100
 LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+def timing_morphology(per_label) -> dict[str, float]:
+    """Mean of per-label AUROCs (NaN skipped) over the timing labels and over the others."""
+    per = np.asarray(per_label, dtype=float)
+    morph = [j for j in range(len(per)) if j not in TIMING_LABELS]
+    return {"timing": float(np.nanmean(per[list(TIMING_LABELS)])),
+            "morphology": float(np.nanmean(per[morph]))}
 
 
 def _lead_vectors() -> np.ndarray:

@@ -20,15 +20,13 @@ import torch
 from models.resnet1d import RESNET_CONFIGS, ResNet1d
 from tasks.common import atomic_save, write_json
 from tasks.ecg.methods import CONFIGS, macro_auroc, pretrain, with_overrides
-from tasks.ecg.synthetic import TIMING_LABELS
+from tasks.ecg.synthetic import timing_morphology
 from tasks.ecg.task import synthetic_task
 
 
 def _split_auroc(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
     auc, per = macro_auroc(y, score)
-    morph = [j for j in range(y.shape[1]) if j not in TIMING_LABELS]
-    return {"all": auc, "timing": float(np.nanmean([per[j] for j in TIMING_LABELS])),
-            "morphology": float(np.nanmean([per[j] for j in morph])), "per_label": per}
+    return {"all": auc, **timing_morphology(per), "per_label": per}
 
 
 def linear_probe(enc_state, task, cfg, n: int, seed: int) -> dict[str, float]:
@@ -137,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             ft = finetune(pt["enc_state"], (task.x[tr], task.y[tr]), (task.x[va], task.y[va]),
                           (task.x_test, task.y_test), cfg, 1000 * args.seed)
             per = ft["test_auroc_per_label"]
-            r[f"ft_n{n}"] = {"all": ft["test_auroc"], "per_label": per,
-                             "timing": float(np.nanmean([per[j] for j in TIMING_LABELS])),
-                             "morphology": float(np.nanmean(per[3:]))}
+            r[f"ft_n{n}"] = {"all": ft["test_auroc"], "per_label": per, **timing_morphology(per)}
         write_json(out / f"{key}.json", r)
         print(key, {k: (round(v["timing"], 3), round(v["morphology"], 3))
                     for k, v in r.items() if isinstance(v, dict)}, flush=True)
