@@ -38,7 +38,7 @@ from tasks.common import (
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
 from tasks.ecg.plots import plot_augmentations, plot_strengths
 from tasks.ecg.report import METHODS, summarize, time_ratio
-from tasks.ecg.synthetic import GROUPS
+from tasks.ecg.synthetic import GROUPS, VERSIONS
 from tasks.ecg.task import Task, ptbxl_task, synthetic_task
 
 __all__ = ["METHODS", "Task", "synthetic_task", "ptbxl_task", "build_parser", "main"]
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable)")
     p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
     p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
-    p.add_argument("--generator", type=int, choices=(1, 2, 3, 4, 5), default=3,
+    p.add_argument("--generator", type=int, choices=VERSIONS, default=3,
                    help="synthetic generator version (1: the previous one)")
     p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",

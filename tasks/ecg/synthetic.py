@@ -59,8 +59,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "SyntheticECG", "make_synthetic_ecg",
-           "timing_morphology"]
+__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "VERSIONS", "SyntheticECG",
+           "make_synthetic_ecg", "timing_morphology"]
 
 LABELS = ("TACHY", "LONG_PR", "WIDE_QRS", "ST_DEV", "T_INV")
 TIMING_LABELS = (0, 1, 2)
@@ -151,6 +151,7 @@ _AMP_NOISE = {1: (30.0, (0.7, 1.4), 0.15, (0.05, 0.2)), 2: (30.0, (0.7, 1.4), 0.
               3: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06)), 4: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06)),
               5: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06))}
 _SPIKE = np.array([0.6, 0.6, 0.5])  # atrial pacing spike vector (mV), version 5
+VERSIONS = tuple(sorted(_MORPH))  # the generator versions
 
 
 def _sample_features(rng: np.random.Generator, group: int, version: int) -> dict[str, float]:

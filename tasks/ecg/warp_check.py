@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models.resnet1d import RESNET_CONFIGS, ResNet1d
-from tasks.common import atomic_save, write_json
+from tasks.common import atomic_save, mean_std, write_json
 from tasks.ecg.methods import CONFIGS, macro_auroc, pretrain, with_overrides
 from tasks.ecg.synthetic import timing_morphology
 from tasks.ecg.task import synthetic_task
@@ -69,9 +69,7 @@ def probe_saved(args) -> int:
             for n in ns:
                 res.setdefault(name, {}).setdefault(n, []).append(
                     linear_probe(enc_state, task, cfg, n, s))
-    summary = {name: {n: {k: (float(np.mean([r[k] for r in rs])),
-                              float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0)
-                          for k in ("all", "timing", "morphology")}
+    summary = {name: {n: {k: mean_std([r[k] for r in rs]) for k in ("all", "timing", "morphology")}
                       for n, rs in by_n.items()} for name, by_n in res.items()}
     base = methods[0]
     diff = {m: {n: {k: [a[k] - b[k] for a, b in zip(res[m][n], res[base][n])]
