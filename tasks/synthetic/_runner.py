@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from hypergrad import tree
 from models import digits as M
 from tasks.common import write_json
 
 __all__ = ["apply_overrides", "run_seeds", "cosine_lr", "batch_generator", "time_ratio",
-           "linear_probe", "run_with_warmup", "tree_detach", "init_classifier", "ft_logits",
+           "linear_probe", "run_with_warmup", "init_classifier", "ft_logits",
            "probe_accuracy"]
 
 
@@ -166,10 +167,6 @@ def run_with_warmup(trainer: Any, warmup: int, meta_steps: int, pt_batch, ft_bat
 
 # --- the classifier shared by the rotation and noisy-label tasks ----------------------------
 
-def tree_detach(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in t.items()}
-
-
 def init_classifier(kind: str, side: int, width: int, depth: int, ft_mode: str,
                     g: torch.Generator, dtype: torch.dtype
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -199,7 +196,7 @@ def ft_logits(enc: dict[str, torch.Tensor], head: dict[str, torch.Tensor], x: to
 
 def probe_accuracy(pt_params: dict[str, torch.Tensor], ft: dict[str, tuple], act: str) -> float:
     """Test accuracy of a linear head fitted on the frozen encoder's FT-train features."""
-    enc = M.encoder_part(tree_detach(pt_params))
+    enc = M.encoder_part(tree.detach(pt_params))
     with torch.no_grad():
         f = {k: M.features(enc, x, act) for k, (x, _) in ft.items()}
     return linear_probe(f["train"], ft["train"][1], f["test"], ft["test"][1])

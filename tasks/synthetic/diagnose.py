@@ -42,7 +42,7 @@ def screen(cfg, angles=(0.0, 18.0, 30.0, 45.0, 60.0), seed: int = 1, pt_steps: i
         for _ in range(ft_fit_steps):  # optional: settle psi_FT first, as online training does
             hd = {k: v.clone().requires_grad_() for k, v in head.items()}
             with torch.enable_grad():
-                gr = torch.autograd.grad(task.ft_loss(tree_detach(enc), hd, "train"),
+                gr = torch.autograd.grad(task.ft_loss(hg.tree.detach(enc), hd, "train"),
                                          list(hd.values()))
             head = {k: (v - cfg.ft_lr * g).detach() for (k, v), g in zip(hd.items(), gr)}
         hgs, vals, resid = [], [], []
@@ -92,10 +92,6 @@ def warm_landscape(cfg, base: float = 18.0, deltas=(0.0, 6.0, 12.0), seed: int =
             v = float(task.ft_loss(tr.pt_params, tr.ft_head, "val"))
         rows.append({"base": base, "delta": d, "val_loss": v})
     return rows
-
-
-def tree_detach(t):
-    return {k: v.detach() for k, v in t.items()}
 
 
 def main(argv=None) -> None:

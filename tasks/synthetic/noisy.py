@@ -43,7 +43,6 @@ from ._runner import (
     probe_accuracy,
     run_seeds,
     run_with_warmup,
-    tree_detach,
 )
 from .metrics import auroc, weight_stats
 from .precond import AdamPreconditionedNeumann
@@ -212,7 +211,7 @@ class NoisyTask:
 
     def all_weights(self, hparams) -> np.ndarray:
         with torch.no_grad():
-            return self.weights(tree_detach(hparams), torch.arange(len(self.y_pt))).numpy()
+            return self.weights(hg.tree.detach(hparams), torch.arange(len(self.y_pt))).numpy()
 
     def probe_accuracy(self, pt_params) -> float:
         return probe_accuracy(pt_params, self.ft, self.cfg.act)
