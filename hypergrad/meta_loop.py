@@ -143,14 +143,19 @@ class MetaPretrainer:
         self.pt_steps_done += 1
         return float(loss.detach())
 
+    def ift_solver(self) -> Callable[..., SolveResult]:
+        """The solver the next meta step uses: ``solver`` with the current IFT preconditioner
+        (``ift_preconditioner``) bound, if any."""
+        if self.ift_preconditioner == "adam":
+            return functools.partial(
+                self.solver, preconditioner=adam_preconditioner(self.pt_opt, self.pt_params))
+        if self.ift_preconditioner is not None:
+            return functools.partial(self.solver, preconditioner=self.ift_preconditioner(self))
+        return self.solver
+
     def meta_step(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any) -> dict[str, float]:
         """One hypergradient (Algorithm 1) and one meta-optimizer step; psi_FT kept online."""
-        solver = self.solver
-        if self.ift_preconditioner == "adam":
-            solver = functools.partial(
-                solver, preconditioner=adam_preconditioner(self.pt_opt, self.pt_params))
-        elif self.ift_preconditioner is not None:
-            solver = functools.partial(solver, preconditioner=self.ift_preconditioner(self))
+        solver = self.ift_solver()
         res = pretraining_hypergrad(
             lambda p, h: self.pt_loss(p, h, pt_batch),
             lambda e, hd: self.ft_loss(e, hd, ft_train_batch),

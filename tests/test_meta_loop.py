@@ -215,6 +215,13 @@ def test_meta_step_hands_the_pt_adam_diagonal_to_the_solver():
             assert float(seen[-1]["enc"].max()) > 2.0  # far from plain GD's D = 1
     assert seen[0] is None and seen[1] is None
     assert hist["adam"][1]["hypergrad_norm"] != pytest.approx(hist[None][1]["hypergrad_norm"])
+    # ift_solver() is the solver the next meta step uses (what diagnostics should call)
+    seen.clear()
+    tr.ift_solver()(lambda v: v, {k: torch.ones_like(x) for k, x in tr.pt_params.items()})
+    for k, d in hg.adam_preconditioner(tr.pt_opt, tr.pt_params).items():
+        torch.testing.assert_close(seen[-1][k], d)
+    plain = hg.MetaPretrainer(**{**_kwargs(make), "solver": solver})
+    assert plain.ift_solver() is solver
 
 
 def _kwargs(make):

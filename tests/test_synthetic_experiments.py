@@ -198,6 +198,8 @@ def test_diagnose_screen_and_warm_landscape_run():
     rows = diagnose.screen(cfg, angles=(10.0, 100.0), pt_steps=3, n_batches=2)
     assert [r["angle"] for r in rows] == [10.0, 100.0]
     assert all(np.isfinite(r["hypergrad_mean"]) and len(r["per_batch"]) == 2 for r in rows)
+    with pytest.raises(ValueError, match="ift=neumann"):  # it would silently measure Neumann
+        diagnose.screen(R.CONFIGS["tiny"], angles=(10.0,), pt_steps=1, n_batches=1)
     warm = diagnose.warm_landscape(cfg, 10.0, (0.0, 5.0), pt_steps=3, more_steps=2)
     assert [r["delta"] for r in warm] == [0.0, 5.0]
     assert all(np.isfinite(r["val_loss"]) for r in warm)

@@ -30,6 +30,10 @@ __all__ = ["screen"]
 def screen(cfg, angles=(0.0, 18.0, 30.0, 45.0, 60.0), seed: int = 1, pt_steps: int = 1500,
            n_batches: int = 8, ft_fit_steps: int = 0) -> list[dict]:
     """Mean and t-statistic of the hypergradient at PT solutions trained at fixed angles."""
+    if cfg.ift == "forward":
+        raise ValueError("the screen measures Algorithm 1's IFT hypergradient; the forward-mode "
+                         "tangent has no fixed-point form: pass --set ift=neumann (or another "
+                         "IFT variant)")
     task = build(cfg, seed)
     rows = []
     for a in angles:
@@ -53,7 +57,7 @@ def screen(cfg, angles=(0.0, 18.0, 30.0, 45.0, 60.0), seed: int = 1, pt_steps: i
                 lambda e, hd: task.ft_loss(e, hd, "train"),
                 lambda e, hd: task.ft_loss(e, hd, "val"),
                 tr.pt_params, head, tr.hparams, encoder=tr.encoder, ft_steps=cfg.K,
-                ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=tr.solver)
+                ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=tr.ift_solver())
             hgs.append(float(res.hypergrad["phi"]))
             solve = res.info.get("solve")
             resid.append(float(solve.residual_norm) if solve is not None else float("nan"))

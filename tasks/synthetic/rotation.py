@@ -184,7 +184,7 @@ class RotationTask:
         if cfg.ift in ("adam_neumann", "adam_momentum"):
             solver = AdamPreconditionedNeumann(cfg.neumann_iterations, cfg.precond_scale,
                                                momentum=cfg.ift == "adam_momentum")
-        elif cfg.ift in ("neumann", "adam_neumann", "adam_momentum", "forward", "library_adam"):
+        elif cfg.ift in ("neumann", "forward", "library_adam"):
             solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
                                        alpha=cfg.pt_lr * cfg.neumann_alpha_scale)
         else:
