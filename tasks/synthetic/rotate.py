@@ -34,25 +34,25 @@ def rotate(x: torch.Tensor, angle_deg: torch.Tensor | float) -> torch.Tensor:
         a = a.expand(n)
     if a.shape != (n,):
         raise ValueError(f"`angle_deg` must be a scalar or shape ({n},), got {tuple(a.shape)}")
-    r = a * (math.pi / 180.0)
-    c, s = torch.cos(r), torch.sin(r)
-    z = torch.zeros_like(c)
     # affine_grid maps output coordinates (x right, y down, in [-1, 1]) to input coordinates;
     # sampling the input at R(-a) p shows the content rotated by +a on screen (y axis down).
-    theta = torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1)], -2)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    r = a * (math.pi / 180.0)
+    grid = F.affine_grid(_matrix(torch.cos(r), torch.sin(r)), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _matrix(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The (n, 2, 3) affine matrices [[c, -s, 0], [s, c, 0]]."""
+    z = torch.zeros_like(c)
+    return torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1)], -2)
+
+
 def _thetas(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine matrices of ``rotate`` for angles ``a`` (degrees) and their derivatives in
+    the angle (d/da of [[c, -s], [s, c]] is k [[-s, -c], [c, -s]], k = pi / 180)."""
     r = a * (math.pi / 180.0)
     c, s = torch.cos(r), torch.sin(r)
-    z = torch.zeros_like(c)
-    theta = torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1)], -2)
-    k = math.pi / 180.0  # d theta / d angle (degrees)
-    dtheta = torch.stack([torch.stack([-s * k, -c * k, z], -1),
-                          torch.stack([c * k, -s * k, z], -1)], -2)
-    return theta, dtheta
+    return _matrix(c, s), (math.pi / 180.0) * _matrix(-s, c)
 
 
 def rotate_with_tangent(x: torch.Tensor, angle_deg: torch.Tensor) -> tuple[torch.Tensor,
