@@ -1,13 +1,13 @@
-"""The Adam-preconditioned Neumann series of tasks/synthetic/precond.py."""
+"""The Adam-preconditioned IFT solves of the synthetic tasks: the library's series with
+``adam_preconditioner`` (Adam without momentum) and tasks/synthetic/precond.py's heavy ball
+(Adam with momentum)."""
 
 from __future__ import annotations
-
-import types
 
 import torch
 
 import hypergrad as hg
-from tasks.synthetic.precond import AdamPreconditionedNeumann
+from tasks.synthetic.precond import adam_heavy_ball
 
 
 def _problem(n: int = 6):
@@ -18,16 +18,20 @@ def _problem(n: int = 6):
     return h, b, (lambda v: {"w": h @ v["w"]})
 
 
-def _trainer(p: torch.Tensor, lr: float):
+def _adam(p: torch.Tensor, lr: float, steps: int = 0) -> torch.optim.Adam:
     opt = torch.optim.Adam([p], lr=lr)
-    return types.SimpleNamespace(pt_opt=opt, pt_params={"w": p})
+    for _ in range(steps):  # populate exp_avg_sq with uneven per-coordinate scales
+        opt.zero_grad()
+        p.grad = torch.linspace(0.5, 3.0, len(p), dtype=torch.float64)
+        opt.step()
+    return opt
 
 
 def test_without_adam_state_it_is_plain_neumann():
     h, b, mv = _problem()
     p = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    solver = AdamPreconditionedNeumann(iterations=7).bind(_trainer(p, 0.1))
-    ours = solver(mv, b)
+    d = hg.adam_preconditioner(_adam(p, 0.1), {"w": p})
+    ours = hg.neumann(mv, b, iterations=7, alpha=0.1, preconditioner=d)
     ref = hg.neumann(mv, b, iterations=7, alpha=0.1)
     torch.testing.assert_close(ours.solution["w"], ref.solution["w"])
     torch.testing.assert_close(ours.residual_norm, ref.residual_norm)
@@ -36,30 +40,29 @@ def test_without_adam_state_it_is_plain_neumann():
 def test_with_adam_state_it_solves_the_system():
     h, b, mv = _problem()
     p = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    tr = _trainer(p, 0.1)
-    for _ in range(20):  # populate exp_avg_sq with uneven per-coordinate scales
-        tr.pt_opt.zero_grad()
-        p.grad = torch.linspace(0.5, 3.0, 6, dtype=torch.float64)
-        tr.pt_opt.step()
-    solver = AdamPreconditionedNeumann(iterations=2000).bind(tr)
-    d = solver.diagonal()["w"]
-    assert d.max() / d.min() > 5  # really preconditioned
-    res = solver(mv, b)
+    d = hg.adam_preconditioner(_adam(p, 0.1, steps=20), {"w": p})
+    assert d["w"].max() / d["w"].min() > 5  # really preconditioned
+    res = hg.neumann(mv, b, iterations=2000, alpha=0.1, preconditioner=d)
     torch.testing.assert_close(res.solution["w"], torch.linalg.solve(h, b["w"]), rtol=1e-6,
                                atol=1e-8)
     r = torch.linalg.norm(b["w"] - h @ res.solution["w"]) / torch.linalg.norm(b["w"])
     torch.testing.assert_close(res.residual_norm, r, rtol=1e-6, atol=1e-12)
+    hb = adam_heavy_ball(mv, b, preconditioner=d, alpha=0.1, iterations=3000)
+    torch.testing.assert_close(hb.solution["w"], torch.linalg.solve(h, b["w"]), rtol=1e-6,
+                               atol=1e-8)
 
 
 def test_heavy_ball_converges_where_plain_series_diverges():
     h, b, mv = _problem()
     p = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    tr = _trainer(p, 1.0)  # no Adam state: D = lr I = 1, beyond 2 / lambda_max
+    d = hg.adam_preconditioner(_adam(p, 1.0), {"w": p})  # no Adam state: D = lr I = 1
     lam = torch.linalg.eigvalsh(h).max()
-    assert lam > 2  # the plain series diverges ...
-    plain = AdamPreconditionedNeumann(iterations=50).bind(tr)(mv, b)
+    assert lam > 2  # the plain series diverges beyond 2 / lambda_max ...
+    plain = hg.neumann(mv, b, iterations=50, alpha=1.0, preconditioner=d)
     assert not plain.residual_norm < 1
-    hb = AdamPreconditionedNeumann(iterations=3000, momentum=True).bind(tr)(mv, b)
+    hb = adam_heavy_ball(mv, b, preconditioner=d, alpha=1.0, iterations=3000)
     assert lam < 2 * 1.9 / 0.1  # ... heavy ball (beta1 = 0.9) converges up to D H < 38
     torch.testing.assert_close(hb.solution["w"], torch.linalg.solve(h, b["w"]), rtol=1e-6,
                                atol=1e-8)
+    r = torch.linalg.norm(b["w"] - h @ hb.solution["w"]) / torch.linalg.norm(b["w"])
+    torch.testing.assert_close(hb.residual_norm, r, rtol=1e-6, atol=1e-12)

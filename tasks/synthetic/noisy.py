@@ -45,7 +45,7 @@ from ._runner import (
     run_with_warmup,
 )
 from .metrics import auroc, weight_stats
-from .precond import AdamPreconditionedNeumann
+from .precond import adam_heavy_ball
 
 __all__ = ["NoisyConfig", "CONFIGS", "NoisyTask", "run_one", "run", "auroc"]
 
@@ -192,22 +192,22 @@ class NoisyTask:
         cfg = self.cfg
         solver: Any = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
                                         alpha=cfg.pt_lr)
-        if cfg.ift == "adam_momentum":
-            solver = AdamPreconditionedNeumann(cfg.neumann_iterations, momentum=True)
+        extra: dict[str, Any] = {}
+        if cfg.ift == "adam_momentum":  # the library hands it Adam's diagonal at every solve
+            solver = functools.partial(adam_heavy_ball, iterations=cfg.neumann_iterations,
+                                       alpha=cfg.pt_lr)
+            extra = {"ift_preconditioner": "adam"}
         elif cfg.ift != "neumann":
             raise ValueError(f"`ift` must be 'neumann' or 'adam_momentum', got {cfg.ift!r}")
-        tr = hg.MetaPretrainer(
+        return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
             ft_head=self.ft_head0, hparams=self.hparams0, encoder=self.encoder,
             pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
             meta_optimizer=lambda ts: torch.optim.AdamW(ts, lr=cfg.meta_lr,
                                                         weight_decay=cfg.weight_wd),
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
-            meta=meta,
+            meta=meta, **extra,
         )
-        if isinstance(solver, AdamPreconditionedNeumann):
-            solver.bind(tr)
-        return tr
 
     def all_weights(self, hparams) -> np.ndarray:
         with torch.no_grad():

@@ -20,8 +20,9 @@ Choices (the paper's appendix is not available; RESULTS.md says why and what els
 - d theta_PT / d phi (``ift``): by default a forward-mode tangent carried along the PT run
   (forward.py), because the IFT's short-horizon response points the wrong way far from 90
   degrees (measured in RESULTS.md). ``ift="neumann"`` is Algorithm 1 exactly
-  (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); Adam-preconditioned
-  series are in precond.py. Plain-SGD PT is an option (with ``ift="neumann"``).
+  (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); the Adam-preconditioned
+  variants use ``ift_preconditioner="adam"`` (precond.py adds momentum). Plain-SGD PT is an
+  option (with ``ift="neumann"``).
 - the error is the circular distance |phi - 90| (mod 360).
 """
 
@@ -53,7 +54,7 @@ from ._runner import (
     time_ratio,
 )
 from .forward import ForwardModeTrainer
-from .precond import AdamPreconditionedNeumann
+from .precond import adam_heavy_ball
 from .rotate import rotate, rotate_with_tangent, sample_angles
 
 __all__ = ["RotationConfig", "CONFIGS", "build", "run_one", "run", "angle_error"]
@@ -75,9 +76,10 @@ class RotationConfig:
     neumann_alpha_scale: float = 1.0  # ... times this (SGD at the edge of stability has
     #                                   lambda_max ~ 2 / pt_lr: there alpha = pt_lr diverges)
     ift: str = "forward"          # forward-mode tangent (forward.py); "neumann": Algorithm 1's
-    #                   IFT; "adam_neumann" / "adam_momentum": precond.py; "library_adam"
+    #   IFT; "adam_neumann" = "library_adam" (Adam-preconditioned hg.neumann, alpha scaled by
+    #   precond_scale resp. neumann_alpha_scale); "adam_momentum": precond.adam_heavy_ball
     tangent_decay: float = 1.0    # forward: T <- decay * T - ... at every PT step
-    precond_scale: float = 1.0    # adam_neumann: D = this * lr / (sqrt(v_hat) + eps)
+    precond_scale: float = 1.0    # adam_*: D = this * lr / (sqrt(v_hat) + eps)
     batch_size: int = 128
     n_ft_train: int = 100
     n_ft_val: int = 200
@@ -181,22 +183,26 @@ class RotationTask:
                 cfg.pt_optimizer != "adam"):
             raise ValueError(f"ift={cfg.ift!r} needs pt_optimizer='adam', got "
                              f"{cfg.pt_optimizer!r}")
-        if cfg.ift in ("adam_neumann", "adam_momentum"):
-            solver = AdamPreconditionedNeumann(cfg.neumann_iterations, cfg.precond_scale,
-                                               momentum=cfg.ift == "adam_momentum")
-        elif cfg.ift in ("neumann", "forward", "library_adam"):
+        cls, extra = hg.MetaPretrainer, {}
+        if cfg.ift in ("adam_neumann", "adam_momentum", "library_adam"):
+            # Adam's diagonal handed to the solve by the library at every meta step; without
+            # momentum this is hg.neumann's preconditioned series, with it precond.py's
+            extra = {"ift_preconditioner": "adam"}
+        own_scale = cfg.ift in ("adam_neumann", "adam_momentum")  # precond.py's original knob
+        scale = cfg.precond_scale if own_scale else cfg.neumann_alpha_scale
+        if cfg.ift == "adam_momentum":
+            solver = functools.partial(adam_heavy_ball, iterations=cfg.neumann_iterations,
+                                       alpha=cfg.pt_lr * scale)
+        elif cfg.ift in ("neumann", "forward", "library_adam", "adam_neumann"):
             solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
-                                       alpha=cfg.pt_lr * cfg.neumann_alpha_scale)
+                                       alpha=cfg.pt_lr * scale)
         else:
             raise ValueError(f"`ift` must be 'neumann', 'adam_neumann', 'adam_momentum', "
                              f"'library_adam' or 'forward', got {cfg.ift!r}")
-        cls, extra = hg.MetaPretrainer, {}
-        if cfg.ift == "library_adam":  # hypergrad's own Adam-preconditioned Neumann series
-            extra = {"ift_preconditioner": "adam"}
         if cfg.ift == "forward":
             cls, extra = ForwardModeTrainer, {"tangent_decay": cfg.tangent_decay,
                                               "pt_split": (self.pt_inputs, self.pt_loss_x)}
-        tr = cls(
+        return cls(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss,
             pt_params=self.pt_params0, ft_head=self.ft_head0,
             hparams={"phi": torch.tensor(float(init_angle), dtype=self.pt.x.dtype)},
@@ -207,9 +213,6 @@ class RotationTask:
             P=cfg.P, K=cfg.K, ft_lr=cfg.ft_lr, head_only=cfg.head_only, solver=solver,
             meta=meta, **extra,
         )
-        if isinstance(solver, AdamPreconditionedNeumann):
-            solver.bind(tr)
-        return tr
 
     def probe_accuracy(self, pt_params) -> float:
         return probe_accuracy(pt_params, self.ft, self.cfg.act)
