@@ -21,7 +21,6 @@ and the AUROC of the weights separating clean from noisy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from ._runner import (
     run_with_warmup,
 )
 from .metrics import auroc, weight_stats
-from .precond import adam_heavy_ball
+from .precond import ift_solver
 
 __all__ = ["NoisyConfig", "CONFIGS", "NoisyTask", "run_one", "run", "auroc"]
 
@@ -190,15 +189,9 @@ class NoisyTask:
 
     def trainer(self, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        solver: Any = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
-                                        alpha=cfg.pt_lr)
-        extra: dict[str, Any] = {}
-        if cfg.ift == "adam_momentum":  # the library hands it Adam's diagonal at every solve
-            solver = functools.partial(adam_heavy_ball, iterations=cfg.neumann_iterations,
-                                       alpha=cfg.pt_lr)
-            extra = {"ift_preconditioner": "adam"}
-        elif cfg.ift != "neumann":
+        if cfg.ift not in ("neumann", "adam_momentum"):
             raise ValueError(f"`ift` must be 'neumann' or 'adam_momentum', got {cfg.ift!r}")
+        solver, extra = ift_solver(cfg.ift, cfg.neumann_iterations, cfg.pt_lr)
         return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
             ft_head=self.ft_head0, hparams=self.hparams0, encoder=self.encoder,

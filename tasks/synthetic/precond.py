@@ -12,15 +12,39 @@ The library covers Adam without momentum: ``hg.neumann(alpha=lr)`` with
 (``ift="adam_neumann"`` / ``"library_adam"`` in the tasks). This module adds Adam's momentum:
 :func:`adam_heavy_ball` (``ift="adam_momentum"``), used with the same
 ``ift_preconditioner="adam"``, which hands it ``D = 1 / (sqrt(v_hat) + eps)`` at every solve.
+:func:`ift_solver` maps the tasks' ``ift`` names to a solver and ``MetaPretrainer`` options.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
+import hypergrad as hg
 from hypergrad.solvers import SolveResult
 
-__all__ = ["adam_heavy_ball"]
+__all__ = ["adam_heavy_ball", "ift_solver", "IFT_NAMES"]
+
+IFT_NAMES = ("neumann", "forward", "library_adam", "adam_neumann", "adam_momentum")
+
+
+def ift_solver(ift: str, iterations: int, pt_lr: float, alpha_scale: float = 1.0
+               ) -> tuple[Callable[..., SolveResult], dict[str, Any]]:
+    """``(solver, MetaPretrainer options)`` for a task's ``ift`` name, alpha = pt_lr * scale:
+
+    * ``neumann`` (and ``forward``, whose trainer never solves): ``hg.neumann``, Algorithm 1;
+    * ``library_adam`` / ``adam_neumann``: the same series preconditioned by the PT Adam's
+      diagonal, which ``MetaPretrainer(ift_preconditioner="adam")`` hands it at every solve;
+    * ``adam_momentum``: :func:`adam_heavy_ball` with that diagonal.
+    """
+    if ift not in IFT_NAMES:
+        raise ValueError(f"`ift` must be one of {IFT_NAMES}, got {ift!r}")
+    fn = adam_heavy_ball if ift == "adam_momentum" else hg.neumann
+    extra = {"ift_preconditioner": "adam"} if ift.startswith(("adam_", "library_adam")) else {}
+    return functools.partial(fn, iterations=iterations, alpha=pt_lr * alpha_scale), extra
 
 
 def adam_heavy_ball(matvec, b: dict[str, torch.Tensor], *,

@@ -29,7 +29,6 @@ Choices (the paper's appendix is not available; RESULTS.md says why and what els
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from ._runner import (
     time_ratio,
 )
 from .forward import ForwardModeTrainer
-from .precond import adam_heavy_ball
+from .precond import ift_solver
 from .rotate import rotate, rotate_with_tangent, sample_angles
 
 __all__ = ["RotationConfig", "CONFIGS", "build", "run_one", "run", "angle_error"]
@@ -183,22 +182,10 @@ class RotationTask:
                 cfg.pt_optimizer != "adam"):
             raise ValueError(f"ift={cfg.ift!r} needs pt_optimizer='adam', got "
                              f"{cfg.pt_optimizer!r}")
-        cls, extra = hg.MetaPretrainer, {}
-        if cfg.ift in ("adam_neumann", "adam_momentum", "library_adam"):
-            # Adam's diagonal handed to the solve by the library at every meta step; without
-            # momentum this is hg.neumann's preconditioned series, with it precond.py's
-            extra = {"ift_preconditioner": "adam"}
-        own_scale = cfg.ift in ("adam_neumann", "adam_momentum")  # precond.py's original knob
-        scale = cfg.precond_scale if own_scale else cfg.neumann_alpha_scale
-        if cfg.ift == "adam_momentum":
-            solver = functools.partial(adam_heavy_ball, iterations=cfg.neumann_iterations,
-                                       alpha=cfg.pt_lr * scale)
-        elif cfg.ift in ("neumann", "forward", "library_adam", "adam_neumann"):
-            solver = functools.partial(hg.neumann, iterations=cfg.neumann_iterations,
-                                       alpha=cfg.pt_lr * scale)
-        else:
-            raise ValueError(f"`ift` must be 'neumann', 'adam_neumann', 'adam_momentum', "
-                             f"'library_adam' or 'forward', got {cfg.ift!r}")
+        cls = hg.MetaPretrainer
+        solver, extra = ift_solver(cfg.ift, cfg.neumann_iterations, cfg.pt_lr,
+                                   cfg.precond_scale if cfg.ift.startswith("adam_")
+                                   else cfg.neumann_alpha_scale)
         if cfg.ift == "forward":
             cls, extra = ForwardModeTrainer, {"tangent_decay": cfg.tangent_decay,
                                               "pt_split": (self.pt_inputs, self.pt_loss_x)}
