@@ -1,7 +1,9 @@
-"""Small utilities shared by the reproductions: seeding, JSON results, atomic checkpoints."""
+"""Small utilities shared by the reproductions: seeding, JSON results, atomic checkpoints,
+``--set key=value`` config overrides."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,6 +21,41 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
+    """``key=value`` strings (``--set``) applied to a dataclass config, each parsed with the
+    field's current type (booleans: true/false/1/0/yes/no; tuples: comma-separated floats;
+    ``none`` for a field that is None). Unknown keys and unparsable values raise ValueError."""
+    if not overrides:
+        return cfg
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"--set expects key=value with key one of {sorted(fields)}, got {item!r}"
+            )
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"--set {key}: expected true/false, got {raw!r}")
+            value: Any = raw.lower() in ("1", "true", "yes")
+        elif isinstance(current, int):
+            value = int(raw)
+        elif isinstance(current, float):
+            value = float(raw)
+        elif isinstance(current, tuple):
+            value = tuple(float(v) for v in raw.split(",") if v)
+        elif current is None and raw.lower() != "none":
+            value = raw
+        elif current is None:
+            value = None
+        else:
+            value = raw
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
 
 
 def _jsonable(x: Any) -> Any:

@@ -223,6 +223,10 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
         cli.main([*argv, "--generator", "1"])
     with pytest.raises(SystemExit):
         cli.main(["--synthetic", "--method", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="expected true/false"):
+        cli.main(["--synthetic", "--set", "phi_standardize=maybe", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="key one of"):
+        cli.main(["--synthetic", "--set", "bogus=1", "--out", str(tmp_path)])
 
 
 def test_per_example_hypergrads_by_group():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tasks.common import (
+    apply_overrides,
     atomic_save,
     check_settings,
     launch_rank,
@@ -55,22 +56,12 @@ def _parse_ints(text: str, name: str) -> list[int]:
     return vals
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    fields = asdict(CONFIGS["default"])
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        if k not in fields:
-            raise SystemExit(f"--set: unknown config field {k!r}; known: {sorted(fields)}")
-        if isinstance(fields[k], bool):
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--set {k}: expected true/false, got {v!r}")
-            out[k] = v.lower() in ("true", "1")
-        else:
-            out[k] = type(fields[k])(v)
-    return out
+def _config(name: str, items: list[str]) -> ECGConfig:
+    """The named config with the ``--set`` overrides (a clear exit on a bad one)."""
+    try:
+        return apply_overrides(CONFIGS[name], items)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seeds and --ft-seeds must be >= 1")
     torch.set_num_threads(max(1, args.threads))
     seed_everything(0)
-    cfg = with_overrides(CONFIGS[args.config], **_overrides(args.set))
+    cfg = _config(args.config, args.set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # finished runs, PT results and the time ratio are reused by file name: refuse an --out

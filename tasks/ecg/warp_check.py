@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pt_dir:
         return probe_saved(args)
     torch.set_num_threads(1)
-    from tasks.ecg.cli import _overrides
+    from tasks.ecg.cli import _config
     from tasks.ecg.methods import finetune
 
-    cfg = with_overrides(CONFIGS["default"], **_overrides(args.set))
+    cfg = _config("default", args.set)
     task = synthetic_task(2000, 1000, version=args.generator)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ leaves ``result.json``, so a rerun skips it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -21,40 +20,9 @@ from hypergrad import tree
 from models import digits as M
 from tasks.common import write_json
 
-__all__ = ["apply_overrides", "run_seeds", "cosine_lr", "batch_generator", "time_ratio",
+__all__ = ["run_seeds", "cosine_lr", "batch_generator", "time_ratio",
            "linear_probe", "run_with_warmup", "init_classifier", "ft_logits",
            "probe_accuracy"]
-
-
-def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
-    """``key=value`` strings applied to a dataclass config, parsed with the field's type."""
-    if not overrides:
-        return cfg
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(
-                f"--set expects key=value with key one of {sorted(fields)}, got {item!r}"
-            )
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
-            value: Any = raw.lower() in ("1", "true", "yes")
-        elif isinstance(current, int):
-            value = int(raw)
-        elif isinstance(current, float):
-            value = float(raw)
-        elif isinstance(current, tuple):
-            value = tuple(float(v) for v in raw.split(",") if v)
-        elif current is None and raw.lower() != "none":
-            value = raw
-        elif current is None:
-            value = None
-        else:
-            value = raw
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes)
 
 
 def batch_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:

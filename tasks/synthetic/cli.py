@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.common import check_settings, launch_rank, seed_parallel
+from tasks.common import apply_overrides, check_settings, launch_rank, seed_parallel
 
 from . import exactness as E
 from . import noisy as N
 from . import rotation as R
-from ._runner import apply_overrides
 
 EXPERIMENTS = {"rotation": R, "noisy": N, "exactness": E}
 DEFAULT_SEEDS = {"rotation": {"paper": "0-9", "smoke": "0-9", "tiny": "0-1"},

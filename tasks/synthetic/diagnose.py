@@ -20,8 +20,8 @@ import math
 import torch
 
 import hypergrad as hg
+from tasks.common import apply_overrides
 
-from ._runner import apply_overrides
 from .rotation import CONFIGS, build
 
 __all__ = ["screen"]
