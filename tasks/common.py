@@ -76,10 +76,17 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` (tensors and numpy converted) as indented JSON, atomically."""
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=True)
+    return _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write`` a temporary file, then rename it to ``path``: a killed run never leaves half a
+    file, and the temporary name is per process, so concurrent writers cannot collide."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # concurrent writers: own tmp
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
+    write(tmp)
     os.replace(tmp, path)
     return path
 
@@ -102,12 +109,7 @@ def check_settings(out: str | Path, settings: dict[str, Any], runs_glob: str,
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file then rename: a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    return _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
