@@ -22,7 +22,7 @@ from tasks.ecg.methods import (
     pretrain,
     with_overrides,
 )
-from tasks.ecg.synthetic import GROUPS, make_synthetic_ecg
+from tasks.ecg.synthetic import GROUPS, make_synthetic_ecg, timing_morphology
 
 CFG = with_overrides(CONFIGS["smoke"], pt_batch=8, meta_batch=8, ft_batch=8)
 
@@ -277,3 +277,9 @@ def test_paired_differences_match_per_seed():
     np.testing.assert_allclose(d["all"], [0.1])
     np.testing.assert_allclose(d["timing"], [0.1])
     np.testing.assert_allclose(d["morphology"], [0.1])
+
+
+def test_timing_morphology_averages_the_two_label_groups_skipping_nan():
+    # labels: TACHY, LONG_PR, WIDE_QRS (timing) | ST_DEV, T_INV (morphology)
+    got = timing_morphology([0.5, 0.7, float("nan"), 0.9, 0.8])
+    assert got == pytest.approx({"timing": 0.6, "morphology": 0.85})

@@ -87,3 +87,5 @@ def test_ift_solver_maps_names_to_solvers_and_trainer_options():
         adam_heavy_ball(mv, b, preconditioner=d, alpha=0.1, iterations=50).solution["w"])
     with pytest.raises(ValueError, match="`ift` must be one of"):
         ift_solver("cg", 3, 0.1)
+    with pytest.raises(TypeError, match="dict-shaped"):
+        adam_heavy_ball(lambda v: v, torch.ones(3), preconditioner=torch.ones(3), alpha=0.1)
