@@ -5,14 +5,20 @@ See README.md for the quickstart and the API table.
 
 from . import distributed, testing, tree
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
-from .krylov import gmres, minres, normal_cg
 from .meta_loop import MetaPretrainer
-from .neumann_series import neumann, power_iteration
-from .nystrom import nystrom
-from .preconditioners import adam_preconditioner
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
-from .solvers import SolveResult, cg
+from .solvers import (
+    SolveResult,
+    adam_preconditioner,
+    cg,
+    gmres,
+    minres,
+    neumann,
+    normal_cg,
+    nystrom,
+    power_iteration,
+)
 from .stochastic import stochastic_hvp
 from .transformable import functional_implicit_grad
 from .unroll import gradient_step, optimizer_step, unroll

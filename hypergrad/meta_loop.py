@@ -43,10 +43,8 @@ import torch
 
 from . import _checks, distributed, tree
 from .implicit import HypergradientError, HypergradientWarning
-from .neumann_series import neumann
-from .preconditioners import adam_preconditioner
 from .pretraining import pretraining_hypergrad
-from .solvers import SolveResult
+from .solvers import SolveResult, adam_preconditioner, neumann
 from .tree import Tree
 
 __all__ = ["MetaPretrainer"]

@@ -37,8 +37,7 @@ import torch
 
 from . import _checks, tree
 from .implicit import implicit_solution
-from .neumann_series import neumann
-from .solvers import SolveResult
+from .solvers import SolveResult, neumann
 from .tree import Tree
 from .unroll import gradient_step, unroll
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, tree
-from .tree import Tree
+from .. import _checks, tree
+from ..tree import Tree
 
 __all__ = ["adam_preconditioner"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from . import _checks, tree
-from .solvers import Matvec, SolveResult, _check_matvec_output, _validate_b
-from .tree import Tree
+from .. import _checks, tree
+from ..tree import Tree
+from ._common import Matvec, SolveResult, _check_matvec_output, _validate_b
 
 __all__ = ["neumann", "power_iteration"]
 

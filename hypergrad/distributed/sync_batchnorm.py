@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import all_reduce_sum, world_size
+from .collectives import all_reduce_sum, world_size
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-from . import _checks, tree
-from .solvers import SolveResult, _check_matvec_output, _validate_b
-from .tree import Tree
+from .. import _checks, tree
+from ..tree import Tree
+from ._common import SolveResult, _check_matvec_output, _validate_b
 
 __all__ = ["nystrom"]
 

@@ -25,9 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import _checks, tree
-from .solvers import SolveResult, _check_matvec_output, _validate_b, cg
-from .tree import Tree
+from .. import _checks, tree
+from ..tree import Tree
+from ._common import SolveResult, _check_matvec_output, _validate_b
+from .cg import cg
 
 __all__ = ["gmres", "minres", "normal_cg"]
 
