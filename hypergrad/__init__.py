@@ -4,6 +4,7 @@ See README.md for the quickstart and the API table.
 """
 
 from . import distributed, testing, tree
+from ._checks import DoubleBackwardError
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .meta_loop import MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
@@ -46,6 +47,7 @@ __all__ = [
     "functional_implicit_grad",
     "HypergradientWarning",
     "HypergradientError",
+    "DoubleBackwardError",
     "unroll",
     "gradient_step",
     "optimizer_step",

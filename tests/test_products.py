@@ -143,8 +143,10 @@ def test_unused_hparams_get_zero_mixed_product_and_linear_fn_zero_hessian():
     # linear in p: the gradient has no graph to p, the Hessian is exactly zero
     lin = hg.hvp(lambda p, h: (h["used"] * p).sum(), p, torch.ones(2), h)
     assert torch.equal(lin, torch.zeros(2))
-    # constant in p entirely
-    assert torch.equal(hg.hvp(lambda p: torch.tensor(3.0), p, torch.ones(2)), torch.zeros(2))
+    # constant in p entirely: no autograd path to params is an error, not a zero Hessian
+    # (issue 13.5: a .detach() inside the loss gave silent zeros)
+    with pytest.raises(ValueError, match="does not depend on `params`"):
+        hg.hvp(lambda p: torch.tensor(3.0), p, torch.ones(2))
 
 
 def test_products_are_pure():
