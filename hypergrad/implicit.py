@@ -184,7 +184,8 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
         stagnated = not converged and not residual < 1.0
     stagnated = bool(stagnated) and not converged
     reasons = []
-    if h.first_nonfinite("solution") is not None:
+    broken = h.first_nonfinite("solution") is not None
+    if broken:
         cause = ("the Hessian is singular or not positive definite" if (flat or nonpos) else
                  "the products of the inner Hessian overflow or the solver diverged")
         reasons.append(f"the linear solve returned NaN/inf after {iters} products ({cause})")
@@ -200,7 +201,7 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
             "inner_loss; optimise it further, use hg.minres for a saddle, or add damping "
             f"> {abs(lo):.1e} to make H + damping I positive definite"
         )
-    if not converged and not negative:
+    if not converged and not negative and not broken:
         where = f"relative residual {residual:.1e} after {iters} products"
         alpha = h.get("stat_alpha")
         if alpha is not None and not residual <= 1.0 and not flat:
