@@ -4,6 +4,12 @@ See README.md for the quickstart and the API table.
 """
 
 from . import distributed, testing, tree
+from .finite_difference import (
+    FiniteDifferenceOperator,
+    default_fd_step,
+    fd_hvp,
+    fd_mixed_vjp,
+)
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .meta_loop import MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
@@ -31,6 +37,10 @@ __all__ = [
     "make_hvp",
     "mixed_vjp",
     "HessianOperator",
+    "FiniteDifferenceOperator",
+    "fd_hvp",
+    "fd_mixed_vjp",
+    "default_fd_step",
     "SolveResult",
     "cg",
     "neumann",
