@@ -25,6 +25,7 @@ from .solvers import (
     nystrom,
     power_iteration,
 )
+from .solvers.sama import sama
 from .stochastic import stochastic_hvp
 from .transformable import functional_implicit_grad
 from .unroll import gradient_step, optimizer_step, unroll
@@ -50,6 +51,7 @@ __all__ = [
     "minres",
     "normal_cg",
     "nystrom",
+    "sama",
     "stochastic_hvp",
     "implicit_grad",
     "implicit_solution",
