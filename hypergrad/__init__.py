@@ -4,14 +4,19 @@ See README.md for the quickstart and the API table.
 """
 
 from . import distributed, testing, tree
-from ._checks import DoubleBackwardError
 from .finite_difference import (
     FiniteDifferenceOperator,
     default_fd_step,
     fd_hvp,
     fd_mixed_vjp,
 )
-from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
+from .implicit import (
+    DoubleBackwardError,
+    HypergradientError,
+    HypergradientWarning,
+    implicit_grad,
+    implicit_solution,
+)
 from .meta_loop import MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp

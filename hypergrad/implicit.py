@@ -37,13 +37,19 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from ._checks import HypergradientError, HypergradientWarning
+from ._checks import DoubleBackwardError, HypergradientError, HypergradientWarning
 from .products import HessianOperator
 from .solvers import SolveResult, cg
 from .transformable import in_functorch_transform
 from .tree import Tree
 
-__all__ = ["implicit_grad", "implicit_solution", "HypergradientWarning", "HypergradientError"]
+__all__ = [
+    "implicit_grad",
+    "implicit_solution",
+    "HypergradientWarning",
+    "HypergradientError",
+    "DoubleBackwardError",
+]
 
 Loss = Callable[[Tree, Tree], torch.Tensor]
 _POLICIES = ("warn", "raise", "ignore")
@@ -366,7 +372,7 @@ def implicit_grad(
 
     Raises ``ValueError`` naming where NaN/inf appeared (``params``, ``hparams``, the inner
     loss value or gradient, the outer loss or its gradient) and when ``inner_loss`` has no
-    autograd path to ``params``; :class:`hypergrad.DoubleBackwardError` when the inner loss
+    autograd path to ``params``; :class:`DoubleBackwardError` when the inner loss
     has no double backward. Warns (:class:`HypergradientWarning`) when ``inner_loss`` reads a
     tensor that requires grad but is in neither ``params`` nor ``hparams``.
 

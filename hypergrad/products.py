@@ -76,7 +76,7 @@ class HessianOperator:
 
     Building it validates ``params`` / ``hparams`` and checks that the loss value and its
     gradient are finite (one host read); each product then checks only the structure, shapes
-    and dtype of ``v`` (no host read). Raises :class:`hypergrad.DoubleBackwardError` when the
+    and dtype of ``v`` (no host read). Raises ``hypergrad.DoubleBackwardError`` when the
     loss has an operation with no double backward (use finite-difference products then).
     """
 
