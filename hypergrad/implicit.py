@@ -38,7 +38,8 @@ import torch
 
 from . import _checks, tree
 from ._checks import DoubleBackwardError, HypergradientError, HypergradientWarning
-from .products import HessianOperator
+from .finite_difference import FiniteDifferenceOperator
+from .products import HessianOperator, _no_path_error, _raise_nonfinite
 from .solvers import SolveResult, cg
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -53,6 +54,7 @@ __all__ = [
 
 Loss = Callable[[Tree, Tree], torch.Tensor]
 _POLICIES = ("warn", "raise", "ignore")
+_PRODUCTS = ("exact", "finite_difference")
 # solver statistics read with the health check (the keys SolveResult.stats documents)
 _STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
           "residual_estimate")
@@ -73,6 +75,67 @@ def _reject_functorch(params: Tree, hparams: Tree) -> None:
 def _check_policy(on_failure: str) -> None:
     if not isinstance(on_failure, str) or on_failure not in _POLICIES:
         raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
+
+
+def _check_products(products: str) -> None:
+    if not isinstance(products, str) or products not in _PRODUCTS:
+        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
+
+
+class _FiniteDifference:
+    """``hypergrad.FiniteDifferenceOperator`` with the health hooks the IFT reads: the same
+    signals (NaN/inf in params, hparams, the loss value and its gradient) as
+    ``HessianOperator``, from first-order gradients only."""
+
+    def __init__(self, inner_loss: Loss, params: Tree, hparams: Tree, public: bool) -> None:
+        self._fd = FiniteDifferenceOperator(inner_loss, params, hparams, (), name="inner_loss")
+        self._loss, self._params, self._hparams = inner_loss, params, hparams
+        self._p, self._h = tree.leaves(params), tree.leaves(hparams)
+        self._captured: list[torch.Tensor] = []
+        if public:  # one forward: the autograd path to params, and tensors it captures
+            p = tree.detach(params, requires_grad=True)
+            h = tree.detach(hparams, requires_grad=True)
+            with torch.enable_grad():
+                value = _checks.scalar_loss(inner_loss(p, h), "inner_loss")
+            own = tree.leaves(p) + tree.leaves(h)
+            reached = _checks.captured_leaves(value, [])
+            if not any(any(x is r for r in reached) for x in tree.leaves(p)):
+                raise _no_path_error("inner_loss")
+            self._captured = [x for x in reached if not any(x is o for o in own)]
+
+    def __call__(self, v: Tree) -> Tree:
+        return self._fd(v)
+
+    def mixed_vjp(self, v: Tree) -> Tree:
+        return self._fd.mixed_vjp(v)
+
+    @property
+    def grad(self) -> Tree:
+        return self._fd.grad
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self._fd.value
+
+    def _add_health(self, health: _checks.Health) -> None:
+        health.add_finite("params", self._p)
+        health.add_finite("hparams", self._h)
+        grad = tree.leaves(self.grad)  # computes the value too (one gradient, on first use)
+        health.add_finite("loss", [self.value])
+        health.add_finite("loss_grad", grad)
+
+    def _raise_nonfinite(self, health: _checks.Health) -> None:
+        _raise_nonfinite(health, "inner_loss", self._p, self._h)
+
+    def captured(self) -> list[torch.Tensor]:
+        return self._captured
+
+
+def _operator(inner_loss: Loss, params: Tree, hparams: Tree, products: str, public: bool):
+    """The inner Hessian's products: exact (double backward) or finite differences."""
+    if products == "finite_difference":
+        return _FiniteDifference(inner_loss, params, hparams, public)
+    return HessianOperator._internal(inner_loss, params, hparams, name="inner_loss")
 
 
 def _check_stationarity_tol(stationarity_tol: float | None) -> None:
@@ -111,7 +174,7 @@ def _solve(op: Callable[[Tree], Tree], rhs: Tree, solver: Callable[..., SolveRes
     return res
 
 
-def _explainer(op: HessianOperator, add: Callable[[_checks.Health], None],
+def _explainer(op: Any, add: Callable[[_checks.Health], None],
                check: Callable[[_checks.Health], None]) -> Callable[[], None]:
     def explain() -> None:
         health = _checks.Health()
@@ -124,7 +187,7 @@ def _explainer(op: HessianOperator, add: Callable[[_checks.Health], None],
     return explain
 
 
-def _stationarity(op: HessianOperator, params: Tree) -> torch.Tensor:
+def _stationarity(op: Any, params: Tree) -> torch.Tensor:
     """``||g|| / max(||H p||, ||H p - g||)``: for a quadratic ``f = 0.5 p^T H p - b^T p`` the
     relative residual ``||H p - b|| / max(||H p||, ||b||)`` of the optimality condition;
     scale-free in ``f`` and in ``params``. One extra matvec, no host read."""
@@ -135,7 +198,7 @@ def _stationarity(op: HessianOperator, params: Tree) -> torch.Tensor:
     return tree.norm(g) / torch.clamp(denom, min=tiny)
 
 
-def _add_solve_health(health: _checks.Health, op: HessianOperator, res: SolveResult,
+def _add_solve_health(health: _checks.Health, op: Any, res: SolveResult,
                       hypergrad: list[torch.Tensor], stationarity: torch.Tensor | None) -> None:
     op._add_health(health)
     health.add_finite("solution", tree.leaves(res.solution))
@@ -231,7 +294,7 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
     return reasons, {"singular": bool(flat and not converged), "stagnated": stagnated}
 
 
-def _diagnose(h: _checks.Health, op: HessianOperator, res: SolveResult,
+def _diagnose(h: _checks.Health, op: Any, res: SolveResult,
               stationarity: torch.Tensor | None, stationarity_tol: float | None,
               solver: Callable[..., SolveResult]) -> dict[str, Any]:
     """``info`` from the one read: premise checks and the solve, with advice."""
@@ -268,7 +331,7 @@ def _report(info: dict[str, Any], on_failure: str, stacklevel: int = 3) -> None:
                       stacklevel=stacklevel)
 
 
-def _warn_captured(op: HessianOperator, stacklevel: int) -> None:
+def _warn_captured(op: Any, stacklevel: int) -> None:
     captured = op.captured()
     if captured:
         shapes = ", ".join(str(tuple(x.shape)) for x in captured[:5])
@@ -300,9 +363,9 @@ def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree):
 
 def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
                    solver: Callable[..., SolveResult], on_failure: str,
-                   stationarity_tol: float | None, public: bool,
+                   stationarity_tol: float | None, products: str, public: bool,
                    stacklevel: int) -> tuple[Tree, dict[str, Any]]:
-    op = HessianOperator._internal(inner_loss, params, hparams, name="inner_loss")
+    op = _operator(inner_loss, params, hparams, products, public)
     if public:
         _warn_captured(op, stacklevel)
     L, dL_dp, dL_dh, p_spec, h_spec = _outer_grads(outer_loss, params, hparams)
@@ -350,6 +413,7 @@ def implicit_grad(
     return_info: bool = False,
     on_failure: str = "warn",
     stationarity_tol: float | None = 1e-3,
+    products: str = "exact",
 ) -> Tree | tuple[Tree, dict[str, Any]]:
     """Hypergradient ``dL(params*(hparams), hparams) / d hparams`` by the IFT at ``params``.
 
@@ -369,6 +433,10 @@ def implicit_grad(
             size measured from the solver's curvature, a smaller Neumann ``alpha``, ...).
         stationarity_tol: threshold on ``"stationarity"``; ``None`` skips the check (saves one
             Hessian-vector product).
+        products: ``"exact"`` (reverse-over-reverse: needs a double backward) or
+            ``"finite_difference"`` (central differences of first-order gradients,
+            ``hypergrad.FiniteDifferenceOperator``: for models with no double backward,
+            compiled losses; error O(sqrt(eps)) relative, see its docstring).
 
     Raises ``ValueError`` naming where NaN/inf appeared (``params``, ``hparams``, the inner
     loss value or gradient, the outer loss or its gradient) and when ``inner_loss`` has no
@@ -385,24 +453,26 @@ def implicit_grad(
     _checks.callable_(outer_loss, "outer_loss")
     _check_policy(on_failure)
     _check_stationarity_tol(stationarity_tol)
+    _check_products(products)
     _checks.callable_(solver, "solver")
     _check_trees(params, hparams)
     g, info = _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
                              on_failure=on_failure, stationarity_tol=stationarity_tol,
-                             public=True, stacklevel=4)
+                             products=products, public=True, stacklevel=4)
     return (g, info) if return_info else g
 
 
 def _implicit_grad_fast(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
                         solver: Callable[..., SolveResult], on_failure: str = "ignore",
-                        stationarity_tol: float | None = None) -> tuple[Tree, dict[str, Any]]:
+                        stationarity_tol: float | None = None,
+                        products: str = "exact") -> tuple[Tree, dict[str, Any]]:
     """:func:`implicit_grad` for internal callers that validated their inputs (``params`` and
     ``hparams`` non-empty floating tensor pytrees of one dtype/device, callables, policy):
     no entry checks and no scan for captured tensors; the one health read stays (errors for
     NaN/inf are still named). Returns ``(hypergrad, info)``."""
     return _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
                           on_failure=on_failure, stationarity_tol=stationarity_tol,
-                          public=False, stacklevel=3)
+                          products=products, public=False, stacklevel=3)
 
 
 class _Implicit(torch.autograd.Function):
@@ -421,7 +491,7 @@ class _Implicit(torch.autograd.Function):
         v = [torch.zeros_like(x) if g is None else g for x, g in zip(p_flat, grad_outputs)]
         params = tree.unflatten(p_flat, cfg["p_spec"])
         hparams = tree.unflatten(h_flat, cfg["h_spec"])
-        op = HessianOperator._internal(cfg["inner_loss"], params, hparams, name="inner_loss")
+        op = _operator(cfg["inner_loss"], params, hparams, cfg["products"], cfg["public"])
         if cfg["public"]:
             _warn_captured(op, stacklevel=2)
 
@@ -459,7 +529,7 @@ class _Implicit(torch.autograd.Function):
 def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
                     solver: Callable[..., SolveResult], on_failure: str,
                     stationarity_tol: float | None, info: dict[str, Any] | None,
-                    public: bool) -> Tree:
+                    products: str, public: bool) -> Tree:
     p_flat, p_spec = tree.flatten(params)
     h_flat, h_spec = tree.flatten(hparams)
     cfg = {
@@ -471,6 +541,7 @@ def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
         "on_failure": on_failure,
         "stationarity_tol": stationarity_tol,
         "info": info,
+        "products": products,
         "public": public,
     }
     out = _Implicit.apply(cfg, *[x.detach() for x in p_flat], *h_flat)
@@ -486,6 +557,7 @@ def implicit_solution(
     on_failure: str = "warn",
     stationarity_tol: float | None = 1e-3,
     info: dict[str, Any] | None = None,
+    products: str = "exact",
 ) -> Tree:
     """``params``' values as a differentiable function of ``hparams`` (an IFT autograd node).
 
@@ -494,7 +566,8 @@ def implicit_solution(
     into ``hparams``. So the result composes with anything downstream (an unrolled
     fine-tuning, a validation loss) and ``loss.backward()`` fills ``hparams``' ``.grad``.
     No gradient flows into ``params`` themselves. Pass a dict as ``info`` to receive the
-    diagnostics of the backward's solve (see :func:`implicit_grad`).
+    diagnostics of the backward's solve (see :func:`implicit_grad`). ``products`` as in
+    :func:`implicit_grad`.
 
     Checks: the forward validates ``params`` and ``hparams`` (one host read for NaN/inf); the
     backward reads its health signals once, as :func:`implicit_grad` does.
@@ -511,6 +584,7 @@ def implicit_solution(
     _checks.callable_(solver, "solver")
     _check_policy(on_failure)
     _check_stationarity_tol(stationarity_tol)
+    _check_products(products)
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
     p_flat, h_flat = _check_trees(params, hparams)
@@ -527,16 +601,19 @@ def implicit_solution(
                            "meaningless")
     health.raise_nonfinite("hparams", h_flat)
     return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
-                           stationarity_tol=stationarity_tol, info=info, public=True)
+                           stationarity_tol=stationarity_tol, info=info, products=products,
+                           public=True)
 
 
 def _implicit_solution_fast(inner_loss: Loss, params: Tree, hparams: Tree, *,
                             solver: Callable[..., SolveResult], on_failure: str = "ignore",
                             stationarity_tol: float | None = None,
-                            info: dict[str, Any] | None = None) -> Tree:
+                            info: dict[str, Any] | None = None,
+                            products: str = "exact") -> Tree:
     """:func:`implicit_solution` for internal callers that validated their inputs (``params``
     and ``hparams`` non-empty floating tensor pytrees of one dtype/device, finite, some of
     ``hparams`` requiring grad; callables and policy checked): no host read in the forward, no
     scan for captured tensors in the backward; the backward's one health read stays."""
     return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
-                           stationarity_tol=stationarity_tol, info=info, public=False)
+                           stationarity_tol=stationarity_tol, info=info, products=products,
+                           public=False)

@@ -150,22 +150,7 @@ class HessianOperator:
 
     def _raise_nonfinite(self, health: _checks.Health) -> None:
         """``ValueError`` naming the first non-finite signal, in causal order."""
-        health.raise_nonfinite("params", self._p)
-        if self._h is not None:
-            health.raise_nonfinite("hparams", self._h)
-        if health.first_nonfinite("loss") is not None:
-            raise ValueError(
-                f"the value of `{self._name}` at `params` is NaN/inf (while `params`"
-                f"{' and `hparams`' if self._h is not None else ''} are finite): fix the loss "
-                "(e.g. a log of 0, an overflow, a NaN in the data it closes over)"
-            )
-        i = health.first_nonfinite("loss_grad")
-        if i is not None:
-            raise ValueError(
-                f"the gradient of `{self._name}` with respect to `params` leaf {i} (shape "
-                f"{tuple(self._p[i].shape)}) is NaN/inf although the loss value is finite "
-                "(e.g. sqrt or log at 0, or an overflow in the backward pass)"
-            )
+        _raise_nonfinite(health, self._name, self._p, self._h)
 
     def captured(self) -> list[torch.Tensor]:
         """Tensors that ``fn`` used, that require grad, but are neither params nor hparams."""
@@ -194,6 +179,28 @@ class HessianOperator:
         with torch.enable_grad():
             out = _grads_or_zeros(self._g, self._h, v_flat, self._name)
         return tree.unflatten(out, self._h_spec)
+
+
+def _raise_nonfinite(health: _checks.Health, name: str, p: list[torch.Tensor],
+                     h: list[torch.Tensor] | None) -> None:
+    """The checks of :meth:`HessianOperator._raise_nonfinite` on the keys ``params``,
+    ``hparams``, ``loss`` and ``loss_grad`` (shared with the finite-difference products)."""
+    health.raise_nonfinite("params", p)
+    if h is not None:
+        health.raise_nonfinite("hparams", h)
+    if health.first_nonfinite("loss") is not None:
+        raise ValueError(
+            f"the value of `{name}` at `params` is NaN/inf (while `params`"
+            f"{' and `hparams`' if h is not None else ''} are finite): fix the loss "
+            "(e.g. a log of 0, an overflow, a NaN in the data it closes over)"
+        )
+    i = health.first_nonfinite("loss_grad")
+    if i is not None:
+        raise ValueError(
+            f"the gradient of `{name}` with respect to `params` leaf {i} (shape "
+            f"{tuple(p[i].shape)}) is NaN/inf although the loss value is finite "
+            "(e.g. sqrt or log at 0, or an overflow in the backward pass)"
+        )
 
 
 def make_hvp(fn: Callable[..., torch.Tensor], params: Tree, *args: Any) -> HessianOperator:

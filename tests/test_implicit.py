@@ -684,3 +684,71 @@ def test_a_model_without_double_backward_gets_hypergrads_own_error():
     assert "derivative for" in str(e.value.__cause__)  # chained from torch's error
     with pytest.raises(hg.DoubleBackwardError, match="finite_difference"):
         hg.hvp(lambda p: inner(p, h), p, hg.tree.map(torch.ones_like, p))
+
+
+# ---- products="finite_difference" (issue 16.1/16.2) ------------------------------------------
+
+
+def _attention_problem(dtype=torch.float64):
+    """A one-head attention block whose default CPU SDPA kernel has no double backward; the
+    inner loss is a ridge-regularised fit of its output, params at a stationary point found
+    by Newton's method through the MATH kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 5, 4, generator=gen, dtype=dtype)  # (batch, heads, tokens, dim)
+    y = torch.randn(2, 1, 5, 4, generator=gen, dtype=dtype)
+
+    def inner(p, h):
+        q = x @ p["w"]
+        out = torch.nn.functional.scaled_dot_product_attention(q, x, x)
+        return ((out - y) ** 2).mean() + 0.5 * (h.exp() * p["w"] ** 2).sum()
+
+    def outer(p, h):
+        q = x @ p["w"]
+        return torch.nn.functional.scaled_dot_product_attention(q, x, y).square().mean()
+
+    h = torch.full((4, 4), -1.0, dtype=dtype)
+    w = torch.zeros(16, dtype=dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        for _ in range(30):
+            f = lambda v: inner({"w": v.reshape(4, 4)}, h)  # noqa: E731
+            w = w - torch.linalg.solve(torch.func.hessian(f)(w), torch.func.grad(f)(w))
+    return inner, outer, {"w": w.reshape(4, 4)}, h
+
+
+def test_finite_difference_products_give_the_exact_hypergradient_without_double_backward():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inner, outer, p, h = _attention_problem()
+    with pytest.raises(hg.DoubleBackwardError):  # the default kernel: exact products fail
+        hg.implicit_grad(inner, outer, p, h, solver=TIGHT_CG)
+    with sdpa_kernel(SDPBackend.MATH):  # reference: exact products through the MATH kernel
+        ref = hg.implicit_grad(inner, outer, p, h, solver=TIGHT_CG)
+    (g, info), ws = caught(lambda: hg.implicit_grad(
+        inner, outer, p, h, solver=functools.partial(hg.cg, tol=1e-10, maxiter=200),
+        products="finite_difference", return_info=True))
+    assert ws == [] and info["trusted"], info["reasons"]
+    assert rel_error(g, ref) < 1e-6  # O(sqrt(eps)) products in float64
+    hq = h.clone().requires_grad_(True)
+    w = hg.implicit_solution(inner, p, hq, products="finite_difference",
+                             solver=functools.partial(hg.cg, tol=1e-10, maxiter=200))
+    outer(w, hq).backward()
+    assert rel_error(hq.grad, ref) < 1e-6
+
+
+def test_finite_difference_products_keep_the_checks():
+    prob = problems.problem("ridge")
+    kw = {"products": "finite_difference"}
+    with pytest.raises(ValueError, match="`products` must be one of"):
+        hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                         products="fd")
+    with pytest.raises(ValueError, match="does not depend on `params`"):
+        hg.implicit_grad(lambda w, h: prob.inner_loss(w.detach(), h), prob.outer_loss,
+                         prob.params, prob.hparams, **kw)
+    nan_inner = lambda w, h: prob.inner_loss(w, h) * float("nan")  # noqa: E731
+    with pytest.raises(ValueError, match="value of `inner_loss` at `params` is NaN/inf"):
+        hg.implicit_grad(nan_inner, prob.outer_loss, prob.params, prob.hparams, **kw)
+    g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                         solver=TIGHT_CG, **kw)
+    assert rel_error(g, prob.hypergrad) < 1e-7
