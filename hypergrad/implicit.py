@@ -248,10 +248,9 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
     # zero curvature up to rounding (a singular PSD Hessian) is not a saddle
     flat = known and math.isfinite(lo) and abs(lo) <= hi * math.sqrt(eps)
     negative = nonpos and not flat
-    stagnated = h.get("stat_stagnated")
-    if stagnated is None:  # solvers without the statistic: no better than the zero guess
-        stagnated = not converged and not residual < 1.0
-    stagnated = bool(stagnated) and not converged
+    # no progress at all: the run ended no better than the zero guess (or worse)
+    no_progress = not converged and not residual < 1.0
+    stagnated = bool(h.get("stat_stagnated", no_progress)) and not converged
     reasons = []
     broken = h.first_nonfinite("solution") is not None
     if broken:
@@ -279,11 +278,19 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
                 f"with alpha={alpha:.2e}; use alpha='auto' or an alpha below 2 / lambda_max "
                 "of the inner Hessian"
             )
-        elif flat or stagnated:
+        elif flat or no_progress:
             reasons.append(
                 f"the linear solve did not converge ({where}) and more iterations will not "
                 "help: the inner Hessian is singular or too ill-conditioned. "
                 + _damping_advice(solver, lo if known else None, hi if known else None)
+            )
+        elif stagnated:  # the solver says the residual stopped falling fast enough
+            advice = _damping_advice(solver, lo if known else None, hi if known else None)
+            reasons.append(
+                f"the linear solve did not converge ({where}) and it is progressing slowly "
+                "(the solver reports stagnation): the inner Hessian is ill-conditioned. "
+                "Increase the solver's iterations if the budget allows (it may need many "
+                f"more), or: {advice[0].lower()}{advice[1:]}"
             )
         else:
             reasons.append(
