@@ -305,7 +305,7 @@ CASES: list[Case] = [
          "`v0`"),
     # ---- minres / gmres / normal_cg / nystrom / adam_preconditioner ----
     Case("minres-zero-operator", lambda: hg.minres(lambda v: 0 * v, b3()), "",
-         flagged=not_converged, pending="solvers"),
+         flagged=not_converged),
     Case("minres-maxiter-negative", lambda: hg.minres(A, b3(), maxiter=-1), "`maxiter`"),
     Case("minres-b-int", lambda: hg.minres(A, torch.tensor([1, 2])), "`b`"),
     Case("minres-damping-negative", lambda: hg.minres(A, b3(), damping=-1.0), "`damping`"),
