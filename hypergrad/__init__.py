@@ -4,6 +4,7 @@ See README.md for the quickstart and the API table.
 """
 
 from . import distributed, testing, tree
+from .fixed_point import fixed_point_grad, fixed_point_solution
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .meta_loop import MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
@@ -44,6 +45,8 @@ __all__ = [
     "implicit_grad",
     "implicit_solution",
     "functional_implicit_grad",
+    "fixed_point_grad",
+    "fixed_point_solution",
     "HypergradientWarning",
     "HypergradientError",
     "unroll",
