@@ -5,6 +5,7 @@ See README.md for the quickstart and the API table.
 
 from . import distributed, testing, tree
 from .fixed_point import fixed_point_grad, fixed_point_solution
+from .forward import forward_hypergrad, implicit_jacobian, implicit_jvp, step_jvp
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .meta_loop import MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
@@ -47,6 +48,10 @@ __all__ = [
     "functional_implicit_grad",
     "fixed_point_grad",
     "fixed_point_solution",
+    "implicit_jvp",
+    "implicit_jacobian",
+    "forward_hypergrad",
+    "step_jvp",
     "HypergradientWarning",
     "HypergradientError",
     "unroll",
