@@ -27,7 +27,7 @@ def _rel(a, b) -> float:
 
 # --- closed-form problems -----------------------------------------------------------------------
 def _quadratic(n_p: int, n_h: int, seed: int = 0):
-    """``f = 0.5 p^T A p - p^T (B tanh(h) + c) + 0.1 ||h||^2 p_0``-free quadratic in p:
+    """``f = 0.5 p^T A p - p^T (B tanh(h) + c)``, quadratic in p with the closed form
     ``p*(h) = A^{-1}(B tanh(h) + c)`` (nonlinear in h, so the Jacobian varies with h)."""
     g = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(n_p, n_p, generator=g))[0]
@@ -57,7 +57,8 @@ def _ridge(seed: int = 0, n_features: int = 6):
 
 
 def _nested(n_h_split=(2, 1)):
-    """The quadratic on pytrees: params {"a": (2,), "b": ((3,), (2, 2))}, hparams [(2,), {"c": (1,)}]."""
+    """The quadratic on pytrees: params {"a": (2,), "b": ((3,), (2, 2))},
+    hparams [(2,), {"c": (1,)}]."""
     f, solution, h = _quadratic(9, sum(n_h_split), seed=4)
 
     def p_tree(v):
@@ -183,7 +184,7 @@ def test_implicit_jacobian_reports_an_unconverged_solve():
         hg.implicit_jacobian(f, solution(h), h, solver=functools.partial(hg.cg, maxiter=1))
 
 
-# --- forward_hypergrad ------------------------------------------------------------------------------
+# --- forward_hypergrad ---------------------------------------------------------------------------
 def _inner_problem(n: int = 4, k: int = 5, seed: int = 0):
     """A non-quadratic inner loss on params {"w": (n,), "b": ()} with hparams {"l": (k-1,),
     "s": ()}: per-group data weights and a log weight decay."""
