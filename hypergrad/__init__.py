@@ -8,6 +8,7 @@ from .fixed_point import fixed_point_grad, fixed_point_solution
 from .forward import forward_hypergrad, implicit_jacobian, implicit_jvp, step_jvp
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .meta_loop import MetaPretrainer
+from .modules import FunctionalModule
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import (
@@ -52,6 +53,7 @@ __all__ = [
     "implicit_jacobian",
     "forward_hypergrad",
     "step_jvp",
+    "FunctionalModule",
     "HypergradientWarning",
     "HypergradientError",
     "unroll",
