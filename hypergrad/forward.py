@@ -80,9 +80,18 @@ def _grad(
     else:
         batched = k is not None
     with torch.enable_grad():
-        gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
-                                 create_graph=create_graph, allow_unused=True,
-                                 is_grads_batched=batched)
+        try:
+            gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
+                                     create_graph=create_graph, allow_unused=True,
+                                     is_grads_batched=batched)
+        except RuntimeError:
+            if not batched:
+                raise
+            # an op without a vmap rule for its backward: one backward per row instead
+            rows = [torch.autograd.grad(outs, list(inputs), [c[i] for c in cots],
+                                        retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True) for i in range(len(cots[0]))]
+            gs = [None if r[0] is None else torch.stack(list(r)) for r in zip(*rows)]
     if k is not None and k == 1:
         gs = [None if g is None else g.unsqueeze(0) for g in gs]
     return [_zeros_for(x, k) if g is None else g for x, g in zip(inputs, gs)]

@@ -361,3 +361,20 @@ def test_forward_hypergrad_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"shape \(k, \*\(4,\)\)"):
         hg.step_jvp(step, p0, h, tree.map(torch.zeros_like, p0),
                     tree.map(lambda x: torch.zeros(1, *x.shape), h))
+
+
+def test_batched_backward_falls_back_to_a_loop(monkeypatch):
+    """An op without a vmap rule makes ``is_grads_batched`` raise: the rows are then done one
+    backward at a time, with the same result."""
+    f, solution, h = _quadratic(5, 3, seed=2)
+    ref = hg.implicit_jacobian(f, solution(h), h, solver=CG)
+    real = torch.autograd.grad
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    got = hg.implicit_jacobian(f, solution(h), h, solver=CG)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
