@@ -309,7 +309,9 @@ def measure_memory(method: str, T: int, k: int, args) -> dict:
 # --- report -------------------------------------------------------------------------------------
 def markdown(data: dict) -> str:
     """The RESULTS.md section body from the JSON."""
-    lines = [f"Measured {data['date']} ({data['machine']}; load average {data['load']}). "
+    load = f"load average {data.get('load_start', '?')} at the start, {data['load']} at the end"
+    lines = [f"Measured {data['date']} in {data['seconds'] / 60:.0f} min ({data['machine']}; "
+             f"{load}: other jobs shared the 2 cores). "
              "Times are min over interleaved rounds in one process; memory is the fresh-process "
              "peak rise (benchmarks/memory.py's method).", ""]
     jac = data.get("jacobian", {})
@@ -441,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.rounds, args.jac_rounds, args.min_time = 1, 1, 0.0
     t0 = time.time()
     data: dict = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                  "load_start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
                   "device": str(args.device), "tiny": args.tiny}
     if "jacobian" in args.only:
         data["jacobian"] = study_jacobian(args)
