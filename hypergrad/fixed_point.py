@@ -80,6 +80,35 @@ def _call_solver(solver: Callable[..., SolveResult], matvec, rhs: Tree) -> Solve
     return res
 
 
+def _captured(outputs: list[torch.Tensor], known: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``outputs`` depend on but that are not in ``known``:
+    tensors a user function captured (a closure over a module's weights, say). Their gradient
+    is not part of any hypergradient, which is silently wrong if they were meant as hparams."""
+    known_ids = {id(t) for t in known}
+    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    seen: set = set()
+    found: list[torch.Tensor] = []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            if id(var) not in known_ids:
+                found.append(var)
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def _captured_reason(name: str, found: list[torch.Tensor], args: str) -> str:
+    shapes = ", ".join(str(tuple(t.shape)) for t in found[:5]) + (" ..." if len(found) > 5 else "")
+    return (f"`{name}` uses {len(found)} tensor(s) that require grad but are in neither {args} "
+            f"(shapes {shapes}); their gradients are not part of the result: pass them in "
+            "`hparams` or detach them")
+
+
 def _relative(num: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
     denom = scales[0]
     for s in scales[1:]:
@@ -104,6 +133,7 @@ class _Linearized:
             )
         _check_map_output(out, x)
         self.out = tree.leaves(out)
+        self.captured = _captured(self.out, self.x + self.h)
         with torch.no_grad():
             self.residual = _relative(
                 tree.norm([o - t for o, t in zip(self.out, self.x)]),
@@ -155,6 +185,8 @@ def _diagnose(lin: _Linearized, res: SolveResult, fixed_point_tol: float | None)
         "contraction": lin.max_ratio if lin.matvecs else None,
     }
     reasons = []
+    if lin.captured:
+        reasons.append(_captured_reason("fixed_point_map", lin.captured, "`x` nor `hparams`"))
     if not bool(res.converged):
         reasons.append("the linear solve did not converge (increase the solver's iterations; "
                        "a singular I - dT/dx also stops it)")
@@ -212,7 +244,9 @@ def fixed_point_grad(
             the solver's vectors), ``"reasons"`` and ``"trusted"``.
         on_failure: ``"warn"`` (once per reason), ``"raise"`` (:class:`HypergradientError`) or
             ``"ignore"`` when the solve did not converge, ``x`` is not a fixed point
-            (residual > ``fixed_point_tol``), or ``T`` is not contractive along the solve.
+            (residual > ``fixed_point_tol``), ``T`` is not contractive along the solve, or
+            ``T`` uses a tensor that requires grad but is in neither ``x`` nor ``hparams``
+            (a captured weight: its gradient would be silently missing).
         fixed_point_tol: threshold on ``"fixed_point_residual"``; ``None`` skips the check.
 
     Cost: one forward of ``T`` with its graph, one backward per solver matvec, one more for the

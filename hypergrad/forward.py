@@ -41,7 +41,15 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .fixed_point import _call_solver, _check_policy, _reject_functorch, _relative, _report
+from .fixed_point import (
+    _call_solver,
+    _captured,
+    _captured_reason,
+    _check_policy,
+    _reject_functorch,
+    _relative,
+    _report,
+)
 from .solvers import SolveResult, cg
 from .tree import Tree
 
@@ -116,6 +124,7 @@ class _InnerLinearization:
                                          allow_unused=True)
             else:
                 gs = [None] * (len(self.p) + len(self.h))
+            self.captured = _captured([value], self.p + self.h)
         self.g_p = list(gs[: len(self.p)])
         self.g_h = list(gs[len(self.p):])
         self.grad = [torch.zeros_like(x) if g is None else g.detach()
@@ -145,6 +154,8 @@ def _diagnose(lin: _InnerLinearization, results: list[SolveResult],
     """Premise checks: converged solves, positive curvature seen by CG, stationarity."""
     info: dict[str, Any] = {"solves": results}
     reasons = []
+    if lin.captured:
+        reasons.append(_captured_reason("inner_loss", lin.captured, "`params` nor `hparams`"))
     if not all(bool(r.converged) for r in results):
         reasons.append("the linear solve did not converge (increase the solver's iterations)")
     nonpos = any(bool((r.stats or {}).get("nonpositive_curvature", False)) for r in results)
@@ -202,7 +213,8 @@ def implicit_jvp(
         solver: ``solver(matvec, b) -> SolveResult`` for ``H x = M u``; default ``hg.cg``.
         return_info, on_failure, stationarity_tol: as :func:`hypergrad.implicit_grad` (the
             info dict has ``"solves"``, ``"stationarity"``, ``"nonpositive_curvature"``,
-            ``"reasons"``, ``"trusted"``).
+            ``"reasons"``, ``"trusted"``); one more reason is an ``inner_loss`` that uses a
+            tensor requiring grad outside ``params`` and ``hparams`` (a captured weight).
 
     Returns a pytree like ``params``. Cost: one gradient graph of ``f``, one mixed product,
     the solver's matvecs, one matvec for the stationarity check.
@@ -361,7 +373,7 @@ def _tangent_leaf_ok(x: Any) -> bool:
 
 
 def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
-              h_tan: list[torch.Tensor], k: int, t: int, spec: Any
+              h_tan: list[torch.Tensor], k: int, t: int, spec: Any, check: bool = False
               ) -> tuple[Tree, list[torch.Tensor]]:
     """One step and its Jacobian-vector products (internal: inputs already validated).
 
@@ -381,6 +393,11 @@ def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
                 f"`step` must return a pytree of the structure of `params`; at t={t} it "
                 f"returned {out_spec} instead of {spec}")
         live = [i for i, o in enumerate(out_flat) if _tangent_leaf_ok(o) and o.requires_grad]
+        if check:
+            found = _captured([out_flat[i] for i in live], diff_in)
+            if found:
+                _report([_captured_reason("step", found, "the state nor `hparams`")], "warn",
+                        stacklevel=4)
         ws = [torch.zeros_like(out_flat[i], requires_grad=True) for i in live]
         if live:
             vjps = torch.autograd.grad([out_flat[i] for i in live], diff_in, ws,
@@ -453,7 +470,7 @@ def step_jvp(
                          f"(one row per direction), got {k} and {k_h}")
     spec = tree.flatten(state)[1]
     new_state, new_tan = _step_jvp(step, state, hparams, tree.leaves(state_tangents),
-                                   tree.leaves(hparams_tangents), k, t, spec)
+                                   tree.leaves(hparams_tangents), k, t, spec, check=True)
     return new_state, tree.unflatten(new_tan, spec)
 
 
@@ -500,6 +517,9 @@ def forward_hypergrad(
         return_state: also return ``state_T`` (detached).
         progress: a tqdm bar over the steps.
 
+    Warns (:class:`HypergradientWarning`) if the first step uses a tensor that requires grad
+    but is in neither the state nor ``hparams`` (its influence would be silently missing).
+
     Equals the full reverse-mode ``unroll`` to rounding. Memory: the state, its ``numel(hparams)``
     tangents and one step's graph, whatever ``steps``; time: about one step's
     vector-Jacobian product plus ``numel(hparams)`` batched backward passes per step.
@@ -529,7 +549,7 @@ def forward_hypergrad(
 
         it = tqdm(it, desc="forward_hypergrad", leave=False)
     for t in it:
-        state, Z = _step_jvp(step, state, hparams, Z, U, n, t, spec)
+        state, Z = _step_jvp(step, state, hparams, Z, U, n, t, spec, check=(t == 0))
     # dL/dh = direct + sum over state leaves of <dL/dstate_leaf, Z_leaf[row]> for every row
     st = [x.detach().requires_grad_(True) if _tangent_leaf_ok(x) else x
           for x in tree.leaves(state)]

@@ -260,3 +260,18 @@ def test_bad_options_name_the_argument():
         hg.fixed_point_solution(T, x, h.clone().requires_grad_(), info=[])
     with pytest.raises(TypeError, match="torch.func"):
         torch.func.grad(lambda hh: hg.fixed_point_grad(T, L, x, hh).sum())(h)
+
+
+def test_a_captured_tensor_that_requires_grad_is_reported():
+    """jaxopt #31/#111: a weight the map closes over instead of taking it in ``hparams`` gets
+    no gradient, silently. Here it is named (with its shape) and can be made an error."""
+    T, L, h = _tanh_problem()
+    x = _iterate(T, h, 6)
+    W = torch.eye(6, requires_grad=True)
+    T_capture = lambda x, h: T(W @ x, h)  # noqa: E731
+    with pytest.warns(hg.HypergradientWarning, match=r"`fixed_point_map` uses 1 tensor.*\(6, 6\)"):
+        hg.fixed_point_grad(T_capture, L, x, h, solver=TIGHT)
+    with pytest.raises(hg.HypergradientError, match="neither `x` nor `hparams`"):
+        hg.fixed_point_grad(T_capture, L, x, h, solver=TIGHT, on_failure="raise")
+    hg.fixed_point_grad(lambda x, h: T(W.detach() @ x, h), L, x, h, solver=TIGHT,
+                        on_failure="raise")  # detached: nothing to report

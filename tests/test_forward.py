@@ -378,3 +378,18 @@ def test_batched_backward_falls_back_to_a_loop(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", no_vmap)
     got = hg.implicit_jacobian(f, solution(h), h, solver=CG)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_captured_tensors_that_require_grad_are_reported():
+    f, solution, h = _quadratic(4, 2)
+    scale = torch.ones((), requires_grad=True)
+    g = lambda p, hh: scale * f(p, hh)  # noqa: E731
+    with pytest.warns(hg.HypergradientWarning, match="`inner_loss` uses 1 tensor"):
+        hg.implicit_jvp(g, solution(h), h, torch.ones(2), solver=CG)
+    with pytest.raises(hg.HypergradientError, match="neither `params` nor `hparams`"):
+        hg.implicit_jacobian(g, solution(h), h, solver=CG, on_failure="raise")
+    fi, val, p0, hp = _inner_problem()
+    step = hg.gradient_step(lambda p, hh: scale * fi(p, hh), lr=0.1)
+    with pytest.warns(hg.HypergradientWarning, match="`step` uses 1 tensor") as rec:
+        hg.forward_hypergrad(step, p0, hp, 3, val)
+    assert len(rec) == 1  # checked on the first step only
