@@ -4,6 +4,12 @@ See README.md for the quickstart and the API table.
 """
 
 from . import distributed, testing, tree
+from .finite_difference import (
+    FiniteDifferenceOperator,
+    default_fd_step,
+    fd_hvp,
+    fd_mixed_vjp,
+)
 from .fixed_point import fixed_point_grad, fixed_point_solution
 from .forward import forward_hypergrad, implicit_jacobian, implicit_jvp, step_jvp
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
@@ -15,6 +21,7 @@ from .solvers import (
     SolveResult,
     adam_preconditioner,
     cg,
+    default_tol,
     gmres,
     minres,
     neumann,
@@ -22,6 +29,7 @@ from .solvers import (
     nystrom,
     power_iteration,
 )
+from .solvers.sama import sama
 from .stochastic import stochastic_hvp
 from .transformable import functional_implicit_grad
 from .unroll import gradient_step, optimizer_step, unroll
@@ -34,7 +42,12 @@ __all__ = [
     "make_hvp",
     "mixed_vjp",
     "HessianOperator",
+    "FiniteDifferenceOperator",
+    "fd_hvp",
+    "fd_mixed_vjp",
+    "default_fd_step",
     "SolveResult",
+    "default_tol",
     "cg",
     "neumann",
     "power_iteration",
@@ -43,6 +56,7 @@ __all__ = [
     "minres",
     "normal_cg",
     "nystrom",
+    "sama",
     "stochastic_hvp",
     "implicit_grad",
     "implicit_solution",
