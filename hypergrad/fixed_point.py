@@ -18,8 +18,8 @@ Example:
     >>> T = lambda x, h: 0.5 * x + h           # x* = 2 h
     >>> L = lambda x, h: (x ** 2).sum()        # dL/dh = 2 x* dx*/dh = 8 h
     >>> h = torch.tensor([1.5], dtype=torch.float64)
-    >>> hg.fixed_point_grad(T, L, 2 * h, h)
-    tensor([12.], dtype=torch.float64)
+    >>> hg.fixed_point_grad(T, L, 2 * h, h).tolist()
+    [12.0]
 """
 
 from __future__ import annotations
@@ -332,8 +332,8 @@ def fixed_point_solution(
         >>> import torch, hypergrad as hg
         >>> h = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
         >>> x = hg.fixed_point_solution(lambda x, h: 0.5 * x + h, 2 * h.detach(), h)
-        >>> (x ** 2).sum().backward(); h.grad
-        tensor([12.], dtype=torch.float64)
+        >>> (x ** 2).sum().backward(); h.grad.tolist()
+        [12.0]
     """
     solver = gmres if solver is None else solver
     _check_entry("fixed_point_solution", fixed_point_map, x, hparams, solver, on_failure,

@@ -26,11 +26,10 @@ Example:
     >>> import torch, hypergrad as hg
     >>> f = lambda p, h: 0.5 * ((p - 2 * h) ** 2).sum()   # p* = 2 h
     >>> h = torch.tensor([1.0, 3.0], dtype=torch.float64)
-    >>> hg.implicit_jvp(f, 2 * h, h, torch.tensor([1.0, -1.0], dtype=torch.float64))
-    tensor([ 2., -2.], dtype=torch.float64)
-    >>> hg.implicit_jacobian(f, 2 * h, h)
-    tensor([[2., 0.],
-            [0., 2.]], dtype=torch.float64)
+    >>> hg.implicit_jvp(f, 2 * h, h, torch.tensor([1.0, -1.0], dtype=torch.float64)).tolist()
+    [2.0, -2.0]
+    >>> hg.implicit_jacobian(f, 2 * h, h).tolist()
+    [[2.0, 0.0], [0.0, 2.0]]
 """
 
 from __future__ import annotations
