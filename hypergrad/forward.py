@@ -516,8 +516,15 @@ def forward_hypergrad(
         return_state: also return ``state_T`` (detached).
         progress: a tqdm bar over the steps.
 
+    With torchopt's Adam, pass ``eps_root > 0`` (e.g. ``torchopt.adam(lr, eps_root=1e-30)``)
+    when some gradient coordinates are exactly zero (unused inputs, padding): ``d sqrt(nu)/d nu``
+    is infinite at ``nu = 0`` and the tangent there becomes ``0 * inf = NaN`` (reverse mode
+    gets NaN too when such a coordinate feeds the outer loss through a graph; for a coordinate
+    the loss never uses, its constant zero gradient hides it).
+
     Warns (:class:`HypergradientWarning`) if the first step uses a tensor that requires grad
-    but is in neither the state nor ``hparams`` (its influence would be silently missing).
+    but is in neither the state nor ``hparams`` (its influence would be silently missing), and
+    if the result is not finite.
 
     Equals the full reverse-mode ``unroll`` to rounding. Memory: the state, its ``numel(hparams)``
     tangents and one step's graph, whatever ``steps``; time: about one step's
@@ -573,6 +580,9 @@ def forward_hypergrad(
         out.append(d + total[offset:offset + m].reshape(x.shape))
         offset += m
     hypergrad = tree.unflatten(out, h_spec)
+    if not bool(torch.isfinite(total).all()):
+        _report(["the forward-mode tangents are not finite (with torchopt Adam and a gradient "
+                 "coordinate that stays exactly 0, pass eps_root > 0, e.g. 1e-30)"], "warn")
     if return_state:
         return hypergrad, state
     return hypergrad

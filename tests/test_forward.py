@@ -393,3 +393,26 @@ def test_captured_tensors_that_require_grad_are_reported():
     with pytest.warns(hg.HypergradientWarning, match="`step` uses 1 tensor") as rec:
         hg.forward_hypergrad(step, p0, hp, 3, val)
     assert len(rec) == 1  # checked on the first step only
+
+
+def test_adam_with_a_zero_gradient_coordinate_needs_eps_root():
+    """A coordinate whose gradient is exactly zero keeps Adam's nu at 0, where d sqrt(nu)/d nu
+    is infinite: the tangent is 0 * inf = NaN there; eps_root > 0 makes it 0 and the result
+    equals reverse mode (which, for a coordinate the loss never uses, never meets the inf)."""
+    f = lambda p, h: ((p[:2] - h) ** 2).sum()  # noqa: E731  (p[2] is unused)
+    val = lambda s, h: s[0].sum()  # noqa: E731
+    p0, h = torch.zeros(3), torch.tensor([1.0, -2.0])
+    for eps_root in (0.0, 1e-30):
+        opt = torchopt.adam(lr=0.1, eps_root=eps_root)
+        step = hg.optimizer_step(f, opt)
+        if eps_root == 0.0:
+            with pytest.warns(hg.HypergradientWarning, match="eps_root > 0"):
+                got = hg.forward_hypergrad(step, (p0, opt.init(p0)), h, 5, val)
+        else:
+            got = hg.forward_hypergrad(step, (p0, opt.init(p0)), h, 5, val)
+        hh = h.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(val(hg.unroll(step, (p0, opt.init(p0)), hh, 5), hh), hh)
+        if eps_root == 0.0:
+            assert not bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all())
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
