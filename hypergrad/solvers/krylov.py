@@ -297,7 +297,8 @@ def gmres(
     stop = beta <= tol * b_norm
     a_est = zero
     V: list[Tree] = []
-    y = None
+    none = torch.zeros(0, dtype=dtype, device=device)  # no Arnoldi step yet: no coefficients
+    y = none  # x = x_start + sum_i y_i V_i
     j = 0  # Arnoldi steps in the current cycle
     x_start, r_start = x, beta
     Hm = torch.zeros(restart + 1, restart, dtype=dtype, device=device)
@@ -329,7 +330,7 @@ def gmres(
             estimate = _relative(beta, b_norm)
             history.append(beta)
             stop = beta <= tol * b_norm
-            j, V, y, x_start, r_start = 0, [], None, x, beta
+            j, V, y, x_start, r_start = 0, [], none, x, beta
             Hm = torch.zeros(restart + 1, restart, dtype=dtype, device=device)
             continue
         if j == 0:
@@ -399,6 +400,7 @@ def normal_cg(
     rhs = At(b)
     # the inner CG's tolerance is on the normal equations; the reported one is on A x = b
     inner = _cg(lambda v: At(A(v)), rhs, None, maxiter, tol * 1e-2, 1)
+    assert inner.stats is not None  # _cg always reports its stats
     x = inner.solution
     rt = tree.sub(b, A(x))
     residual = _relative(torch.sqrt(tree.vdot(rt, rt)), torch.sqrt(tree.vdot(b, b)))
