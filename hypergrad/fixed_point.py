@@ -24,14 +24,12 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import _checks, tree
-from .implicit import HypergradientError, HypergradientWarning
 from .solvers import SolveResult, gmres
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -40,28 +38,9 @@ __all__ = ["fixed_point_grad", "fixed_point_solution"]
 
 FixedPointMap = Callable[[Tree, Tree], Tree]
 Loss = Callable[[Tree, Tree], torch.Tensor]
-_POLICIES = ("warn", "raise", "ignore")
 
 
-# --- shared with forward.py: the failure policy and the entry checks -----------------------------
-def _check_policy(on_failure: str) -> None:
-    if on_failure not in _POLICIES:
-        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
-
-
-def _report(reasons: list[str], on_failure: str, stacklevel: int = 3) -> None:
-    """Warn once per reason (each a fixed message, so Python's filter shows it once per call
-    site), raise :class:`HypergradientError` with all of them, or stay silent."""
-    if not reasons or on_failure == "ignore":
-        return
-    if on_failure == "raise":
-        raise HypergradientError("hypergradient may be wrong: " + "; ".join(reasons))
-    for reason in reasons:
-        warnings.warn(
-            "hypergradient may be wrong: " + reason, HypergradientWarning, stacklevel=stacklevel
-        )
-
-
+# --- shared with forward.py ---------------------------------------------------------------------
 def _reject_functorch(name: str, *trees: Tree) -> None:
     if any(in_functorch_transform(t) for t in trees):
         raise TypeError(
@@ -78,28 +57,6 @@ def _call_solver(solver: Callable[..., SolveResult], matvec, rhs: Tree) -> Solve
             "wrap your solver or use hg.gmres / hg.cg"
         )
     return res
-
-
-def _captured(outputs: list[torch.Tensor], known: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that ``outputs`` depend on but that are not in ``known``:
-    tensors a user function captured (a closure over a module's weights, say). Their gradient
-    is not part of any hypergradient, which is silently wrong if they were meant as hparams."""
-    known_ids = {id(t) for t in known}
-    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-    seen: set = set()
-    found: list[torch.Tensor] = []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
-        if var is not None:
-            if id(var) not in known_ids:
-                found.append(var)
-            continue
-        stack.extend(f for f, _ in fn.next_functions)
-    return found
 
 
 def _captured_reason(name: str, found: list[torch.Tensor], args: str) -> str:
@@ -133,7 +90,7 @@ class _Linearized:
             )
         _check_map_output(out, x)
         self.out = tree.leaves(out)
-        self.captured = _captured(self.out, self.x + self.h)
+        self.captured = _checks.captured_leaves(self.out, self.x + self.h)
         with torch.no_grad():
             self.residual = _relative(
                 tree.norm([o - t for o, t in zip(self.out, self.x)]),
@@ -207,7 +164,7 @@ def _check_entry(
     _reject_functorch(name, x, hparams)
     _checks.callable_(fixed_point_map, "fixed_point_map")
     _checks.callable_(solver, "solver")
-    _check_policy(on_failure)
+    _checks.policy(on_failure)
     if fixed_point_tol is not None:
         _checks.nonneg_number(fixed_point_tol, "fixed_point_tol")
     x_flat = _checks.tensor_tree(x, "x")
@@ -262,7 +219,7 @@ def fixed_point_grad(
     res = _call_solver(solver, lin, dL_dx)
     hypergrad = tree.add(dL_dh, lin.mixed(res.solution))
     info = _diagnose(lin, res, fixed_point_tol)
-    _report(info["reasons"], on_failure)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (hypergrad, info) if return_info else hypergrad
 
 
@@ -306,7 +263,7 @@ class _FixedPoint(torch.autograd.Function):
         if cfg["info"] is not None:
             cfg["info"].clear()
             cfg["info"].update(info)
-        _report(info["reasons"], cfg["on_failure"])
+        _checks.report_failure(info["reasons"], cfg["on_failure"], stacklevel=3)
         return (None, *([None] * n), *mixed)
 
 

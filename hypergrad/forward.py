@@ -40,15 +40,7 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .fixed_point import (
-    _call_solver,
-    _captured,
-    _captured_reason,
-    _check_policy,
-    _reject_functorch,
-    _relative,
-    _report,
-)
+from .fixed_point import _call_solver, _captured_reason, _reject_functorch, _relative
 from .solvers import SolveResult, cg
 from .tree import Tree
 
@@ -123,7 +115,7 @@ class _InnerLinearization:
                                          allow_unused=True)
             else:
                 gs = [None] * (len(self.p) + len(self.h))
-            self.captured = _captured([value], self.p + self.h)
+            self.captured = _checks.captured_leaves(value, self.p + self.h)
         self.g_p = list(gs[: len(self.p)])
         self.g_h = list(gs[len(self.p):])
         self.grad = [torch.zeros_like(x) if g is None else g.detach()
@@ -181,7 +173,7 @@ def _check_inner_entry(name: str, inner_loss: Loss, params: Tree, hparams: Tree,
     _reject_functorch(name, params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(solver, "solver")
-    _check_policy(on_failure)
+    _checks.policy(on_failure)
     if stationarity_tol is not None:
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
     p_flat = _checks.tensor_tree(params, "params")
@@ -228,7 +220,7 @@ def implicit_jvp(
     res = _call_solver(solver, lin.matvec(), rhs)
     out = tree.map(_neg, res.solution)
     info = _diagnose(lin, [res], stationarity_tol)
-    _report(info["reasons"], on_failure)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (out, info) if return_info else out
 
 
@@ -362,7 +354,7 @@ def implicit_jacobian(
                          tree.flatten(params)[1])
     info = _diagnose(lin, results, stationarity_tol)
     info["mode"] = mode
-    _report(info["reasons"], on_failure)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (jac, info) if return_info else jac
 
 
@@ -393,10 +385,11 @@ def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
                 f"returned {out_spec} instead of {spec}")
         live = [i for i, o in enumerate(out_flat) if _tangent_leaf_ok(o) and o.requires_grad]
         if check:
-            found = _captured([out_flat[i] for i in live], diff_in)
+            found = _checks.captured_leaves([out_flat[i] for i in live], diff_in)
             if found:
-                _report([_captured_reason("step", found, "the state nor `hparams`")], "warn",
-                        stacklevel=4)
+                _checks.report_failure(
+                    [_captured_reason("step", found, "the state nor `hparams`")], "warn",
+                    stacklevel=4)
         ws = [torch.zeros_like(out_flat[i], requires_grad=True) for i in live]
         if live:
             vjps = torch.autograd.grad([out_flat[i] for i in live], diff_in, ws,
@@ -581,8 +574,10 @@ def forward_hypergrad(
         offset += m
     hypergrad = tree.unflatten(out, h_spec)
     if not bool(torch.isfinite(total).all()):
-        _report(["the forward-mode tangents are not finite (with torchopt Adam and a gradient "
-                 "coordinate that stays exactly 0, pass eps_root > 0, e.g. 1e-30)"], "warn")
+        _checks.report_failure(
+            ["the forward-mode tangents are not finite (with torchopt Adam and a gradient "
+             "coordinate that stays exactly 0, pass eps_root > 0, e.g. 1e-30)"], "warn",
+            stacklevel=3)
     if return_state:
         return hypergrad, state
     return hypergrad

@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 Loss = Callable[[Tree, Tree], torch.Tensor]
-_POLICIES = ("warn", "raise", "ignore")
 _PRODUCTS = ("exact", "finite_difference")
 # solver statistics read with the health check (the keys SolveResult.stats documents)
 _STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
@@ -70,11 +69,6 @@ def _reject_functorch(params: Tree, hparams: Tree) -> None:
             "torch.func transforms (vmap, grad, jacrev); use hg.functional_implicit_grad, "
             "which is written in torch.func and composes with them"
         )
-
-
-def _check_policy(on_failure: str) -> None:
-    if not isinstance(on_failure, str) or on_failure not in _POLICIES:
-        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
 
 
 def _check_products(products: str) -> None:
@@ -326,18 +320,6 @@ def _diagnose(h: _checks.Health, op: Any, res: SolveResult,
     return info
 
 
-def _report(info: dict[str, Any], on_failure: str, stacklevel: int = 3) -> None:
-    if info["trusted"] or on_failure == "ignore":
-        return
-    if on_failure == "raise":
-        raise HypergradientError("hypergradient may be wrong: " + "; ".join(info["reasons"]))
-    # One warning per reason, so Python's default filter shows a repeated reason once per call
-    # site (a joined message would repeat for every combination).
-    for reason in info["reasons"]:
-        warnings.warn("hypergradient may be wrong: " + reason, HypergradientWarning,
-                      stacklevel=stacklevel)
-
-
 def _warn_captured(op: Any, stacklevel: int) -> None:
     captured = op.captured()
     if captured:
@@ -406,7 +388,7 @@ def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tr
     op._raise_nonfinite(health)
     check(health)
     info = _diagnose(health, op, res, stationarity, stationarity_tol, solver)
-    _report(info, on_failure, stacklevel)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel)
     return tree.unflatten(hyper, h_spec), info
 
 
@@ -458,7 +440,7 @@ def implicit_grad(
     _reject_functorch(params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(outer_loss, "outer_loss")
-    _check_policy(on_failure)
+    _checks.policy(on_failure)
     _check_stationarity_tol(stationarity_tol)
     _check_products(products)
     _checks.callable_(solver, "solver")
@@ -529,7 +511,7 @@ class _Implicit(torch.autograd.Function):
         if cfg["info"] is not None:
             cfg["info"].clear()
             cfg["info"].update(info)
-        _report(info, cfg["on_failure"], stacklevel=2)
+        _checks.report_failure(info["reasons"], cfg["on_failure"], stacklevel=2)
         return (None, *([None] * n), *[-m for m in mixed])
 
 
@@ -589,7 +571,7 @@ def implicit_solution(
     _reject_functorch(params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(solver, "solver")
-    _check_policy(on_failure)
+    _checks.policy(on_failure)
     _check_stationarity_tol(stationarity_tol)
     _check_products(products)
     if info is not None and not isinstance(info, dict):
