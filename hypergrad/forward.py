@@ -79,6 +79,7 @@ def _grad(
         cots, batched = [c[0] for c in cots], False
     else:
         batched = k is not None
+    gs: Sequence[torch.Tensor | None]  # None: an input the outputs do not use
     with torch.enable_grad():
         try:
             gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
@@ -106,6 +107,7 @@ class _InnerLinearization:
         h_flat, self.h_spec = tree.flatten(hparams)
         self.p = [x.detach().requires_grad_(True) for x in p_flat]
         self.h = [x.detach().requires_grad_(True) for x in h_flat]
+        gs: Sequence[torch.Tensor | None]  # None: a leaf the loss does not use
         with torch.enable_grad():
             value = _checks.scalar_loss(
                 inner_loss(tree.unflatten(self.p, self.p_spec),
@@ -247,6 +249,7 @@ def _solve_stacked(solver, lin: _InnerLinearization, rhs: list[torch.Tensor], k:
     Columns are scaled to unit norm first, so the solver's relative tolerance applies to each
     column alike (the joint residual of unit columns bounds every column's own)."""
     sq = sum(x.reshape(k, -1).pow(2).sum(1) for x in rhs)
+    assert isinstance(sq, torch.Tensor)  # rhs (leaves of params) is non-empty
     norms = torch.sqrt(sq)
     scale = torch.where(norms > 0, norms, torch.ones_like(norms))
 
@@ -391,6 +394,7 @@ def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
                     [_captured_reason("step", found, "the state nor `hparams`")], "warn",
                     stacklevel=4)
         ws = [torch.zeros_like(out_flat[i], requires_grad=True) for i in live]
+        vjps: Sequence[torch.Tensor | None]  # None: an input the step does not use
         if live:
             vjps = torch.autograd.grad([out_flat[i] for i in live], diff_in, ws,
                                        create_graph=True, allow_unused=True)
