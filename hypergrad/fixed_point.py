@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import _checks, tree
+from .implicit import _outer_grads
 from .solvers import SolveResult, gmres
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -213,7 +214,8 @@ def fixed_point_grad(
     _check_entry("fixed_point_grad", fixed_point_map, x, hparams, solver, on_failure,
                  fixed_point_tol)
     _checks.callable_(outer_loss, "outer_loss")
-    dL_dx, dL_dh = _outer_grads(outer_loss, x, hparams)
+    _, dL_dx_flat, dL_dh_flat, x_spec, h_spec = _outer_grads(outer_loss, x, hparams)
+    dL_dx, dL_dh = tree.unflatten(dL_dx_flat, x_spec), tree.unflatten(dL_dh_flat, h_spec)
     _checks.finite(dL_dx, "dL/dx (the gradient of outer_loss)")
     lin = _Linearized(fixed_point_map, x, hparams)
     res = _call_solver(solver, lin, dL_dx)
@@ -221,22 +223,6 @@ def fixed_point_grad(
     info = _diagnose(lin, res, fixed_point_tol)
     _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (hypergrad, info) if return_info else hypergrad
-
-
-def _outer_grads(outer_loss: Loss, x: Tree, hparams: Tree) -> tuple[Tree, Tree]:
-    x_flat, x_spec = tree.flatten(x)
-    h_flat, h_spec = tree.flatten(hparams)
-    xs = [t.detach().requires_grad_(True) for t in x_flat]
-    hs = [t.detach().requires_grad_(True) for t in h_flat]
-    with torch.enable_grad():
-        L = _checks.scalar_loss(
-            outer_loss(tree.unflatten(xs, x_spec), tree.unflatten(hs, h_spec)), "outer_loss"
-        )
-        grads = torch.autograd.grad(L, xs + hs, allow_unused=True) if L.requires_grad else None
-    if grads is None:
-        grads = [None] * (len(xs) + len(hs))
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(xs + hs, grads)]
-    return tree.unflatten(grads[: len(xs)], x_spec), tree.unflatten(grads[len(xs) :], h_spec)
 
 
 class _FixedPoint(torch.autograd.Function):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -334,20 +334,25 @@ def _warn_captured(op: Any, stacklevel: int) -> None:
         )
 
 
-def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree):
+def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], Any, Any]:
+    """``(L, dL/dparams leaves, dL/dhparams leaves, params spec, hparams spec)`` at
+    ``(params, hparams)``; zeros for leaves ``L`` does not use (also used by fixed_point)."""
     p_flat, p_spec = tree.flatten(params)
     h_flat, h_spec = tree.flatten(hparams)
     p = [x.detach().requires_grad_(True) for x in p_flat]
     h = [x.detach().requires_grad_(True) for x in h_flat]
+    grads: Sequence[torch.Tensor | None]  # None: a leaf the loss does not use
     with torch.enable_grad():
         L = _checks.scalar_loss(
             outer_loss(tree.unflatten(p, p_spec), tree.unflatten(h, h_spec)), "outer_loss"
         )
-        grads = torch.autograd.grad(L, p + h, allow_unused=True) if L.requires_grad else None
-    if grads is None:
-        grads = [None] * (len(p) + len(h))
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(p + h, grads)]
-    return L.detach(), grads[: len(p)], grads[len(p):], p_spec, h_spec
+        if L.requires_grad:
+            grads = torch.autograd.grad(L, p + h, allow_unused=True)
+        else:
+            grads = [None] * (len(p) + len(h))
+    full = [torch.zeros_like(x) if g is None else g for x, g in zip(p + h, grads)]
+    return L.detach(), full[: len(p)], full[len(p):], p_spec, h_spec
 
 
 def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
