@@ -159,19 +159,22 @@ def _diagnose(lin: _Linearized, res: SolveResult, fixed_point_tol: float | None)
 
 
 def _check_entry(
-    name: str, fixed_point_map, x: Tree, hparams: Tree, solver, on_failure: str,
-    fixed_point_tol: float | None,
+    name: str, fn: Any, x: Tree, hparams: Tree, solver: Any, on_failure: str,
+    tol: float | None, names: tuple[str, str, str] = ("fixed_point_map", "x", "fixed_point_tol"),
 ) -> None:
+    """The entry checks of ``name`` (shared with forward.py's inner-loss functions):
+    ``names`` are the argument names of ``fn``, ``x`` and ``tol`` in its signature."""
+    fn_name, x_name, tol_name = names
     _reject_functorch(name, x, hparams)
-    _checks.callable_(fixed_point_map, "fixed_point_map")
+    _checks.callable_(fn, fn_name)
     _checks.callable_(solver, "solver")
     _checks.policy(on_failure)
-    if fixed_point_tol is not None:
-        _checks.nonneg_number(fixed_point_tol, "fixed_point_tol")
-    x_flat = _checks.tensor_tree(x, "x")
+    if tol is not None:
+        _checks.nonneg_number(tol, tol_name)
+    x_flat = _checks.tensor_tree(x, x_name)
     h_flat = _checks.tensor_tree(hparams, "hparams")
-    _checks.same_dtype(h_flat, "hparams", [x_flat[0]] * len(h_flat), "x")
-    _checks.finite(x, "x")
+    _checks.same_dtype(h_flat, "hparams", [x_flat[0]] * len(h_flat), x_name)
+    _checks.finite(x, x_name)
     _checks.finite(hparams, "hparams")
 
 

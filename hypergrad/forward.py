@@ -40,7 +40,13 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .fixed_point import _call_solver, _captured_reason, _reject_functorch, _relative
+from .fixed_point import (
+    _call_solver,
+    _captured_reason,
+    _check_entry,
+    _reject_functorch,
+    _relative,
+)
 from .solvers import SolveResult, cg
 from .tree import Tree
 
@@ -170,19 +176,10 @@ def _diagnose(lin: _InnerLinearization, results: list[SolveResult],
     return info
 
 
-def _check_inner_entry(name: str, inner_loss: Loss, params: Tree, hparams: Tree, solver,
+def _check_inner_entry(name: str, inner_loss: Loss, params: Tree, hparams: Tree, solver: Any,
                        on_failure: str, stationarity_tol: float | None) -> None:
-    _reject_functorch(name, params, hparams)
-    _checks.callable_(inner_loss, "inner_loss")
-    _checks.callable_(solver, "solver")
-    _checks.policy(on_failure)
-    if stationarity_tol is not None:
-        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
-    p_flat = _checks.tensor_tree(params, "params")
-    h_flat = _checks.tensor_tree(hparams, "hparams")
-    _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
-    _checks.finite(params, "params")
-    _checks.finite(hparams, "hparams")
+    _check_entry(name, inner_loss, params, hparams, solver, on_failure, stationarity_tol,
+                 names=("inner_loss", "params", "stationarity_tol"))
 
 
 # --- implicit_jvp ---------------------------------------------------------------------------------
