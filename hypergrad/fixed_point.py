@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .implicit import _outer_grads
+from .implicit import _outer_grads, _relative
 from .solvers import SolveResult, gmres
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -65,13 +65,6 @@ def _captured_reason(name: str, found: list[torch.Tensor], args: str) -> str:
     return (f"`{name}` uses {len(found)} tensor(s) that require grad but are in neither {args} "
             f"(shapes {shapes}); their gradients are not part of the result: pass them in "
             "`hparams` or detach them")
-
-
-def _relative(num: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
-    denom = scales[0]
-    for s in scales[1:]:
-        denom = torch.maximum(denom, s)
-    return num / torch.clamp(denom, min=torch.finfo(denom.dtype).tiny)
 
 
 # --- the linearisation of T ---------------------------------------------------------------------

@@ -45,8 +45,8 @@ from .fixed_point import (
     _captured_reason,
     _check_entry,
     _reject_functorch,
-    _relative,
 )
+from .implicit import _stationarity_ratio
 from .solvers import SolveResult, cg
 from .tree import Tree
 
@@ -162,11 +162,8 @@ def _diagnose(lin: _InnerLinearization, results: list[SolveResult],
     if nonpos:
         reasons.append("the inner Hessian has non-positive curvature (not at a strict minimum)")
     if stationarity_tol is not None:
-        # ||g|| / max(||H p||, ||H p - g||), as implicit_grad: scale-free, one extra matvec
-        g = lin.grad
-        hp = lin.hvp([x.detach() for x in lin.p])
-        stationarity = _relative(tree.norm(g), tree.norm(hp),
-                                 tree.norm([a - b for a, b in zip(hp, g)]))
+        # as implicit_grad: scale-free, one extra matvec
+        stationarity = _stationarity_ratio(lin.grad, lin.hvp([x.detach() for x in lin.p]))
         info["stationarity"] = stationarity
         if not bool(stationarity <= stationarity_tol):
             reasons.append(

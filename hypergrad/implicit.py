@@ -181,15 +181,25 @@ def _explainer(op: Any, add: Callable[[_checks.Health], None],
     return explain
 
 
+def _relative(num: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    """``num / max(scales)``, the denominator clamped to the dtype's smallest normal number."""
+    denom = scales[0]
+    for s in scales[1:]:
+        denom = torch.maximum(denom, s)
+    return num / torch.clamp(denom, min=torch.finfo(denom.dtype).tiny)
+
+
+def _stationarity_ratio(g: Tree, hp: Tree) -> torch.Tensor:
+    """``||g|| / max(||H p||, ||H p - g||)`` from the gradient ``g`` and ``hp = H p``: for a
+    quadratic ``f = 0.5 p^T H p - b^T p`` the relative residual ``||H p - b|| / max(||H p||,
+    ||b||)`` of the optimality condition; scale-free in ``f`` and in ``params``. No host read
+    (also used by forward.py)."""
+    return _relative(tree.norm(g), tree.norm(hp), tree.norm(tree.sub(hp, g)))
+
+
 def _stationarity(op: Any, params: Tree) -> torch.Tensor:
-    """``||g|| / max(||H p||, ||H p - g||)``: for a quadratic ``f = 0.5 p^T H p - b^T p`` the
-    relative residual ``||H p - b|| / max(||H p||, ||b||)`` of the optimality condition;
-    scale-free in ``f`` and in ``params``. One extra matvec, no host read."""
-    hp = op(tree.detach(params))
-    g = op.grad
-    denom = torch.maximum(tree.norm(hp), tree.norm(tree.sub(hp, g)))
-    tiny = torch.finfo(denom.dtype).tiny
-    return tree.norm(g) / torch.clamp(denom, min=tiny)
+    """:func:`_stationarity_ratio` at ``params``: one extra matvec."""
+    return _stationarity_ratio(op.grad, op(tree.detach(params)))
 
 
 def _add_solve_health(health: _checks.Health, op: Any, res: SolveResult,
