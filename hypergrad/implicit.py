@@ -365,6 +365,27 @@ def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree
     return L.detach(), full[: len(p)], full[len(p):], p_spec, h_spec
 
 
+def _ift(op: Any, params: Tree, rhs: Tree, solver: Callable[..., SolveResult],
+         stationarity_tol: float | None, add: Callable[[_checks.Health], None],
+         check: Callable[[_checks.Health], None],
+         combine: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+         ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The IFT core of implicit_grad and implicit_solution's backward: ``w = H^{-1} rhs``,
+    the hypergradient leaves ``combine(w^T d2f/(dparams dhparams))``, the stationarity check,
+    then the one host read (the operator's, the solve's and the caller's signals: ``add``
+    records, ``check`` raises) and ``info``."""
+    res = _solve(op, rhs, solver, _explainer(op, add, check))
+    hyper = combine(tree.leaves(op.mixed_vjp(res.solution)))
+    stationarity = None if stationarity_tol is None else _stationarity(op, params)
+    health = _checks.Health()
+    _add_solve_health(health, op, res, hyper, stationarity)
+    add(health)
+    health.read()  # the one host read of this call
+    op._raise_nonfinite(health)
+    check(health)
+    return hyper, _diagnose(health, op, res, stationarity, stationarity_tol, solver)
+
+
 def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
                    solver: Callable[..., SolveResult], on_failure: str,
                    stationarity_tol: float | None, products: str, public: bool,
@@ -391,18 +412,8 @@ def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tr
                     f"{tuple(flat[i].shape)}) is NaN/inf (e.g. sqrt or log at 0)"
                 )
 
-    res = _solve(op, tree.unflatten(dL_dp, p_spec), solver,  # w = H^{-1} dL/dparams
-                 _explainer(op, add, check))
-    mixed = tree.leaves(op.mixed_vjp(res.solution))  # w^T d2f/(dparams dhparams)
-    hyper = [a - b for a, b in zip(dL_dh, mixed)]
-    stationarity = None if stationarity_tol is None else _stationarity(op, params)
-    health = _checks.Health()
-    _add_solve_health(health, op, res, hyper, stationarity)
-    add(health)
-    health.read()  # the one host read of this call
-    op._raise_nonfinite(health)
-    check(health)
-    info = _diagnose(health, op, res, stationarity, stationarity_tol, solver)
+    hyper, info = _ift(op, params, tree.unflatten(dL_dp, p_spec), solver, stationarity_tol,
+                       add, check, lambda mixed: [a - b for a, b in zip(dL_dh, mixed)])
     _checks.report_failure(info["reasons"], on_failure, stacklevel)
     return tree.unflatten(hyper, h_spec), info
 
@@ -511,23 +522,14 @@ class _Implicit(torch.autograd.Function):
                     "has a non-finite gradient (e.g. sqrt or log at 0)"
                 )
 
-        res = _solve(op, tree.unflatten(v, cfg["p_spec"]), cfg["solver"],
-                     _explainer(op, add, check))
-        mixed = tree.leaves(op.mixed_vjp(res.solution))
-        stationarity = (None if cfg["stationarity_tol"] is None
-                        else _stationarity(op, params))
-        health = _checks.Health()
-        _add_solve_health(health, op, res, mixed, stationarity)
-        add(health)
-        health.read()  # the one host read of this backward
-        op._raise_nonfinite(health)
-        check(health)
-        info = _diagnose(health, op, res, stationarity, cfg["stationarity_tol"], cfg["solver"])
+        hyper, info = _ift(op, params, tree.unflatten(v, cfg["p_spec"]), cfg["solver"],
+                           cfg["stationarity_tol"], add, check,
+                           lambda mixed: [-m for m in mixed])
         if cfg["info"] is not None:
             cfg["info"].clear()
             cfg["info"].update(info)
         _checks.report_failure(info["reasons"], cfg["on_failure"], stacklevel=2)
-        return (None, *([None] * n), *[-m for m in mixed])
+        return (None, *([None] * n), *hyper)
 
 
 def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
