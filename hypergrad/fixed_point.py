@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .implicit import _outer_grads, _relative
+from .implicit import _outer_grads, _relative, _solution_node
 from .solvers import SolveResult, gmres
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -221,34 +221,6 @@ def fixed_point_grad(
     return (hypergrad, info) if return_info else hypergrad
 
 
-class _FixedPoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cfg: dict[str, Any], *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.cfg = cfg
-        ctx.save_for_backward(*tensors)
-        return tuple(t.detach().clone() for t in tensors[: cfg["n_x"]])
-
-    @staticmethod
-    def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
-        cfg = ctx.cfg
-        tensors = ctx.saved_tensors
-        n = cfg["n_x"]
-        x_flat, h_flat = list(tensors[:n]), list(tensors[n:])
-        v = [torch.zeros_like(t) if g is None else g for t, g in zip(x_flat, grad_outputs)]
-        x = tree.unflatten(x_flat, cfg["x_spec"])
-        v_tree = tree.unflatten(v, cfg["x_spec"])
-        _checks.finite(v_tree, "the gradient arriving at fixed_point_solution's output")
-        lin = _Linearized(cfg["fixed_point_map"], x, tree.unflatten(h_flat, cfg["h_spec"]))
-        res = _call_solver(cfg["solver"], lin, v_tree)
-        mixed = tree.leaves(lin.mixed(res.solution))
-        info = _diagnose(lin, res, cfg["fixed_point_tol"])
-        if cfg["info"] is not None:
-            cfg["info"].clear()
-            cfg["info"].update(info)
-        _checks.report_failure(info["reasons"], cfg["on_failure"], stacklevel=3)
-        return (None, *([None] * n), *mixed)
-
-
 def fixed_point_solution(
     fixed_point_map: FixedPointMap,
     x: Tree,
@@ -279,22 +251,26 @@ def fixed_point_solution(
                  fixed_point_tol)
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
-    x_flat, x_spec = tree.flatten(x)
-    h_flat, h_spec = tree.flatten(hparams)
-    if not any(t.requires_grad for t in h_flat):
+    if not any(t.requires_grad for t in tree.leaves(hparams)):
         raise ValueError(
             "`hparams` must require grad for fixed_point_solution to carry a hypergradient; "
             "call .requires_grad_() on them (or use hg.fixed_point_grad, which needs none)"
         )
-    cfg = {
-        "fixed_point_map": fixed_point_map,
-        "solver": solver,
-        "n_x": len(x_flat),
-        "x_spec": x_spec,
-        "h_spec": h_spec,
-        "on_failure": on_failure,
-        "fixed_point_tol": fixed_point_tol,
-        "info": info,
-    }
-    out = _FixedPoint.apply(cfg, *[t.detach() for t in x_flat], *h_flat)
-    return tree.unflatten(list(out), x_spec)
+    x_spec, h_spec = tree.flatten(x)[1], tree.flatten(hparams)[1]
+
+    def vjp(x_flat: list[torch.Tensor], h_flat: list[torch.Tensor],
+            v: list[torch.Tensor]) -> list[torch.Tensor]:
+        v_tree = tree.unflatten(v, x_spec)
+        _checks.finite(v_tree, "the gradient arriving at fixed_point_solution's output")
+        lin = _Linearized(fixed_point_map, tree.unflatten(x_flat, x_spec),
+                          tree.unflatten(h_flat, h_spec))
+        res = _call_solver(solver, lin, v_tree)
+        mixed = tree.leaves(lin.mixed(res.solution))
+        diagnosis = _diagnose(lin, res, fixed_point_tol)
+        if info is not None:
+            info.clear()
+            info.update(diagnosis)
+        _checks.report_failure(diagnosis["reasons"], on_failure, stacklevel=4)
+        return mixed
+
+    return _solution_node(vjp, x, hparams)

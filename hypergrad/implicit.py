@@ -490,25 +490,53 @@ def _implicit_grad_fast(inner_loss: Loss, outer_loss: Loss, params: Tree, hparam
                           products=products, public=False, stacklevel=3)
 
 
-class _Implicit(torch.autograd.Function):
+# The vector-Jacobian product of a solution node: (solution leaves, hparams leaves, incoming
+# gradient leaves) -> gradient leaves for hparams.
+SolutionVJP = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]],
+                       list[torch.Tensor]]
+
+
+class _SolutionNode(torch.autograd.Function):
+    """Forward: copies of the first ``n`` inputs (a solution found elsewhere, constant in
+    autograd); backward: ``vjp`` of them into the remaining inputs (the hyperparameters). No
+    gradient flows into the solution itself. Shared by implicit_solution and
+    fixed_point_solution."""
+
     @staticmethod
-    def forward(ctx, cfg: dict[str, Any], *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.cfg = cfg
+    def forward(ctx, vjp: SolutionVJP, n: int,  # type: ignore[override]
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.vjp, ctx.n = vjp, n
         ctx.save_for_backward(*tensors)
-        return tuple(t.detach().clone() for t in tensors[: cfg["n_params"]])
+        return tuple(t.detach().clone() for t in tensors[:n])
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
-        cfg = ctx.cfg
-        tensors = ctx.saved_tensors
-        n = cfg["n_params"]
-        p_flat, h_flat = list(tensors[:n]), list(tensors[n:])
-        v = [torch.zeros_like(x) if g is None else g for x, g in zip(p_flat, grad_outputs)]
-        params = tree.unflatten(p_flat, cfg["p_spec"])
-        hparams = tree.unflatten(h_flat, cfg["h_spec"])
-        op = _operator(cfg["inner_loss"], params, hparams, cfg["products"], cfg["public"])
-        if cfg["public"]:
-            _warn_captured(op, stacklevel=2)
+        tensors, n = ctx.saved_tensors, ctx.n
+        sol, h = list(tensors[:n]), list(tensors[n:])
+        v = [torch.zeros_like(x) if g is None else g for x, g in zip(sol, grad_outputs)]
+        return (None, None, *([None] * n), *ctx.vjp(sol, h, v))
+
+
+def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
+    """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``."""
+    s_flat, s_spec = tree.flatten(solution)
+    out = _SolutionNode.apply(vjp, len(s_flat), *[x.detach() for x in s_flat],
+                              *tree.leaves(hparams))
+    return tree.unflatten(list(out), s_spec)
+
+
+def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
+                    solver: Callable[..., SolveResult], on_failure: str,
+                    stationarity_tol: float | None, info: dict[str, Any] | None,
+                    products: str, public: bool) -> Tree:
+    p_spec, h_spec = tree.flatten(params)[1], tree.flatten(hparams)[1]
+
+    def vjp(p_flat: list[torch.Tensor], h_flat: list[torch.Tensor],
+            v: list[torch.Tensor]) -> list[torch.Tensor]:
+        p = tree.unflatten(p_flat, p_spec)
+        op = _operator(inner_loss, p, tree.unflatten(h_flat, h_spec), products, public)
+        if public:
+            _warn_captured(op, stacklevel=3)
 
         def add(health: _checks.Health) -> None:
             health.add_finite("incoming", v)
@@ -522,36 +550,15 @@ class _Implicit(torch.autograd.Function):
                     "has a non-finite gradient (e.g. sqrt or log at 0)"
                 )
 
-        hyper, info = _ift(op, params, tree.unflatten(v, cfg["p_spec"]), cfg["solver"],
-                           cfg["stationarity_tol"], add, check,
-                           lambda mixed: [-m for m in mixed])
-        if cfg["info"] is not None:
-            cfg["info"].clear()
-            cfg["info"].update(info)
-        _checks.report_failure(info["reasons"], cfg["on_failure"], stacklevel=2)
-        return (None, *([None] * n), *hyper)
+        hyper, diagnosis = _ift(op, p, tree.unflatten(v, p_spec), solver, stationarity_tol,
+                                add, check, lambda mixed: [-m for m in mixed])
+        if info is not None:
+            info.clear()
+            info.update(diagnosis)
+        _checks.report_failure(diagnosis["reasons"], on_failure, stacklevel=3)
+        return hyper
 
-
-def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
-                    solver: Callable[..., SolveResult], on_failure: str,
-                    stationarity_tol: float | None, info: dict[str, Any] | None,
-                    products: str, public: bool) -> Tree:
-    p_flat, p_spec = tree.flatten(params)
-    h_flat, h_spec = tree.flatten(hparams)
-    cfg = {
-        "inner_loss": inner_loss,
-        "solver": solver,
-        "n_params": len(p_flat),
-        "p_spec": p_spec,
-        "h_spec": h_spec,
-        "on_failure": on_failure,
-        "stationarity_tol": stationarity_tol,
-        "info": info,
-        "products": products,
-        "public": public,
-    }
-    out = _Implicit.apply(cfg, *[x.detach() for x in p_flat], *h_flat)
-    return tree.unflatten(list(out), p_spec)
+    return _solution_node(vjp, params, hparams)
 
 
 def implicit_solution(
