@@ -128,17 +128,43 @@ def _check_matvec_output(hv: Tree, b: Tree) -> None:
         raise ValueError(f"`matvec` must map a pytree like `b` to one like `b`: {e}") from None
 
 
-def _flat_matvec(matvec: Matvec, b: Tree, unravel: Callable[[torch.Tensor], Tree]) -> Matvec:
+def _checked_once(matvec: Matvec, b: Tree) -> Matvec:
+    """``matvec`` whose first output is checked to be a pytree like ``b``, before any
+    arithmetic on it (Python only, no host read); later calls pass straight through."""
     checked: list[bool] = []
 
-    def flat(v: torch.Tensor) -> torch.Tensor:
-        out = matvec(unravel(v))
+    def once(v: Tree) -> Tree:
+        hv = matvec(v)
         if not checked:
-            _check_matvec_output(out, b)
+            _check_matvec_output(hv, b)
             checked.append(True)
-        return tree.ravel(out)[0]
+        return hv
+
+    return once
+
+
+def _flat_matvec(matvec: Matvec, b: Tree, unravel: Callable[[torch.Tensor], Tree]) -> Matvec:
+    """``matvec`` on the ravelled vector of ``b``'s pytree (its first output checked)."""
+    once = _checked_once(matvec, b)
+
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        return tree.ravel(once(unravel(v)))[0]
 
     return flat
+
+
+def _validate(matvec: Matvec, b: Tree, maxiter: int, tol: float | None, damping: float,
+              x0: Tree | None) -> tuple[int, float, float]:
+    """The entry checks of the Krylov solvers (cg, minres, gmres, normal_cg): ``maxiter``,
+    ``tol`` resolved for ``b``'s dtype, and ``damping``."""
+    _checks.callable_(matvec, "matvec")
+    ref = _validate_b(b)
+    maxiter = _checks.nonneg_int(maxiter, "maxiter")
+    tol = _resolve_tol(tol, ref.dtype)
+    damping = _checks.nonneg_number(damping, "damping")
+    if x0 is not None:
+        _checks.like(x0, "x0", b, "b")
+    return maxiter, tol, damping
 
 
 def _ravelable(b: Tree) -> bool:

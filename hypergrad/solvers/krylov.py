@@ -35,14 +35,13 @@ from ._common import (
     _GAP_SAFETY,
     Matvec,
     SolveResult,
-    _check_matvec_output,
+    _checked_once,
     _damped,
     _host,
     _needs_true_residual,
     _relative,
-    _resolve_tol,
     _stagnated,
-    _validate_b,
+    _validate,
     _where,
 )
 from .cg import _cg, _raise_nonfinite
@@ -51,24 +50,10 @@ __all__ = ["gmres", "minres", "normal_cg"]
 
 
 def _common(matvec: Matvec, b: Tree, maxiter: int, tol: float | None, damping: float,
-            x0: Tree | None = None):
-    _checks.callable_(matvec, "matvec")
-    ref = _validate_b(b)
-    maxiter = _checks.nonneg_int(maxiter, "maxiter")
-    tol = _resolve_tol(tol, ref.dtype)
-    damping = _checks.nonneg_number(damping, "damping")
-    if x0 is not None:
-        _checks.like(x0, "x0", b, "b")
-    checked: list[bool] = []
-
-    def once(v: Tree) -> Tree:
-        hv = matvec(v)
-        if not checked:
-            _check_matvec_output(hv, b)
-            checked.append(True)
-        return hv
-
-    return maxiter, tol, _damped(once, damping)
+            x0: Tree | None = None) -> tuple[int, float, Matvec]:
+    """The entry checks; ``maxiter``, the resolved ``tol`` and ``A = H + damping I``."""
+    maxiter, tol, damping = _validate(matvec, b, maxiter, tol, damping, x0)
+    return maxiter, tol, _damped(_checked_once(matvec, b), damping)
 
 
 def _start(A: Matvec, b: Tree, x0: Tree | None):

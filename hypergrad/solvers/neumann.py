@@ -23,7 +23,7 @@ from ..tree import Tree
 from ._common import (
     Matvec,
     SolveResult,
-    _check_matvec_output,
+    _checked_once,
     _damped,
     _relative,
     _resolve_tol,
@@ -144,16 +144,7 @@ def neumann(
     else:
         step = _checks.positive_number(alpha, "alpha")
     d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
-    checked: list[bool] = []
-
-    def once(v: Tree) -> Tree:
-        hv = matvec(v)
-        if not checked:
-            _check_matvec_output(hv, b)
-            checked.append(True)
-        return hv
-
-    A = _damped(once, damping)
+    A = _damped(_checked_once(matvec, b), damping)
 
     def ad(v: Tree) -> Tree:  # v -> A D v
         return A(v if d is None else tree.map(torch.mul, d, v))
