@@ -195,6 +195,13 @@ def _relative(r_norm: torch.Tensor, b_norm: torch.Tensor) -> torch.Tensor:
                        torch.where(r_norm == 0, 0.0, float("inf")).to(r_norm.dtype))
 
 
+def _true_residual(A: Matvec, b: Tree, x: Tree, b_norm: torch.Tensor,
+                   vdot: Callable[[Any, Any], torch.Tensor] = tree.vdot) -> torch.Tensor:
+    """``||b - A x|| / ||b||``, the true relative residual of ``x`` (one matvec)."""
+    rt = tree.sub(b, A(x))
+    return _relative(torch.sqrt(vdot(rt, rt)), b_norm)
+
+
 def _host(values: Sequence[torch.Tensor | bool | float | int]) -> list[float]:
     """The one host read of a stopping test: scalars stacked and copied in one transfer."""
     ts = [v for v in values if isinstance(v, torch.Tensor)]

@@ -29,6 +29,7 @@ from ._common import (
     _ravelable,
     _relative,
     _stagnated,
+    _true_residual,
     _validate,
     _zero_unless,
 )
@@ -153,11 +154,7 @@ def _cg(A: Callable[[Tree], Tree], b: Tree, x0: Tree | None, maxiter: int, tol: 
     steps = int(got[2])
     recurrence = _relative(torch.sqrt(rs), b_norm)
     checked = bool(got[1])
-    if checked:
-        rt = tree.sub(b, A(x))
-        residual = _relative(torch.sqrt(vdot(rt, rt)), b_norm)
-    else:
-        residual = recurrence
+    residual = _true_residual(A, b, x, b_norm, vdot) if checked else recurrence
     converged = residual <= tol
     floor_hit = (recurrence <= tol) & ~converged
     return SolveResult(

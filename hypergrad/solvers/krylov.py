@@ -41,6 +41,7 @@ from ._common import (
     _needs_true_residual,
     _relative,
     _stagnated,
+    _true_residual,
     _validate,
     _where,
 )
@@ -201,11 +202,7 @@ def minres(
         stop = stop | (u * (tnorm * x_sum + r_sum) > phibar)
     checked = bool(got[1])
     estimate = _relative(phibar, b_norm)
-    if checked:
-        rt = tree.sub(b, A(x))
-        residual = _relative(torch.sqrt(tree.vdot(rt, rt)), b_norm)
-    else:
-        residual = estimate
+    residual = _true_residual(A, b, x, b_norm) if checked else estimate
     converged = residual <= tol
     if got[4]:  # not symmetric: T is no projection of A; the Lanczos vectors' quotients are
         min_ray = torch.tensor(min(alfas), dtype=dtype, device=device)
@@ -342,11 +339,7 @@ def gmres(
         V.append(tree.scale(wv, 1.0 / torch.where(h_next > 0, h_next, 1.0)))
         j += 1
     checked = bool(got[1])
-    if checked:
-        rt = tree.sub(b, A(x))
-        residual = _relative(torch.sqrt(tree.vdot(rt, rt)), b_norm)
-    else:
-        residual = estimate
+    residual = _true_residual(A, b, x, b_norm) if checked else estimate
     converged = residual <= tol
     return SolveResult(
         x,
@@ -387,8 +380,7 @@ def normal_cg(
     inner = _cg(lambda v: At(A(v)), rhs, None, maxiter, tol * 1e-2, 1)
     assert inner.stats is not None  # _cg always reports its stats
     x = inner.solution
-    rt = tree.sub(b, A(x))
-    residual = _relative(torch.sqrt(tree.vdot(rt, rt)), torch.sqrt(tree.vdot(b, b)))
+    residual = _true_residual(A, b, x, torch.sqrt(tree.vdot(b, b)))
     return SolveResult(
         x, 2 * inner.iterations + 2, residual, residual <= tol,
         {"residual_estimate": False, "normal_residual_norm": inner.residual_norm,
