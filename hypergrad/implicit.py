@@ -71,11 +71,6 @@ def _reject_functorch(params: Tree, hparams: Tree) -> None:
         )
 
 
-def _check_products(products: str) -> None:
-    if not isinstance(products, str) or products not in _PRODUCTS:
-        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
-
-
 class _FiniteDifference:
     """``hypergrad.FiniteDifferenceOperator`` with the health hooks the IFT reads: the same
     signals (NaN/inf in params, hparams, the loss value and its gradient) as
@@ -132,9 +127,17 @@ def _operator(inner_loss: Loss, params: Tree, hparams: Tree, products: str, publ
     return HessianOperator._internal(inner_loss, params, hparams, name="inner_loss")
 
 
-def _check_stationarity_tol(stationarity_tol: float | None) -> None:
+def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_failure: Any,
+                 stationarity_tol: Any, products: Any) -> None:
+    """The settings checks of implicit_grad and implicit_solution (Python only)."""
+    _reject_functorch(params, hparams)
+    _checks.callable_(inner_loss, "inner_loss")
+    _checks.callable_(solver, "solver")
+    _checks.policy(on_failure)
     if stationarity_tol is not None:
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+    if not isinstance(products, str) or products not in _PRODUCTS:
+        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
 
 
 def _check_trees(params: Tree, hparams: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -463,13 +466,8 @@ def implicit_grad(
     of ``L``, one matvec for the stationarity check, and one host read for the health check
     (plus whatever the solver reads to decide when to stop).
     """
-    _reject_functorch(params, hparams)
-    _checks.callable_(inner_loss, "inner_loss")
+    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
     _checks.callable_(outer_loss, "outer_loss")
-    _checks.policy(on_failure)
-    _check_stationarity_tol(stationarity_tol)
-    _check_products(products)
-    _checks.callable_(solver, "solver")
     _check_trees(params, hparams)
     g, info = _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
                              on_failure=on_failure, stationarity_tol=stationarity_tol,
@@ -592,12 +590,7 @@ def implicit_solution(
         >>> (p_star ** 2).sum().backward(); h.grad
         tensor([6.])
     """
-    _reject_functorch(params, hparams)
-    _checks.callable_(inner_loss, "inner_loss")
-    _checks.callable_(solver, "solver")
-    _checks.policy(on_failure)
-    _check_stationarity_tol(stationarity_tol)
-    _check_products(products)
+    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
     p_flat, h_flat = _check_trees(params, hparams)
