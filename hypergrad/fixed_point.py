@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .implicit import _outer_grads, _relative, _solution_node
+from .implicit import _check_node_entry, _outer_grads, _relative, _solution_node
 from .solvers import SolveResult, gmres
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -249,13 +249,7 @@ def fixed_point_solution(
     solver = gmres if solver is None else solver
     _check_entry("fixed_point_solution", fixed_point_map, x, hparams, solver, on_failure,
                  fixed_point_tol)
-    if info is not None and not isinstance(info, dict):
-        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
-    if not any(t.requires_grad for t in tree.leaves(hparams)):
-        raise ValueError(
-            "`hparams` must require grad for fixed_point_solution to carry a hypergradient; "
-            "call .requires_grad_() on them (or use hg.fixed_point_grad, which needs none)"
-        )
+    _check_node_entry("fixed_point_solution", "fixed_point_grad", info, tree.leaves(hparams))
     x_spec, h_spec = tree.flatten(x)[1], tree.flatten(hparams)[1]
 
     def vjp(x_flat: list[torch.Tensor], h_flat: list[torch.Tensor],

@@ -515,6 +515,18 @@ class _SolutionNode(torch.autograd.Function):
         return (None, None, *([None] * n), *ctx.vjp(sol, h, v))
 
 
+def _check_node_entry(name: str, grad_name: str, info: Any, h_flat: list[torch.Tensor]) -> None:
+    """``info`` is None or a dict, and some of ``hparams`` require grad (else the node would
+    carry no hypergradient): the checks of implicit_solution and fixed_point_solution."""
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
+    if not any(x.requires_grad for x in h_flat):
+        raise ValueError(
+            f"`hparams` must require grad for {name} to carry a hypergradient; call "
+            f".requires_grad_() on them (or use hg.{grad_name}, which needs none)"
+        )
+
+
 def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
     """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``."""
     s_flat, s_spec = tree.flatten(solution)
@@ -591,14 +603,8 @@ def implicit_solution(
         tensor([6.])
     """
     _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
-    if info is not None and not isinstance(info, dict):
-        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
     p_flat, h_flat = _check_trees(params, hparams)
-    if not any(x.requires_grad for x in h_flat):
-        raise ValueError(
-            "`hparams` must require grad for implicit_solution to carry a hypergradient; "
-            "call .requires_grad_() on them (or use hg.implicit_grad, which needs none)"
-        )
+    _check_node_entry("implicit_solution", "implicit_grad", info, h_flat)
     health = _checks.Health()
     health.add_finite("params", p_flat)
     health.add_finite("hparams", h_flat)
