@@ -79,13 +79,22 @@ def finite(t: Any, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` and the leaf if any leaf holds NaN/inf.
 
     One host read for the whole tree (not one per leaf)."""
-    flat = [x for x in tree.leaves(t) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    if not flat:
-        return
+    finite_trees((t, name))
+
+
+def finite_trees(*named: tuple[Any, str]) -> None:
+    """:func:`finite` for several ``(tree, name)`` pairs with one host read in all; the first
+    pair (in order) with a NaN/inf is named."""
     health = Health()
-    health.add_finite(name, flat)
-    health.read()
-    health.raise_nonfinite(name, flat, "; a hypergradient at non-finite values is meaningless")
+    flats = []
+    for i, (t, _) in enumerate(named):
+        flats.append([x for x in tree.leaves(t)
+                      if isinstance(x, torch.Tensor) and x.is_floating_point()])
+        health.add_finite(str(i), flats[-1])
+    health.read()  # nothing to read (no host transfer) when no tree has a floating leaf
+    for i, ((_, name), flat) in enumerate(zip(named, flats)):
+        health.raise_nonfinite(str(i), flat, "; a hypergradient at non-finite values is "
+                               "meaningless", name=name)
 
 
 def scalar_loss(value: Any, name: str) -> torch.Tensor:

@@ -135,15 +135,22 @@ def _diagnose(lin: _Linearized, res: SolveResult, fixed_point_tol: float | None)
         "fixed_point_residual": lin.residual,
         "contraction": lin.max_ratio if lin.matvecs else None,
     }
+    health = _checks.Health()  # the premise checks, read from the device in one transfer
+    health.add("converged", res.converged)
+    if fixed_point_tol is not None:
+        health.add("fixed_point", lin.residual <= fixed_point_tol)
+    if lin.matvecs:
+        health.add("contractive", lin.max_ratio < 1)
+    health.read()
     reasons = []
     if lin.captured:
         reasons.append(_captured_reason("fixed_point_map", lin.captured, "`x` nor `hparams`"))
-    if not bool(res.converged):
+    if not health.get("converged"):
         reasons.append("the linear solve did not converge (increase the solver's iterations; "
                        "a singular I - dT/dx also stops it)")
-    if fixed_point_tol is not None and not bool(lin.residual <= fixed_point_tol):
+    if fixed_point_tol is not None and not health["fixed_point"]:
         reasons.append("`x` is not a fixed point of `fixed_point_map` (iterate it further)")
-    if lin.matvecs and not bool(lin.max_ratio < 1):
+    if lin.matvecs and not health["contractive"]:
         reasons.append("`fixed_point_map` is not contractive along the solve "
                        "(||dT/dx^T v|| >= ||v|| for a solver vector v; see info['contraction'])")
     info["reasons"] = reasons
@@ -167,8 +174,7 @@ def _check_entry(
     x_flat = _checks.tensor_tree(x, x_name)
     h_flat = _checks.tensor_tree(hparams, "hparams")
     _checks.same_dtype(h_flat, "hparams", [x_flat[0]] * len(h_flat), x_name)
-    _checks.finite(x, x_name)
-    _checks.finite(hparams, "hparams")
+    _checks.finite_trees((x, x_name), (hparams, "hparams"))
 
 
 def fixed_point_grad(
@@ -204,7 +210,8 @@ def fixed_point_grad(
         fixed_point_tol: threshold on ``"fixed_point_residual"``; ``None`` skips the check.
 
     Cost: one forward of ``T`` with its graph, one backward per solver matvec, one more for the
-    ``hparams`` product, one gradient of ``L``.
+    ``hparams`` product, one gradient of ``L``; three host reads (NaN/inf in ``x`` and
+    ``hparams``, in ``dL/dx``, and the diagnosis) plus whatever the solver reads.
     """
     solver = gmres if solver is None else solver
     _check_entry("fixed_point_grad", fixed_point_map, x, hparams, solver, on_failure,

@@ -152,22 +152,28 @@ def _diagnose(lin: _InnerLinearization, results: list[SolveResult],
               stationarity_tol: float | None) -> dict[str, Any]:
     """Premise checks: converged solves, positive curvature seen by CG, stationarity."""
     info: dict[str, Any] = {"solves": results}
-    reasons = []
-    if lin.captured:
-        reasons.append(_captured_reason("inner_loss", lin.captured, "`params` nor `hparams`"))
-    if not all(bool(r.converged) for r in results):
-        reasons.append("the linear solve did not converge (increase the solver's iterations)")
-    nonpos = any(bool((r.stats or {}).get("nonpositive_curvature", False)) for r in results)
-    info["nonpositive_curvature"] = nonpos
-    if nonpos:
-        reasons.append("the inner Hessian has non-positive curvature (not at a strict minimum)")
+    health = _checks.Health()  # every solve's flags and the stationarity: one host read
+    for i, r in enumerate(results):
+        health.add(f"converged{i}", r.converged)
+        health.add(f"nonpositive{i}", (r.stats or {}).get("nonpositive_curvature", False))
     if stationarity_tol is not None:
         # as implicit_grad: scale-free, one extra matvec
         stationarity = _stationarity_ratio(lin.grad, lin.hvp([x.detach() for x in lin.p]))
         info["stationarity"] = stationarity
-        if not bool(stationarity <= stationarity_tol):
-            reasons.append(
-                "`params` is not a stationary point of the inner loss (optimise it further)")
+        health.add("stationary", stationarity <= stationarity_tol)
+    health.read()
+    reasons = []
+    if lin.captured:
+        reasons.append(_captured_reason("inner_loss", lin.captured, "`params` nor `hparams`"))
+    if not all(health.get(f"converged{i}") for i in range(len(results))):
+        reasons.append("the linear solve did not converge (increase the solver's iterations)")
+    nonpos = any(bool(health.get(f"nonpositive{i}")) for i in range(len(results)))
+    info["nonpositive_curvature"] = nonpos
+    if nonpos:
+        reasons.append("the inner Hessian has non-positive curvature (not at a strict minimum)")
+    if stationarity_tol is not None and not health["stationary"]:
+        reasons.append(
+            "`params` is not a stationary point of the inner loss (optimise it further)")
     info["reasons"] = reasons
     info["trusted"] = not reasons
     return info
@@ -204,7 +210,8 @@ def implicit_jvp(
             tensor requiring grad outside ``params`` and ``hparams`` (a captured weight).
 
     Returns a pytree like ``params``. Cost: one gradient graph of ``f``, one mixed product,
-    the solver's matvecs, one matvec for the stationarity check.
+    the solver's matvecs, one matvec for the stationarity check; three host reads (NaN/inf in
+    the inputs, in ``tangents``, and the diagnosis) plus whatever the solver reads.
     """
     solver = cg if solver is None else solver
     _check_inner_entry("implicit_jvp", inner_loss, params, hparams, solver, on_failure,
@@ -477,8 +484,7 @@ def _check_step_inputs(state: Tree, hparams: Tree, state_name: str) -> None:
     h_flat = _checks.tensor_tree(hparams, "hparams")
     ref = next(x for x in s_flat if _tangent_leaf_ok(x))
     _checks.same_dtype(h_flat, "hparams", [ref] * len(h_flat), state_name)
-    _checks.finite(state, state_name)
-    _checks.finite(hparams, "hparams")
+    _checks.finite_trees((state, state_name), (hparams, "hparams"))
 
 
 def forward_hypergrad(
