@@ -203,16 +203,15 @@ def _true_residual(A: Matvec, b: Tree, x: Tree, b_norm: torch.Tensor,
 
 
 def _host(values: Sequence[torch.Tensor | bool | float | int]) -> list[float]:
-    """The one host read of a stopping test: scalars stacked and copied in one transfer."""
+    """The one host read of a stopping test: the tensor scalars stacked and copied in one
+    transfer; Python numbers are passed through as floats (not sent to the device and back:
+    a tensor made from a Python number on a GPU is a host-to-device copy per call)."""
     ts = [v for v in values if isinstance(v, torch.Tensor)]
-    dev = ts[0].device if ts else torch.device("cpu")
-    dt = torch.float32 if dev.type == "mps" else torch.float64
-    stacked = torch.stack([
-        (v.detach().to(dtype=dt) if isinstance(v, torch.Tensor)
-         else torch.tensor(float(v), dtype=dt, device=dev)).reshape(())
-        for v in values
-    ])
-    return stacked.tolist()
+    if not ts:
+        return [float(v) for v in values]
+    dt = torch.float32 if ts[0].device.type == "mps" else torch.float64
+    read = iter(torch.stack([v.detach().to(dtype=dt).reshape(()) for v in ts]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 # The gap between a Krylov recurrence's residual and the true one, f = b - A x - r, grows by
