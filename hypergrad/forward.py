@@ -353,9 +353,7 @@ def implicit_jacobian(
         results.append(res)
     stacked = [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
     blocks = _jacobian_blocks(p_flat, h_flat, stacked, transpose=(mode == "reverse"))
-    h_spec = tree.flatten(hparams)[1]
-    jac = tree.unflatten([tree.unflatten(row, h_spec) for row in blocks],
-                         tree.flatten(params)[1])
+    jac = tree.unflatten([tree.unflatten(row, lin.h_spec) for row in blocks], lin.p_spec)
     info = _diagnose(lin, results, stationarity_tol)
     info["mode"] = mode
     _checks.report_failure(info["reasons"], on_failure, stacklevel=3)

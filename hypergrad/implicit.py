@@ -78,7 +78,6 @@ class _FiniteDifference:
 
     def __init__(self, inner_loss: Loss, params: Tree, hparams: Tree, public: bool) -> None:
         self._fd = FiniteDifferenceOperator(inner_loss, params, hparams, (), name="inner_loss")
-        self._loss, self._params, self._hparams = inner_loss, params, hparams
         self._p, self._h = tree.leaves(params), tree.leaves(hparams)
         self._captured: list[torch.Tensor] = []
         if public:  # one forward: the autograd path to params, and tensors it captures
