@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
-GALLERY = {"per_feature_l2", "hyper_cleaning", "dataset_distillation"}
+GALLERY = {"per_feature_l2", "hyper_cleaning", "dataset_distillation", "imaml_digits"}
 
 
 def test_the_gallery_is_complete():
