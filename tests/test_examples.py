@@ -11,15 +11,23 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import hypergrad
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
-GALLERY = {"per_feature_l2", "hyper_cleaning", "dataset_distillation", "imaml_digits"}
+GALLERY = {"per_feature_l2", "hyper_cleaning", "dataset_distillation", "imaml_digits",
+           "deq_fixed_point", "optimizer_hyperparams"}
+# Library functions that other branches are adding; an example that calls one of them is
+# skipped (with the name) until it exists. Any other missing `hg.` name is a failure.
+PENDING = {"fixed_point_solution", "fixed_point_grad", "forward_hypergrad", "implicit_jvp",
+           "implicit_jacobian"}
 
 
 def test_the_gallery_is_complete():
@@ -36,6 +44,11 @@ def test_docstring_names_the_primitive_and_why(script):
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs_at_tiny_size(script, tmp_path):
+    missing = sorted({n for n in re.findall(r"\bhg\.(\w+)", script.read_text())
+                      if not hasattr(hypergrad, n)})
+    if missing and set(missing) <= PENDING:
+        pytest.skip(f"needs hg.{', hg.'.join(missing)} (not in this hypergrad yet)")
+    assert not missing, f"{script.name} calls hg.{missing}, which hypergrad does not have"
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
     res = subprocess.run(
         [sys.executable, str(script), "--tiny", "--out", str(tmp_path)],
