@@ -87,7 +87,8 @@ def site(tmp_path_factory):
 def test_site_builds_strictly_with_every_page(site):
     for page in ("index", "getting-started", "concepts", "solvers", "migrating", "examples",
                  "api/implicit", "benchmarks/results", "reproductions/index",
-                 "reproductions/synthetic", "reproductions/ppi", "reproductions/ecg",
+                 "reproductions/synthetic/index", "reproductions/ppi/index",
+                 "reproductions/ecg/index",
                  "changelog"):
         assert (site / f"{page}.html").is_file(), page
     api = (site / "api" / "implicit.html").read_text()
