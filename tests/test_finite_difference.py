@@ -256,6 +256,19 @@ def test_autocast_bfloat16_forward_keeps_float32_products():
     assert _rel(out, exact(v)) < 0.2  # bfloat16 rounding (2^-8) through a finite difference
 
 
+def test_solver_state_and_residual_stay_float32_under_autocast():
+    f, p, h, _ = mlp_problem(torch.float32)
+    b = tree.map(torch.ones_like, p)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        op = hg.FiniteDifferenceOperator(f, p, h, ())
+        for solver in (hg.cg, hg.minres, functools.partial(hg.neumann, alpha=0.1),
+                       functools.partial(hg.sama, residual=True)):
+            res = solver(op, b)
+            leaves = tree.leaves(res.solution)
+            assert all(x.dtype == torch.float32 for x in leaves)
+            assert res.residual_norm.dtype == torch.float32
+
+
 # ------------------------------------------------------------------------ errors
 def test_bad_input_errors_name_the_argument():
     f, p, h, v = mlp_problem()
