@@ -10,7 +10,13 @@ from .finite_difference import (
     fd_hvp,
     fd_mixed_vjp,
 )
-from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
+from .implicit import (
+    DoubleBackwardError,
+    HypergradientError,
+    HypergradientWarning,
+    implicit_grad,
+    implicit_solution,
+)
 from .meta_loop import MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
@@ -60,6 +66,7 @@ __all__ = [
     "functional_implicit_grad",
     "HypergradientWarning",
     "HypergradientError",
+    "DoubleBackwardError",
     "unroll",
     "gradient_step",
     "optimizer_step",
