@@ -145,22 +145,8 @@ def ift(P: BenchProblem, products: str, solver) -> dict:
     """``implicit_grad`` with the given products (the same code for both paths)."""
     ctx = exact_context(P) if products == "exact" else contextlib.nullcontext()
     with ctx:
-        return _implicit_grad(P.inner_loss, P.outer_loss, P.params, P.hparams, solver=solver,
-                              products=products)
-
-
-def _implicit_grad(inner, outer, params, hparams, *, solver, products):
-    # TEMPORARY until implicit_grad(products=...) lands on main: its computation, verbatim
-    cls = hg.HessianOperator if products == "exact" else hg.FiniteDifferenceOperator
-    op = cls(inner, params, hparams, (), name="inner_loss")
-    p = hg.tree.detach(params, requires_grad=True)
-    h = hg.tree.detach(hparams, requires_grad=True)
-    pl, hl = list(p.values()), list(h.values())
-    with torch.enable_grad():
-        gs = torch.autograd.grad(outer(p, h), pl + hl, allow_unused=True)
-    gs = [torch.zeros_like(x) if g is None else g for x, g in zip(pl + hl, gs)]
-    res = solver(op, dict(zip(p, gs[: len(pl)])))
-    return hg.tree.sub(dict(zip(h, gs[len(pl):])), op.mixed_vjp(res.solution))
+        return hg.implicit_grad(P.inner_loss, P.outer_loss, P.params, P.hparams, solver=solver,
+                                products=products, stationarity_tol=None, on_failure="ignore")
 
 
 def adam_diagonal(P: BenchProblem, steps: int = 20, lr: float = 1e-3) -> dict:
