@@ -97,19 +97,22 @@ def test_fd_hypergradient_with_compiled_inner_loss_matches_eager():
     assert _rel(compiled, exact) < 1e-6  # and the right hypergradient
 
 
-def test_exact_products_on_a_compiled_loss_fail_or_lose_the_mixed_term():
+def test_exact_products_on_a_compiled_loss_cannot_be_trusted_fd_ones_can():
     inner, outer, params, hparams = _problem(torch.float64)
     compiled_inner = torch.compile(inner, backend="aot_eager", fullgraph=True)
     v = tree.map(torch.ones_like, params)
     with pytest.raises(RuntimeError, match="double backward"):
         hg.hvp(compiled_inner, params, v, hparams)
-    # The mixed product reaches hparams through no differentiable path of the compiled
-    # backward: torch returns nothing and the exact path reads it as zero (a wrong answer,
-    # which is why hypergrad must check; the FD path is right).
-    wrong = hg.mixed_vjp(compiled_inner, params, hparams, v)
-    right = hg.fd_mixed_vjp(compiled_inner, params, hparams, v)
-    assert _rel(right, hg.mixed_vjp(inner, params, hparams, v)) < 1e-6
-    assert float(wrong.abs().max()) == 0.0
+    right = hg.mixed_vjp(inner, params, hparams, v)  # eager, exact
+    assert _rel(hg.fd_mixed_vjp(compiled_inner, params, hparams, v), right) < 1e-6
+    # The exact mixed product reaches hparams through no differentiable path of the compiled
+    # backward. torch 2.13 then returns no gradient and the product reads as zero (measured);
+    # a clear error would be the fix. Either way it is not the right answer.
+    try:
+        wrong = hg.mixed_vjp(compiled_inner, params, hparams, v)
+    except RuntimeError:
+        return
+    assert _rel(wrong, right) > 0.5
 
 
 @pytest.mark.slow
