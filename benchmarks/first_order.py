@@ -293,7 +293,7 @@ def demonstration(tiny: bool) -> dict:
     out = {}
     for solver in ("sama", "cg"):
         r = demo.main(["--solver", solver, "--quiet", "--out",
-                       str(HERE / "out" / "transformer_reweighting")]
+                       str(ROOT / "runs" / "examples" / "transformer_reweighting")]
                       + (["--tiny"] if tiny else []))
         out[solver] = {k: r[k] for k in ("auroc", "seconds", "mean_weight_clean",
                                          "mean_weight_noisy")}

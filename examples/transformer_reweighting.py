@@ -39,8 +39,6 @@ from torch import nn
 
 import hypergrad as hg
 
-HERE = Path(__file__).resolve().parent
-
 
 # ------------------------------------------------------------------------------------ model
 class Block(nn.Module):
@@ -229,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=HERE / "out" / "transformer_reweighting")
+    ap.add_argument("--out", type=Path, default=Path("runs/examples/transformer_reweighting"))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
