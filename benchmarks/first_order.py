@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", default="mlp100k,mlp1m,transformer")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-demo", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE / "out")
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
         return rec
     t0 = time.time()
     data = run(a.problems.split(","), tiny=a.tiny, rounds=2 if a.tiny else a.rounds,
-               min_time=0.0 if a.tiny else 0.05, with_memory=not a.no_memory,
+               min_time=0.0 if a.tiny else 0.3, with_memory=not a.no_memory,
                with_demo=not a.no_demo)
     data["seconds"] = time.time() - t0
     a.out.mkdir(parents=True, exist_ok=True)

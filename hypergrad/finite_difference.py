@@ -198,8 +198,15 @@ class FiniteDifferenceOperator:
         v_norm = tree.norm(v_flat)
         # ε = δ / ||v||; v = 0 gives θ ± 0 and a zero product (no division by zero, no sync)
         eps = self.step / torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
-        plus = self._gradient([x + eps * d for x, d in zip(self._p, v_flat)], wrt_hparams)
-        minus = self._gradient([x - eps * d for x, d in zip(self._p, v_flat)], wrt_hparams)
+        with torch.no_grad():  # θ + εv, one buffer per leaf, reused for θ - εv below
+            point = [torch.addcmul(x, d, eps) for x, d in zip(self._p, v_flat)]
+        plus = self._gradient(point, wrt_hparams)
+        with torch.no_grad():  # (θ + εv) - 2εv: the graph of `plus` is gone, so in place
+            step = -2 * eps
+            for x, d in zip(point, v_flat):
+                x.addcmul_(d, step)
+        minus = self._gradient(point, wrt_hparams)
+        del point
         inv = 0.5 / eps
         out = []
         for i in range(len(plus)):  # leaf by leaf, freeing both gradients as we go (peak memory)
