@@ -91,7 +91,7 @@ def make_data(n: int, *, seq: int = 16, vocab: int = 20, classes: int = 4, gener
         pos = torch.randperm(seq, generator=g)[: 3 + classes - 1]
         tokens[i, pos[:3]] = labels[i]
         others = [c for c in range(classes) if c != int(labels[i])]
-        keep = torch.rand(classes - 1, generator=g) < 0.5
+        keep = torch.rand(classes - 1, generator=g, dtype=torch.float32) < 0.5
         for j, c in enumerate(others):
             if keep[j]:
                 tokens[i, pos[3 + j]] = c

@@ -60,3 +60,14 @@ def test_report_runs_on_tiny_sizes(tiny_env, tmp_path, capsys):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["memory"][0]["measure"] in ("VmHWM-after-clear_refs", "ru_maxrss")
+
+
+def test_first_order_runs_on_tiny_sizes(tiny_env, tmp_path):
+    from benchmarks import first_order
+
+    data = first_order.main(["--tiny", "--no-memory", "--no-demo", "--out", str(tmp_path)])
+    assert set(data["problems"]) == {"mlp100k", "mlp1m", "transformer"}
+    assert (tmp_path / "first_order.md").read_text().startswith("| problem |")
+    for d in data["problems"].values():
+        assert d["accuracy"]["fd_float64"]["cos"] > 0.99  # FD and exact agree at J = 10
+        assert d["time"]["ratio"]["fd_product"] > 0
