@@ -240,6 +240,7 @@ def times(name: str, tiny: bool, rounds: int, min_time: float) -> dict:
     t = timing.interleaved(fns, rounds=rounds, min_time=min_time)
     unit = "grad"
     r = {k: timing.ratio(t, k, unit) for k in fns}
+    r["fd_product_paired"] = timing.paired_ratio(t, "fd_product", unit)
     r["fd_cg_vs_exact_cg"] = timing.ratio(t, "fd_cg", "exact_cg")
     r["sama_vs_exact_cg"] = timing.ratio(t, "sama", "exact_cg")
     if "grad_math" in fns:
@@ -320,11 +321,16 @@ def markdown(data: dict) -> str:
         mem = (f"{m['fd_vs_exact']:.2f}", f"{m['ratio']['exact_cg']:.1f}, {m['ratio']['fd_cg']:.1f}"
                f", {m['ratio']['sama']:.1f}") if m else ("-", "-")
         lines.append(
-            f"| {name} | {d['time']['n_params']:,} | {t['fd_product']:.2f} | {exact_p} | "
+            f"| {name} | {d['time']['n_params']:,} | {t['fd_product']:.2f} (paired median "
+            f"{t.get('fd_product_paired', float('nan')):.2f}) | {exact_p} | "
             f"{t['fd_cg_vs_exact_cg']:.2f} | {t['sama_vs_exact_cg']:.2f} | {mem[0]} | {mem[1]} | "
             f"{a['fd_float64']['cos']:.7f}, {a['fd_float64']['rel']:.1e} | "
             f"{a['fd_float32']['cos']:.5f}, {a['fd_float32']['rel']:.1e} | "
             f"{a['exact_float32']['rel']:.1e} |")
+    load = data.get("load_average_after_timing")
+    if load:
+        lines += ["", "Load average (1 min) right after each problem's timing: "
+                  + ", ".join(f"{x:.1f}" for x in load) + " (2 cores, shared)."]
     lines += ["", "Low precision (bf16 autocast forward, fp32 parameters and solver state; "
               "hypergradient vs exact float64, CG J = 10) and SAMA's bias (float64, vs exact CG "
               "J = 50):", "",
@@ -370,7 +376,8 @@ def targets(data: dict) -> list[tuple[str, bool]]:
             out.append((f"{name} peak memory FD / exact at J = 10: {m['fd_vs_exact']:.2f} (<= "
                         f"{T['memory']})", m["fd_vs_exact"] <= T["memory"]))
         r = d["time"]["ratio"]
-        out.append((f"{name} FD product / one gradient: {r['fd_product']:.2f} (<= "
+        out.append((f"{name} FD product / one gradient: {r['fd_product']:.2f} min/min, "
+                    f"{r.get('fd_product_paired', float('nan')):.2f} paired median (<= "
                     f"{T['fd_product']}); FD CG J=10 takes {r['fd_cg_vs_exact_cg']:.2f}x the "
                     "exact CG's time", r["fd_product"] <= T["fd_product"]))
         out.append((f"{name} SAMA configuration / exact CG J=10 (time): "
@@ -428,22 +435,33 @@ def plot(data: dict, path: Path) -> None:
 
 
 def run(problems: list[str], *, tiny: bool = False, rounds: int = 5, min_time: float = 0.05,
-        with_memory: bool = True, with_demo: bool = True, log=print) -> dict:
+        with_memory: bool = True, with_demo: bool = True, log=print,
+        only: tuple[str, ...] = ("accuracy", "time", "memory", "demonstration"),
+        previous: dict | None = None) -> dict:
+    """Every section in ``only`` for every problem; the others are taken from ``previous``
+    (a JSON written by an earlier run) when given."""
     data: dict = {"problems": {}, "J": J, "targets": TARGETS}
+    old = (previous or {}).get("problems", {})
+    load = []
     for name in problems:
-        log(f"first_order: {name} accuracy")
-        acc = accuracy(name, tiny)
-        log(f"first_order: {name} time")
-        t = times(name, tiny, rounds, min_time)
-        d = {"accuracy": acc, "time": t}
-        if with_memory:
+        d = dict(old.get(name, {}))
+        if "accuracy" in only or "accuracy" not in d:
+            log(f"first_order: {name} accuracy")
+            d["accuracy"] = accuracy(name, tiny)
+        if "time" in only or "time" not in d:
+            log(f"first_order: {name} time")
+            d["time"] = times(name, tiny, rounds, min_time)
+            load.append(os.getloadavg()[0])
+        if with_memory and ("memory" in only or "memory" not in d):
             log(f"first_order: {name} memory (fresh processes)")
             d["memory"] = memory(name, tiny)
         data["problems"][name] = d
-    if with_demo:
+    if with_demo and ("demonstration" in only or "demonstration" not in (previous or {})):
         log("first_order: demonstration")
         data["demonstration"] = demonstration(tiny)
-    data["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    elif with_demo:
+        data["demonstration"] = previous["demonstration"]
+    data["load_average_after_timing"] = load or (previous or {}).get("load_average_after_timing")
     return data
 
 
@@ -486,6 +504,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--only", default="accuracy,time,memory,demonstration",
+                    help="sections to (re)measure; the others come from --merge")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="a first_order.json from an earlier run to take the other sections from")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--results", action="store_true",
                     help="copy JSON/PNG to benchmarks/results/ and print the RESULTS.md section")
@@ -501,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     data = run(a.problems.split(","), tiny=a.tiny, rounds=2 if a.tiny else a.rounds,
                min_time=0.0 if a.tiny else 0.3, with_memory=not a.no_memory,
-               with_demo=not a.no_demo)
+               with_demo=not a.no_demo, only=tuple(a.only.split(",")),
+               previous=json.loads(a.merge.read_text()) if a.merge else None)
     data["seconds"] = time.time() - t0
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "first_order.json").write_text(json.dumps(data, indent=1, default=str))
