@@ -1,5 +1,10 @@
 """Meta-learned per-example loss weights that find noisy labels, for a tiny transformer.
 
+Primitive: ``hg.implicit_grad`` with ``products="finite_difference"`` (and ``hg.sama``).
+Why this one: the attention runs on SDPA's default kernel, which has no double backward, so
+exact Hessian products are impossible; central differences of first-order gradients give every
+product the solver needs, and SAMA's Adam-preconditioned identity skips the solve altogether.
+
 The bi-level problem (learning to reweight, Ren et al. 2018, solved by the IFT as in Raghu et
 al. 2021's per-example weights): a transformer ``θ`` is trained on a weighted loss whose weights
 are the hyperparameters ``φ`` (example ``i`` weighs ``2 sigmoid(φ_i)``), and ``φ`` follows the

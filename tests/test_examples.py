@@ -35,16 +35,7 @@ def test_the_gallery_is_complete():
     assert not missing, sorted(missing)
 
 
-# examples/transformer_reweighting.py is the fd helper's; its docstring explains its primitive
-# in prose. Until it carries the "Primitive:" / "Why" lines of the gallery, that one check is
-# an expected failure rather than a red suite.
-_LABELS_PENDING = {"transformer_reweighting"}
-
-
-@pytest.mark.parametrize("script", [
-    pytest.param(p, marks=pytest.mark.xfail(
-        reason="fd: add 'Primitive: ...' and 'Why this one: ...' to the docstring", strict=False))
-    if p.stem in _LABELS_PENDING else p for p in EXAMPLES], ids=lambda p: p.stem)
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
 def test_docstring_names_the_primitive_and_why(script):
     doc = ast.get_docstring(ast.parse(script.read_text())) or ""
     assert "Primitive:" in doc and "Why" in doc, f"{script.name}: say which primitive and why"
