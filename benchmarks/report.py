@@ -27,7 +27,7 @@ import torch
 
 import hypergrad as hg
 
-from . import memory, timing
+from . import first_order, memory, timing
 from . import methods as M
 from .experimental import flat_cg
 from .problems import make_problem
@@ -359,6 +359,9 @@ class Report:
         return paths
 
 
+Report.first_order = first_order.section  # issue 16: FD vs exact products, SAMA, bf16 autocast
+
+
 def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -476,6 +479,7 @@ def render_results(out: Path) -> None:
     dist = dist or "(not run: `python -m benchmarks.distributed_scaling --config synthetic|paper`)"
     for key, val in (("TABLE", table), ("SOLVERS", solvers), ("DISTRIBUTED", dist),
                      ("FORWARD_MODE", forward_mode.section(dest)),
+                     ("FIRST_ORDER", first_order.rendered(dest)),
                      ("MACHINE", data["machine"]),
                      ("DATE", time.strftime("%Y-%m-%d")), ("SECONDS", f"{data['seconds']:.0f}"),
                      ("MODE", "--full" if data["config"].get("full") else "quick")):

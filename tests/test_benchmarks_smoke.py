@@ -71,3 +71,14 @@ def test_forward_mode_study_runs_on_tiny_sizes(tmp_path, capsys):
     assert data["forward"]["memory_kib"]
     assert (tmp_path / "forward_mode.png").stat().st_size > 0
     assert "implicit_jacobian" in forward_mode.section(tmp_path)
+
+
+def test_first_order_runs_on_tiny_sizes(tiny_env, tmp_path):
+    from benchmarks import first_order
+
+    data = first_order.main(["--tiny", "--no-memory", "--no-demo", "--out", str(tmp_path)])
+    assert set(data["problems"]) == {"mlp100k", "mlp1m", "transformer"}
+    assert (tmp_path / "first_order.md").read_text().startswith("| problem |")
+    for d in data["problems"].values():
+        assert d["accuracy"]["fd_float64"]["cos"] > 0.99  # FD and exact agree at J = 10
+        assert d["time"]["ratio"]["fd_product"] > 0

@@ -4,8 +4,8 @@ SAMA replaces ``H^{-1}`` in the IFT by the Adam-preconditioned identity,
 
     x = alpha · D ⊙ b,      D = 1 / (sqrt(v_hat) + eps)     (hg.adam_preconditioner),
 
-the first term of the preconditioned Neumann series (``hg.neumann(iterations=1,
-preconditioner=D, alpha=alpha)`` returns the same ``x``, but spends a matvec on its residual).
+the first term of the preconditioned Neumann series: ``sama`` is ``hg.neumann(iterations=1,
+alpha=alpha, preconditioner=D)`` under its own name, with SAMA's defaults and this page.
 With ``alpha`` the inner learning rate, ``-(d2f/dφ dθ) x`` is the hypergradient through one
 more Adam step (without momentum) from ``θ``: the greedy, one-step response of the optimizer
 the inner problem really runs. Paired with finite-difference mixed products
@@ -42,12 +42,10 @@ Example:
 
 from __future__ import annotations
 
-import torch
-
-from .. import _checks, tree
+from .. import _checks
 from ..tree import Tree
-from ._common import Matvec, SolveResult, _check_matvec_output, _validate_b
-from .neumann import _positive_diagonal
+from ._common import Matvec, SolveResult
+from .neumann import neumann
 
 __all__ = ["sama"]
 
@@ -59,7 +57,7 @@ def sama(
     alpha: float = 1.0,
     preconditioner: Tree | None = None,
     residual: bool = False,
-    tol: float = 1e-6,
+    tol: float | None = None,
 ) -> SolveResult:
     """``x = alpha · D ⊙ b`` in place of ``H^{-1} b`` (SAMA's Adam-preconditioned identity).
 
@@ -71,30 +69,19 @@ def sama(
             ``hg.adam_preconditioner(optimizer, params)``. ``None`` is ``D = I`` (plain SGD's
             one-step response, the DARTS / T1-T2 approximation).
         residual: spend one matvec to report the true relative residual
-            ``||b - H x|| / ||b||`` (``converged`` is then ``residual <= tol``). Without it
-            no matvec is spent, ``residual_norm`` is NaN (unknown), ``converged`` is False and
-            ``stats["residual_estimate"]`` is True: the result is an approximation by design,
-            so callers should not read it as a converged solve (``implicit_grad(...,
-            on_failure="ignore")``).
-        tol: threshold for ``converged`` when ``residual=True``.
+            ``||b - H x|| / ||b||``. Without it no matvec is spent and, as for a one-term
+            ``hg.neumann``, ``residual_norm`` is the last residual known for free, that of the
+            zero guess (1, or 0 for ``b = 0``), flagged ``stats["residual_estimate"] = True``;
+            ``converged`` is then False: the result is an approximation by design, so callers
+            should not read it as a converged solve (``implicit_grad(..., on_failure="ignore")``).
+        tol: threshold for ``converged`` (default ``hg.default_tol`` of ``b``'s dtype).
 
-    Returns ``SolveResult`` with ``iterations`` = matvecs spent (0 or 1) and ``stats`` holding
-    ``alpha`` and ``residual_estimate``.
+    Returns ``SolveResult`` with ``iterations`` = matvecs spent (0, or 1 with ``residual``) and
+    ``stats`` holding ``alpha`` and ``residual_estimate``.
     """
     _checks.callable_(matvec, "matvec")
-    ref = _validate_b(b)
     alpha = _checks.positive_number(alpha, "alpha")
-    tol = _checks.nonneg_number(tol, "tol")
     if not isinstance(residual, bool):
         raise TypeError(f"`residual` must be a bool, got {type(residual).__name__}")
-    d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
-    x = tree.scale(b if d is None else tree.map(torch.mul, d, b), alpha)
-    stats = {"alpha": alpha, "residual_estimate": not residual}
-    if not residual:
-        nan = torch.full((), float("nan"), dtype=ref.dtype, device=ref.device)
-        return SolveResult(x, torch.tensor(0), nan, torch.tensor(False), stats)
-    hx = matvec(x)
-    _check_matvec_output(hx, b)
-    b_norm = tree.norm(b)
-    r = tree.norm(tree.sub(b, hx)) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-    return SolveResult(x, torch.tensor(1), r, r <= tol, stats)
+    return neumann(matvec, b, iterations=1, alpha=alpha, preconditioner=preconditioner,
+                   exact_residual=residual, tol=tol)
