@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -78,13 +79,22 @@ def finite(t: Any, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` and the leaf if any leaf holds NaN/inf.
 
     One host read for the whole tree (not one per leaf)."""
-    flat = [x for x in tree.leaves(t) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    if not flat:
-        return
+    finite_trees((t, name))
+
+
+def finite_trees(*named: tuple[Any, str]) -> None:
+    """:func:`finite` for several ``(tree, name)`` pairs with one host read in all; the first
+    pair (in order) with a NaN/inf is named."""
     health = Health()
-    health.add_finite(name, flat)
-    health.read()
-    health.raise_nonfinite(name, flat, "; a hypergradient at non-finite values is meaningless")
+    flats = []
+    for i, (t, _) in enumerate(named):
+        flats.append([x for x in tree.leaves(t)
+                      if isinstance(x, torch.Tensor) and x.is_floating_point()])
+        health.add_finite(str(i), flats[-1])
+    health.read()  # nothing to read (no host transfer) when no tree has a floating leaf
+    for i, ((_, name), flat) in enumerate(zip(named, flats)):
+        health.raise_nonfinite(str(i), flat, "; a hypergradient at non-finite values is "
+                               "meaningless", name=name)
 
 
 def scalar_loss(value: Any, name: str) -> torch.Tensor:
@@ -224,26 +234,26 @@ class Health:
             raise ValueError(nonfinite_message(name or key, i, leaves[i], what))
 
 
-def captured_leaves(value: torch.Tensor, own: Sequence[torch.Tensor],
+def captured_leaves(values: torch.Tensor | Sequence[Any], own: Sequence[torch.Tensor],
                     limit: int = 200_000) -> list[torch.Tensor]:
-    """Leaf tensors that require grad, reached from ``value``'s autograd graph, not in ``own``.
+    """Leaf tensors that require grad, reached from the autograd graph of ``values`` (a tensor
+    or a sequence of them; other entries are skipped), not in ``own``.
 
     Walks ``grad_fn -> next_functions`` to the ``AccumulateGrad`` nodes (one per leaf that
-    requires grad). A loss that closes over such a tensor (a module's own ``nn.Parameter``,
-    say) treats it as a constant in every second-order product and passes it no
+    requires grad). A loss or map that closes over such a tensor (a module's own
+    ``nn.Parameter``, say) treats it as a constant in every product and passes it no
     hypergradient. Stops after ``limit`` nodes (returns what it found)."""
-    fn = value.grad_fn
-    if fn is None:
-        return []
+    roots = [values] if isinstance(values, torch.Tensor) else list(values)
     own_ids = {id(x) for x in own}
-    seen: set[int] = set()
-    stack = [fn]
+    # the nodes themselves, not their ids: a visited node stays alive, so no id is reused
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [v.grad_fn for v in roots if isinstance(v, torch.Tensor) and v.grad_fn is not None]
     found: list[torch.Tensor] = []
     while stack and len(seen) < limit:
         node = stack.pop()
-        if node is None or id(node) in seen:
+        if node in seen:
             continue
-        seen.add(id(node))
+        seen.add(node)
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             if id(variable) not in own_ids:
@@ -251,6 +261,31 @@ def captured_leaves(value: torch.Tensor, own: Sequence[torch.Tensor],
             continue
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     return found
+
+
+# --- the failure policy of every hypergradient (``on_failure=``) ---------------------------------
+POLICIES = ("warn", "raise", "ignore")
+
+
+def policy(on_failure: Any) -> None:
+    """``on_failure`` must be one of :data:`POLICIES`."""
+    if not isinstance(on_failure, str) or on_failure not in POLICIES:
+        raise ValueError(f"`on_failure` must be one of {POLICIES}, got {on_failure!r}")
+
+
+def report_failure(reasons: Sequence[str], on_failure: str, stacklevel: int) -> None:
+    """Why a hypergradient may be wrong, by the policy: ``"warn"`` once per reason (each a
+    fixed message, so Python's default filter shows a repeated reason once per call site; a
+    joined message would repeat for every combination), ``"raise"`` one
+    :class:`HypergradientError` with all of them, ``"ignore"`` nothing. ``stacklevel`` is
+    ``warnings.warn``'s, counted from this function."""
+    if not reasons or on_failure == "ignore":
+        return
+    if on_failure == "raise":
+        raise HypergradientError("hypergradient may be wrong: " + "; ".join(reasons))
+    for reason in reasons:
+        warnings.warn("hypergradient may be wrong: " + reason, HypergradientWarning,
+                      stacklevel=stacklevel)
 
 
 _NO_DOUBLE_BACKWARD = ("derivative for", "not implemented")

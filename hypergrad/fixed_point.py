@@ -24,14 +24,13 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import _checks, tree
-from .implicit import HypergradientError, HypergradientWarning
+from .implicit import _check_node_entry, _outer_grads, _relative, _solution_node
 from .solvers import SolveResult, gmres
 from .transformable import in_functorch_transform
 from .tree import Tree
@@ -40,28 +39,9 @@ __all__ = ["fixed_point_grad", "fixed_point_solution"]
 
 FixedPointMap = Callable[[Tree, Tree], Tree]
 Loss = Callable[[Tree, Tree], torch.Tensor]
-_POLICIES = ("warn", "raise", "ignore")
 
 
-# --- shared with forward.py: the failure policy and the entry checks -----------------------------
-def _check_policy(on_failure: str) -> None:
-    if on_failure not in _POLICIES:
-        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
-
-
-def _report(reasons: list[str], on_failure: str, stacklevel: int = 3) -> None:
-    """Warn once per reason (each a fixed message, so Python's filter shows it once per call
-    site), raise :class:`HypergradientError` with all of them, or stay silent."""
-    if not reasons or on_failure == "ignore":
-        return
-    if on_failure == "raise":
-        raise HypergradientError("hypergradient may be wrong: " + "; ".join(reasons))
-    for reason in reasons:
-        warnings.warn(
-            "hypergradient may be wrong: " + reason, HypergradientWarning, stacklevel=stacklevel
-        )
-
-
+# --- shared with forward.py ---------------------------------------------------------------------
 def _reject_functorch(name: str, *trees: Tree) -> None:
     if any(in_functorch_transform(t) for t in trees):
         raise TypeError(
@@ -80,40 +60,11 @@ def _call_solver(solver: Callable[..., SolveResult], matvec, rhs: Tree) -> Solve
     return res
 
 
-def _captured(outputs: list[torch.Tensor], known: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that ``outputs`` depend on but that are not in ``known``:
-    tensors a user function captured (a closure over a module's weights, say). Their gradient
-    is not part of any hypergradient, which is silently wrong if they were meant as hparams."""
-    known_ids = {id(t) for t in known}
-    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-    seen: set = set()
-    found: list[torch.Tensor] = []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
-        if var is not None:
-            if id(var) not in known_ids:
-                found.append(var)
-            continue
-        stack.extend(f for f, _ in fn.next_functions)
-    return found
-
-
 def _captured_reason(name: str, found: list[torch.Tensor], args: str) -> str:
     shapes = ", ".join(str(tuple(t.shape)) for t in found[:5]) + (" ..." if len(found) > 5 else "")
     return (f"`{name}` uses {len(found)} tensor(s) that require grad but are in neither {args} "
             f"(shapes {shapes}); their gradients are not part of the result: pass them in "
             "`hparams` or detach them")
-
-
-def _relative(num: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
-    denom = scales[0]
-    for s in scales[1:]:
-        denom = torch.maximum(denom, s)
-    return num / torch.clamp(denom, min=torch.finfo(denom.dtype).tiny)
 
 
 # --- the linearisation of T ---------------------------------------------------------------------
@@ -133,7 +84,7 @@ class _Linearized:
             )
         _check_map_output(out, x)
         self.out = tree.leaves(out)
-        self.captured = _captured(self.out, self.x + self.h)
+        self.captured = _checks.captured_leaves(self.out, self.x + self.h)
         with torch.no_grad():
             self.residual = _relative(
                 tree.norm([o - t for o, t in zip(self.out, self.x)]),
@@ -184,15 +135,22 @@ def _diagnose(lin: _Linearized, res: SolveResult, fixed_point_tol: float | None)
         "fixed_point_residual": lin.residual,
         "contraction": lin.max_ratio if lin.matvecs else None,
     }
+    health = _checks.Health()  # the premise checks, read from the device in one transfer
+    health.add("converged", res.converged)
+    if fixed_point_tol is not None:
+        health.add("fixed_point", lin.residual <= fixed_point_tol)
+    if lin.matvecs:
+        health.add("contractive", lin.max_ratio < 1)
+    health.read()
     reasons = []
     if lin.captured:
         reasons.append(_captured_reason("fixed_point_map", lin.captured, "`x` nor `hparams`"))
-    if not bool(res.converged):
+    if not health.get("converged"):
         reasons.append("the linear solve did not converge (increase the solver's iterations; "
                        "a singular I - dT/dx also stops it)")
-    if fixed_point_tol is not None and not bool(lin.residual <= fixed_point_tol):
+    if fixed_point_tol is not None and not health["fixed_point"]:
         reasons.append("`x` is not a fixed point of `fixed_point_map` (iterate it further)")
-    if lin.matvecs and not bool(lin.max_ratio < 1):
+    if lin.matvecs and not health["contractive"]:
         reasons.append("`fixed_point_map` is not contractive along the solve "
                        "(||dT/dx^T v|| >= ||v|| for a solver vector v; see info['contraction'])")
     info["reasons"] = reasons
@@ -201,20 +159,22 @@ def _diagnose(lin: _Linearized, res: SolveResult, fixed_point_tol: float | None)
 
 
 def _check_entry(
-    name: str, fixed_point_map, x: Tree, hparams: Tree, solver, on_failure: str,
-    fixed_point_tol: float | None,
+    name: str, fn: Any, x: Tree, hparams: Tree, solver: Any, on_failure: str,
+    tol: float | None, names: tuple[str, str, str] = ("fixed_point_map", "x", "fixed_point_tol"),
 ) -> None:
+    """The entry checks of ``name`` (shared with forward.py's inner-loss functions):
+    ``names`` are the argument names of ``fn``, ``x`` and ``tol`` in its signature."""
+    fn_name, x_name, tol_name = names
     _reject_functorch(name, x, hparams)
-    _checks.callable_(fixed_point_map, "fixed_point_map")
+    _checks.callable_(fn, fn_name)
     _checks.callable_(solver, "solver")
-    _check_policy(on_failure)
-    if fixed_point_tol is not None:
-        _checks.nonneg_number(fixed_point_tol, "fixed_point_tol")
-    x_flat = _checks.tensor_tree(x, "x")
+    _checks.policy(on_failure)
+    if tol is not None:
+        _checks.nonneg_number(tol, tol_name)
+    x_flat = _checks.tensor_tree(x, x_name)
     h_flat = _checks.tensor_tree(hparams, "hparams")
-    _checks.same_dtype(h_flat, "hparams", [x_flat[0]] * len(h_flat), "x")
-    _checks.finite(x, "x")
-    _checks.finite(hparams, "hparams")
+    _checks.same_dtype(h_flat, "hparams", [x_flat[0]] * len(h_flat), x_name)
+    _checks.finite_trees((x, x_name), (hparams, "hparams"))
 
 
 def fixed_point_grad(
@@ -250,64 +210,22 @@ def fixed_point_grad(
         fixed_point_tol: threshold on ``"fixed_point_residual"``; ``None`` skips the check.
 
     Cost: one forward of ``T`` with its graph, one backward per solver matvec, one more for the
-    ``hparams`` product, one gradient of ``L``.
+    ``hparams`` product, one gradient of ``L``; three host reads (NaN/inf in ``x`` and
+    ``hparams``, in ``dL/dx``, and the diagnosis) plus whatever the solver reads.
     """
     solver = gmres if solver is None else solver
     _check_entry("fixed_point_grad", fixed_point_map, x, hparams, solver, on_failure,
                  fixed_point_tol)
     _checks.callable_(outer_loss, "outer_loss")
-    dL_dx, dL_dh = _outer_grads(outer_loss, x, hparams)
+    _, dL_dx_flat, dL_dh_flat, x_spec, h_spec = _outer_grads(outer_loss, x, hparams)
+    dL_dx, dL_dh = tree.unflatten(dL_dx_flat, x_spec), tree.unflatten(dL_dh_flat, h_spec)
     _checks.finite(dL_dx, "dL/dx (the gradient of outer_loss)")
     lin = _Linearized(fixed_point_map, x, hparams)
     res = _call_solver(solver, lin, dL_dx)
     hypergrad = tree.add(dL_dh, lin.mixed(res.solution))
     info = _diagnose(lin, res, fixed_point_tol)
-    _report(info["reasons"], on_failure)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (hypergrad, info) if return_info else hypergrad
-
-
-def _outer_grads(outer_loss: Loss, x: Tree, hparams: Tree) -> tuple[Tree, Tree]:
-    x_flat, x_spec = tree.flatten(x)
-    h_flat, h_spec = tree.flatten(hparams)
-    xs = [t.detach().requires_grad_(True) for t in x_flat]
-    hs = [t.detach().requires_grad_(True) for t in h_flat]
-    with torch.enable_grad():
-        L = _checks.scalar_loss(
-            outer_loss(tree.unflatten(xs, x_spec), tree.unflatten(hs, h_spec)), "outer_loss"
-        )
-        grads = torch.autograd.grad(L, xs + hs, allow_unused=True) if L.requires_grad else None
-    if grads is None:
-        grads = [None] * (len(xs) + len(hs))
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(xs + hs, grads)]
-    return tree.unflatten(grads[: len(xs)], x_spec), tree.unflatten(grads[len(xs) :], h_spec)
-
-
-class _FixedPoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cfg: dict[str, Any], *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.cfg = cfg
-        ctx.save_for_backward(*tensors)
-        return tuple(t.detach().clone() for t in tensors[: cfg["n_x"]])
-
-    @staticmethod
-    def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
-        cfg = ctx.cfg
-        tensors = ctx.saved_tensors
-        n = cfg["n_x"]
-        x_flat, h_flat = list(tensors[:n]), list(tensors[n:])
-        v = [torch.zeros_like(t) if g is None else g for t, g in zip(x_flat, grad_outputs)]
-        x = tree.unflatten(x_flat, cfg["x_spec"])
-        v_tree = tree.unflatten(v, cfg["x_spec"])
-        _checks.finite(v_tree, "the gradient arriving at fixed_point_solution's output")
-        lin = _Linearized(cfg["fixed_point_map"], x, tree.unflatten(h_flat, cfg["h_spec"]))
-        res = _call_solver(cfg["solver"], lin, v_tree)
-        mixed = tree.leaves(lin.mixed(res.solution))
-        info = _diagnose(lin, res, cfg["fixed_point_tol"])
-        if cfg["info"] is not None:
-            cfg["info"].clear()
-            cfg["info"].update(info)
-        _report(info["reasons"], cfg["on_failure"])
-        return (None, *([None] * n), *mixed)
 
 
 def fixed_point_solution(
@@ -338,24 +256,22 @@ def fixed_point_solution(
     solver = gmres if solver is None else solver
     _check_entry("fixed_point_solution", fixed_point_map, x, hparams, solver, on_failure,
                  fixed_point_tol)
-    if info is not None and not isinstance(info, dict):
-        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
-    x_flat, x_spec = tree.flatten(x)
-    h_flat, h_spec = tree.flatten(hparams)
-    if not any(t.requires_grad for t in h_flat):
-        raise ValueError(
-            "`hparams` must require grad for fixed_point_solution to carry a hypergradient; "
-            "call .requires_grad_() on them (or use hg.fixed_point_grad, which needs none)"
-        )
-    cfg = {
-        "fixed_point_map": fixed_point_map,
-        "solver": solver,
-        "n_x": len(x_flat),
-        "x_spec": x_spec,
-        "h_spec": h_spec,
-        "on_failure": on_failure,
-        "fixed_point_tol": fixed_point_tol,
-        "info": info,
-    }
-    out = _FixedPoint.apply(cfg, *[t.detach() for t in x_flat], *h_flat)
-    return tree.unflatten(list(out), x_spec)
+    _check_node_entry("fixed_point_solution", "fixed_point_grad", info, tree.leaves(hparams))
+    x_spec, h_spec = tree.flatten(x)[1], tree.flatten(hparams)[1]
+
+    def vjp(x_flat: list[torch.Tensor], h_flat: list[torch.Tensor],
+            v: list[torch.Tensor]) -> list[torch.Tensor]:
+        v_tree = tree.unflatten(v, x_spec)
+        _checks.finite(v_tree, "the gradient arriving at fixed_point_solution's output")
+        lin = _Linearized(fixed_point_map, tree.unflatten(x_flat, x_spec),
+                          tree.unflatten(h_flat, h_spec))
+        res = _call_solver(solver, lin, v_tree)
+        mixed = tree.leaves(lin.mixed(res.solution))
+        diagnosis = _diagnose(lin, res, fixed_point_tol)
+        if info is not None:
+            info.clear()
+            info.update(diagnosis)
+        _checks.report_failure(diagnosis["reasons"], on_failure, stacklevel=4)
+        return mixed
+
+    return _solution_node(vjp, x, hparams)

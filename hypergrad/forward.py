@@ -42,13 +42,11 @@ import torch
 from . import _checks, tree
 from .fixed_point import (
     _call_solver,
-    _captured,
     _captured_reason,
-    _check_policy,
+    _check_entry,
     _reject_functorch,
-    _relative,
-    _report,
 )
+from .implicit import _stationarity_ratio
 from .solvers import SolveResult, cg
 from .tree import Tree
 
@@ -87,6 +85,7 @@ def _grad(
         cots, batched = [c[0] for c in cots], False
     else:
         batched = k is not None
+    gs: Sequence[torch.Tensor | None]  # None: an input the outputs do not use
     with torch.enable_grad():
         try:
             gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
@@ -114,6 +113,7 @@ class _InnerLinearization:
         h_flat, self.h_spec = tree.flatten(hparams)
         self.p = [x.detach().requires_grad_(True) for x in p_flat]
         self.h = [x.detach().requires_grad_(True) for x in h_flat]
+        gs: Sequence[torch.Tensor | None]  # None: a leaf the loss does not use
         with torch.enable_grad():
             value = _checks.scalar_loss(
                 inner_loss(tree.unflatten(self.p, self.p_spec),
@@ -123,7 +123,7 @@ class _InnerLinearization:
                                          allow_unused=True)
             else:
                 gs = [None] * (len(self.p) + len(self.h))
-            self.captured = _captured([value], self.p + self.h)
+            self.captured = _checks.captured_leaves(value, self.p + self.h)
         self.g_p = list(gs[: len(self.p)])
         self.g_h = list(gs[len(self.p):])
         self.grad = [torch.zeros_like(x) if g is None else g.detach()
@@ -152,43 +152,37 @@ def _diagnose(lin: _InnerLinearization, results: list[SolveResult],
               stationarity_tol: float | None) -> dict[str, Any]:
     """Premise checks: converged solves, positive curvature seen by CG, stationarity."""
     info: dict[str, Any] = {"solves": results}
+    health = _checks.Health()  # every solve's flags and the stationarity: one host read
+    for i, r in enumerate(results):
+        health.add(f"converged{i}", r.converged)
+        health.add(f"nonpositive{i}", (r.stats or {}).get("nonpositive_curvature", False))
+    if stationarity_tol is not None:
+        # as implicit_grad: scale-free, one extra matvec
+        stationarity = _stationarity_ratio(lin.grad, lin.hvp([x.detach() for x in lin.p]))
+        info["stationarity"] = stationarity
+        health.add("stationary", stationarity <= stationarity_tol)
+    health.read()
     reasons = []
     if lin.captured:
         reasons.append(_captured_reason("inner_loss", lin.captured, "`params` nor `hparams`"))
-    if not all(bool(r.converged) for r in results):
+    if not all(health.get(f"converged{i}") for i in range(len(results))):
         reasons.append("the linear solve did not converge (increase the solver's iterations)")
-    nonpos = any(bool((r.stats or {}).get("nonpositive_curvature", False)) for r in results)
+    nonpos = any(bool(health.get(f"nonpositive{i}")) for i in range(len(results)))
     info["nonpositive_curvature"] = nonpos
     if nonpos:
         reasons.append("the inner Hessian has non-positive curvature (not at a strict minimum)")
-    if stationarity_tol is not None:
-        # ||g|| / max(||H p||, ||H p - g||), as implicit_grad: scale-free, one extra matvec
-        g = lin.grad
-        hp = lin.hvp([x.detach() for x in lin.p])
-        stationarity = _relative(tree.norm(g), tree.norm(hp),
-                                 tree.norm([a - b for a, b in zip(hp, g)]))
-        info["stationarity"] = stationarity
-        if not bool(stationarity <= stationarity_tol):
-            reasons.append(
-                "`params` is not a stationary point of the inner loss (optimise it further)")
+    if stationarity_tol is not None and not health["stationary"]:
+        reasons.append(
+            "`params` is not a stationary point of the inner loss (optimise it further)")
     info["reasons"] = reasons
     info["trusted"] = not reasons
     return info
 
 
-def _check_inner_entry(name: str, inner_loss: Loss, params: Tree, hparams: Tree, solver,
+def _check_inner_entry(name: str, inner_loss: Loss, params: Tree, hparams: Tree, solver: Any,
                        on_failure: str, stationarity_tol: float | None) -> None:
-    _reject_functorch(name, params, hparams)
-    _checks.callable_(inner_loss, "inner_loss")
-    _checks.callable_(solver, "solver")
-    _check_policy(on_failure)
-    if stationarity_tol is not None:
-        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
-    p_flat = _checks.tensor_tree(params, "params")
-    h_flat = _checks.tensor_tree(hparams, "hparams")
-    _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
-    _checks.finite(params, "params")
-    _checks.finite(hparams, "hparams")
+    _check_entry(name, inner_loss, params, hparams, solver, on_failure, stationarity_tol,
+                 names=("inner_loss", "params", "stationarity_tol"))
 
 
 # --- implicit_jvp ---------------------------------------------------------------------------------
@@ -216,7 +210,8 @@ def implicit_jvp(
             tensor requiring grad outside ``params`` and ``hparams`` (a captured weight).
 
     Returns a pytree like ``params``. Cost: one gradient graph of ``f``, one mixed product,
-    the solver's matvecs, one matvec for the stationarity check.
+    the solver's matvecs, one matvec for the stationarity check; three host reads (NaN/inf in
+    the inputs, in ``tangents``, and the diagnosis) plus whatever the solver reads.
     """
     solver = cg if solver is None else solver
     _check_inner_entry("implicit_jvp", inner_loss, params, hparams, solver, on_failure,
@@ -228,7 +223,7 @@ def implicit_jvp(
     res = _call_solver(solver, lin.matvec(), rhs)
     out = tree.map(_neg, res.solution)
     info = _diagnose(lin, [res], stationarity_tol)
-    _report(info["reasons"], on_failure)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (out, info) if return_info else out
 
 
@@ -255,6 +250,7 @@ def _solve_stacked(solver, lin: _InnerLinearization, rhs: list[torch.Tensor], k:
     Columns are scaled to unit norm first, so the solver's relative tolerance applies to each
     column alike (the joint residual of unit columns bounds every column's own)."""
     sq = sum(x.reshape(k, -1).pow(2).sum(1) for x in rhs)
+    assert isinstance(sq, torch.Tensor)  # rhs (leaves of params) is non-empty
     norms = torch.sqrt(sq)
     scale = torch.where(norms > 0, norms, torch.ones_like(norms))
 
@@ -357,12 +353,10 @@ def implicit_jacobian(
         results.append(res)
     stacked = [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
     blocks = _jacobian_blocks(p_flat, h_flat, stacked, transpose=(mode == "reverse"))
-    h_spec = tree.flatten(hparams)[1]
-    jac = tree.unflatten([tree.unflatten(row, h_spec) for row in blocks],
-                         tree.flatten(params)[1])
+    jac = tree.unflatten([tree.unflatten(row, lin.h_spec) for row in blocks], lin.p_spec)
     info = _diagnose(lin, results, stationarity_tol)
     info["mode"] = mode
-    _report(info["reasons"], on_failure)
+    _checks.report_failure(info["reasons"], on_failure, stacklevel=3)
     return (jac, info) if return_info else jac
 
 
@@ -393,11 +387,13 @@ def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
                 f"returned {out_spec} instead of {spec}")
         live = [i for i, o in enumerate(out_flat) if _tangent_leaf_ok(o) and o.requires_grad]
         if check:
-            found = _captured([out_flat[i] for i in live], diff_in)
+            found = _checks.captured_leaves([out_flat[i] for i in live], diff_in)
             if found:
-                _report([_captured_reason("step", found, "the state nor `hparams`")], "warn",
-                        stacklevel=4)
+                _checks.report_failure(
+                    [_captured_reason("step", found, "the state nor `hparams`")], "warn",
+                    stacklevel=4)
         ws = [torch.zeros_like(out_flat[i], requires_grad=True) for i in live]
+        vjps: Sequence[torch.Tensor | None]  # None: an input the step does not use
         if live:
             vjps = torch.autograd.grad([out_flat[i] for i in live], diff_in, ws,
                                        create_graph=True, allow_unused=True)
@@ -486,8 +482,7 @@ def _check_step_inputs(state: Tree, hparams: Tree, state_name: str) -> None:
     h_flat = _checks.tensor_tree(hparams, "hparams")
     ref = next(x for x in s_flat if _tangent_leaf_ok(x))
     _checks.same_dtype(h_flat, "hparams", [ref] * len(h_flat), state_name)
-    _checks.finite(state, state_name)
-    _checks.finite(hparams, "hparams")
+    _checks.finite_trees((state, state_name), (hparams, "hparams"))
 
 
 def forward_hypergrad(
@@ -581,8 +576,10 @@ def forward_hypergrad(
         offset += m
     hypergrad = tree.unflatten(out, h_spec)
     if not bool(torch.isfinite(total).all()):
-        _report(["the forward-mode tangents are not finite (with torchopt Adam and a gradient "
-                 "coordinate that stays exactly 0, pass eps_root > 0, e.g. 1e-30)"], "warn")
+        _checks.report_failure(
+            ["the forward-mode tangents are not finite (with torchopt Adam and a gradient "
+             "coordinate that stays exactly 0, pass eps_root > 0, e.g. 1e-30)"], "warn",
+            stacklevel=3)
     if return_state:
         return hypergrad, state
     return hypergrad

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 Loss = Callable[[Tree, Tree], torch.Tensor]
-_POLICIES = ("warn", "raise", "ignore")
 _PRODUCTS = ("exact", "finite_difference")
 # solver statistics read with the health check (the keys SolveResult.stats documents)
 _STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
@@ -72,16 +71,6 @@ def _reject_functorch(params: Tree, hparams: Tree) -> None:
         )
 
 
-def _check_policy(on_failure: str) -> None:
-    if not isinstance(on_failure, str) or on_failure not in _POLICIES:
-        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
-
-
-def _check_products(products: str) -> None:
-    if not isinstance(products, str) or products not in _PRODUCTS:
-        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
-
-
 class _FiniteDifference:
     """``hypergrad.FiniteDifferenceOperator`` with the health hooks the IFT reads: the same
     signals (NaN/inf in params, hparams, the loss value and its gradient) as
@@ -89,7 +78,6 @@ class _FiniteDifference:
 
     def __init__(self, inner_loss: Loss, params: Tree, hparams: Tree, public: bool) -> None:
         self._fd = FiniteDifferenceOperator(inner_loss, params, hparams, (), name="inner_loss")
-        self._loss, self._params, self._hparams = inner_loss, params, hparams
         self._p, self._h = tree.leaves(params), tree.leaves(hparams)
         self._captured: list[torch.Tensor] = []
         if public:  # one forward: the autograd path to params, and tensors it captures
@@ -138,9 +126,17 @@ def _operator(inner_loss: Loss, params: Tree, hparams: Tree, products: str, publ
     return HessianOperator._internal(inner_loss, params, hparams, name="inner_loss")
 
 
-def _check_stationarity_tol(stationarity_tol: float | None) -> None:
+def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_failure: Any,
+                 stationarity_tol: Any, products: Any) -> None:
+    """The settings checks of implicit_grad and implicit_solution (Python only)."""
+    _reject_functorch(params, hparams)
+    _checks.callable_(inner_loss, "inner_loss")
+    _checks.callable_(solver, "solver")
+    _checks.policy(on_failure)
     if stationarity_tol is not None:
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+    if not isinstance(products, str) or products not in _PRODUCTS:
+        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
 
 
 def _check_trees(params: Tree, hparams: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -187,15 +183,25 @@ def _explainer(op: Any, add: Callable[[_checks.Health], None],
     return explain
 
 
+def _relative(num: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    """``num / max(scales)``, the denominator clamped to the dtype's smallest normal number."""
+    denom = scales[0]
+    for s in scales[1:]:
+        denom = torch.maximum(denom, s)
+    return num / torch.clamp(denom, min=torch.finfo(denom.dtype).tiny)
+
+
+def _stationarity_ratio(g: Tree, hp: Tree) -> torch.Tensor:
+    """``||g|| / max(||H p||, ||H p - g||)`` from the gradient ``g`` and ``hp = H p``: for a
+    quadratic ``f = 0.5 p^T H p - b^T p`` the relative residual ``||H p - b|| / max(||H p||,
+    ||b||)`` of the optimality condition; scale-free in ``f`` and in ``params``. No host read
+    (also used by forward.py)."""
+    return _relative(tree.norm(g), tree.norm(hp), tree.norm(tree.sub(hp, g)))
+
+
 def _stationarity(op: Any, params: Tree) -> torch.Tensor:
-    """``||g|| / max(||H p||, ||H p - g||)``: for a quadratic ``f = 0.5 p^T H p - b^T p`` the
-    relative residual ``||H p - b|| / max(||H p||, ||b||)`` of the optimality condition;
-    scale-free in ``f`` and in ``params``. One extra matvec, no host read."""
-    hp = op(tree.detach(params))
-    g = op.grad
-    denom = torch.maximum(tree.norm(hp), tree.norm(tree.sub(hp, g)))
-    tiny = torch.finfo(denom.dtype).tiny
-    return tree.norm(g) / torch.clamp(denom, min=tiny)
+    """:func:`_stationarity_ratio` at ``params``: one extra matvec."""
+    return _stationarity_ratio(op.grad, op(tree.detach(params)))
 
 
 def _add_solve_health(health: _checks.Health, op: Any, res: SolveResult,
@@ -326,18 +332,6 @@ def _diagnose(h: _checks.Health, op: Any, res: SolveResult,
     return info
 
 
-def _report(info: dict[str, Any], on_failure: str, stacklevel: int = 3) -> None:
-    if info["trusted"] or on_failure == "ignore":
-        return
-    if on_failure == "raise":
-        raise HypergradientError("hypergradient may be wrong: " + "; ".join(info["reasons"]))
-    # One warning per reason, so Python's default filter shows a repeated reason once per call
-    # site (a joined message would repeat for every combination).
-    for reason in info["reasons"]:
-        warnings.warn("hypergradient may be wrong: " + reason, HypergradientWarning,
-                      stacklevel=stacklevel)
-
-
 def _warn_captured(op: Any, stacklevel: int) -> None:
     captured = op.captured()
     if captured:
@@ -352,20 +346,46 @@ def _warn_captured(op: Any, stacklevel: int) -> None:
         )
 
 
-def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree):
+def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], Any, Any]:
+    """``(L, dL/dparams leaves, dL/dhparams leaves, params spec, hparams spec)`` at
+    ``(params, hparams)``; zeros for leaves ``L`` does not use (also used by fixed_point)."""
     p_flat, p_spec = tree.flatten(params)
     h_flat, h_spec = tree.flatten(hparams)
     p = [x.detach().requires_grad_(True) for x in p_flat]
     h = [x.detach().requires_grad_(True) for x in h_flat]
+    grads: Sequence[torch.Tensor | None]  # None: a leaf the loss does not use
     with torch.enable_grad():
         L = _checks.scalar_loss(
             outer_loss(tree.unflatten(p, p_spec), tree.unflatten(h, h_spec)), "outer_loss"
         )
-        grads = torch.autograd.grad(L, p + h, allow_unused=True) if L.requires_grad else None
-    if grads is None:
-        grads = [None] * (len(p) + len(h))
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(p + h, grads)]
-    return L.detach(), grads[: len(p)], grads[len(p):], p_spec, h_spec
+        if L.requires_grad:
+            grads = torch.autograd.grad(L, p + h, allow_unused=True)
+        else:
+            grads = [None] * (len(p) + len(h))
+    full = [torch.zeros_like(x) if g is None else g for x, g in zip(p + h, grads)]
+    return L.detach(), full[: len(p)], full[len(p):], p_spec, h_spec
+
+
+def _ift(op: Any, params: Tree, rhs: Tree, solver: Callable[..., SolveResult],
+         stationarity_tol: float | None, add: Callable[[_checks.Health], None],
+         check: Callable[[_checks.Health], None],
+         combine: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+         ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The IFT core of implicit_grad and implicit_solution's backward: ``w = H^{-1} rhs``,
+    the hypergradient leaves ``combine(w^T d2f/(dparams dhparams))``, the stationarity check,
+    then the one host read (the operator's, the solve's and the caller's signals: ``add``
+    records, ``check`` raises) and ``info``."""
+    res = _solve(op, rhs, solver, _explainer(op, add, check))
+    hyper = combine(tree.leaves(op.mixed_vjp(res.solution)))
+    stationarity = None if stationarity_tol is None else _stationarity(op, params)
+    health = _checks.Health()
+    _add_solve_health(health, op, res, hyper, stationarity)
+    add(health)
+    health.read()  # the one host read of this call
+    op._raise_nonfinite(health)
+    check(health)
+    return hyper, _diagnose(health, op, res, stationarity, stationarity_tol, solver)
 
 
 def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
@@ -394,19 +414,9 @@ def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tr
                     f"{tuple(flat[i].shape)}) is NaN/inf (e.g. sqrt or log at 0)"
                 )
 
-    res = _solve(op, tree.unflatten(dL_dp, p_spec), solver,  # w = H^{-1} dL/dparams
-                 _explainer(op, add, check))
-    mixed = tree.leaves(op.mixed_vjp(res.solution))  # w^T d2f/(dparams dhparams)
-    hyper = [a - b for a, b in zip(dL_dh, mixed)]
-    stationarity = None if stationarity_tol is None else _stationarity(op, params)
-    health = _checks.Health()
-    _add_solve_health(health, op, res, hyper, stationarity)
-    add(health)
-    health.read()  # the one host read of this call
-    op._raise_nonfinite(health)
-    check(health)
-    info = _diagnose(health, op, res, stationarity, stationarity_tol, solver)
-    _report(info, on_failure, stacklevel)
+    hyper, info = _ift(op, params, tree.unflatten(dL_dp, p_spec), solver, stationarity_tol,
+                       add, check, lambda mixed: [a - b for a, b in zip(dL_dh, mixed)])
+    _checks.report_failure(info["reasons"], on_failure, stacklevel)
     return tree.unflatten(hyper, h_spec), info
 
 
@@ -455,13 +465,8 @@ def implicit_grad(
     of ``L``, one matvec for the stationarity check, and one host read for the health check
     (plus whatever the solver reads to decide when to stop).
     """
-    _reject_functorch(params, hparams)
-    _checks.callable_(inner_loss, "inner_loss")
+    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
     _checks.callable_(outer_loss, "outer_loss")
-    _check_policy(on_failure)
-    _check_stationarity_tol(stationarity_tol)
-    _check_products(products)
-    _checks.callable_(solver, "solver")
     _check_trees(params, hparams)
     g, info = _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
                              on_failure=on_failure, stationarity_tol=stationarity_tol,
@@ -482,25 +487,65 @@ def _implicit_grad_fast(inner_loss: Loss, outer_loss: Loss, params: Tree, hparam
                           products=products, public=False, stacklevel=3)
 
 
-class _Implicit(torch.autograd.Function):
+# The vector-Jacobian product of a solution node: (solution leaves, hparams leaves, incoming
+# gradient leaves) -> gradient leaves for hparams.
+SolutionVJP = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]],
+                       list[torch.Tensor]]
+
+
+class _SolutionNode(torch.autograd.Function):
+    """Forward: copies of the first ``n`` inputs (a solution found elsewhere, constant in
+    autograd); backward: ``vjp`` of them into the remaining inputs (the hyperparameters). No
+    gradient flows into the solution itself. Shared by implicit_solution and
+    fixed_point_solution."""
+
     @staticmethod
-    def forward(ctx, cfg: dict[str, Any], *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.cfg = cfg
+    def forward(ctx, vjp: SolutionVJP, n: int,  # type: ignore[override]
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.vjp, ctx.n = vjp, n
         ctx.save_for_backward(*tensors)
-        return tuple(t.detach().clone() for t in tensors[: cfg["n_params"]])
+        return tuple(t.detach().clone() for t in tensors[:n])
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
-        cfg = ctx.cfg
-        tensors = ctx.saved_tensors
-        n = cfg["n_params"]
-        p_flat, h_flat = list(tensors[:n]), list(tensors[n:])
-        v = [torch.zeros_like(x) if g is None else g for x, g in zip(p_flat, grad_outputs)]
-        params = tree.unflatten(p_flat, cfg["p_spec"])
-        hparams = tree.unflatten(h_flat, cfg["h_spec"])
-        op = _operator(cfg["inner_loss"], params, hparams, cfg["products"], cfg["public"])
-        if cfg["public"]:
-            _warn_captured(op, stacklevel=2)
+        tensors, n = ctx.saved_tensors, ctx.n
+        sol, h = list(tensors[:n]), list(tensors[n:])
+        v = [torch.zeros_like(x) if g is None else g for x, g in zip(sol, grad_outputs)]
+        return (None, None, *([None] * n), *ctx.vjp(sol, h, v))
+
+
+def _check_node_entry(name: str, grad_name: str, info: Any, h_flat: list[torch.Tensor]) -> None:
+    """``info`` is None or a dict, and some of ``hparams`` require grad (else the node would
+    carry no hypergradient): the checks of implicit_solution and fixed_point_solution."""
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
+    if not any(x.requires_grad for x in h_flat):
+        raise ValueError(
+            f"`hparams` must require grad for {name} to carry a hypergradient; call "
+            f".requires_grad_() on them (or use hg.{grad_name}, which needs none)"
+        )
+
+
+def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
+    """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``."""
+    s_flat, s_spec = tree.flatten(solution)
+    out = _SolutionNode.apply(vjp, len(s_flat), *[x.detach() for x in s_flat],
+                              *tree.leaves(hparams))
+    return tree.unflatten(list(out), s_spec)
+
+
+def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
+                    solver: Callable[..., SolveResult], on_failure: str,
+                    stationarity_tol: float | None, info: dict[str, Any] | None,
+                    products: str, public: bool) -> Tree:
+    p_spec, h_spec = tree.flatten(params)[1], tree.flatten(hparams)[1]
+
+    def vjp(p_flat: list[torch.Tensor], h_flat: list[torch.Tensor],
+            v: list[torch.Tensor]) -> list[torch.Tensor]:
+        p = tree.unflatten(p_flat, p_spec)
+        op = _operator(inner_loss, p, tree.unflatten(h_flat, h_spec), products, public)
+        if public:
+            _warn_captured(op, stacklevel=3)
 
         def add(health: _checks.Health) -> None:
             health.add_finite("incoming", v)
@@ -514,45 +559,15 @@ class _Implicit(torch.autograd.Function):
                     "has a non-finite gradient (e.g. sqrt or log at 0)"
                 )
 
-        res = _solve(op, tree.unflatten(v, cfg["p_spec"]), cfg["solver"],
-                     _explainer(op, add, check))
-        mixed = tree.leaves(op.mixed_vjp(res.solution))
-        stationarity = (None if cfg["stationarity_tol"] is None
-                        else _stationarity(op, params))
-        health = _checks.Health()
-        _add_solve_health(health, op, res, mixed, stationarity)
-        add(health)
-        health.read()  # the one host read of this backward
-        op._raise_nonfinite(health)
-        check(health)
-        info = _diagnose(health, op, res, stationarity, cfg["stationarity_tol"], cfg["solver"])
-        if cfg["info"] is not None:
-            cfg["info"].clear()
-            cfg["info"].update(info)
-        _report(info, cfg["on_failure"], stacklevel=2)
-        return (None, *([None] * n), *[-m for m in mixed])
+        hyper, diagnosis = _ift(op, p, tree.unflatten(v, p_spec), solver, stationarity_tol,
+                                add, check, lambda mixed: [-m for m in mixed])
+        if info is not None:
+            info.clear()
+            info.update(diagnosis)
+        _checks.report_failure(diagnosis["reasons"], on_failure, stacklevel=3)
+        return hyper
 
-
-def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
-                    solver: Callable[..., SolveResult], on_failure: str,
-                    stationarity_tol: float | None, info: dict[str, Any] | None,
-                    products: str, public: bool) -> Tree:
-    p_flat, p_spec = tree.flatten(params)
-    h_flat, h_spec = tree.flatten(hparams)
-    cfg = {
-        "inner_loss": inner_loss,
-        "solver": solver,
-        "n_params": len(p_flat),
-        "p_spec": p_spec,
-        "h_spec": h_spec,
-        "on_failure": on_failure,
-        "stationarity_tol": stationarity_tol,
-        "info": info,
-        "products": products,
-        "public": public,
-    }
-    out = _Implicit.apply(cfg, *[x.detach() for x in p_flat], *h_flat)
-    return tree.unflatten(list(out), p_spec)
+    return _solution_node(vjp, params, hparams)
 
 
 def implicit_solution(
@@ -586,20 +601,9 @@ def implicit_solution(
         >>> (p_star ** 2).sum().backward(); h.grad
         tensor([6.])
     """
-    _reject_functorch(params, hparams)
-    _checks.callable_(inner_loss, "inner_loss")
-    _checks.callable_(solver, "solver")
-    _check_policy(on_failure)
-    _check_stationarity_tol(stationarity_tol)
-    _check_products(products)
-    if info is not None and not isinstance(info, dict):
-        raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
+    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
     p_flat, h_flat = _check_trees(params, hparams)
-    if not any(x.requires_grad for x in h_flat):
-        raise ValueError(
-            "`hparams` must require grad for implicit_solution to carry a hypergradient; "
-            "call .requires_grad_() on them (or use hg.implicit_grad, which needs none)"
-        )
+    _check_node_entry("implicit_solution", "implicit_grad", info, h_flat)
     health = _checks.Health()
     health.add_finite("params", p_flat)
     health.add_finite("hparams", h_flat)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch._functorch import pyfunctorch
@@ -183,9 +183,9 @@ class _Solve(torch.autograd.Function):
     def backward(ctx, *gx: torch.Tensor):  # type: ignore[override]
         cfg = ctx.cfg
         p, h, x = cfg.split(ctx.saved_tensors)
-        gx = [torch.zeros_like(xi) if g is None else g for xi, g in zip(x, gx)]
-        b_bar = list(_Solve.apply(cfg, *p, *h, *gx))  # H^{-1} gx (H symmetric)
-        _, vjp = torch.func.vjp(_h_times(cfg, x), p, h)
+        g = [torch.zeros_like(xi) if gi is None else gi for xi, gi in zip(x, gx)]
+        b_bar = list(_Solve.apply(cfg, *p, *h, *g))  # H^{-1} g (H symmetric)
+        vjp = torch.func.vjp(_h_times(cfg, x), p, h)[1]
         p_bar, h_bar = vjp([-b for b in b_bar])  # -(d(H x)/d(p, h))^T b_bar
         return (None, *p_bar, *h_bar, *b_bar)
 
@@ -196,7 +196,7 @@ class _Solve(torch.autograd.Function):
         p, h, x = cfg.split(ctx.saved_tensors)
         t = [torch.zeros_like(y) if d is None else d for y, d in zip(p + h + x, tangents)]
         tp, th, tb = cfg.split(t)
-        _, hx_dot = torch.func.jvp(_h_times(cfg, x), (p, h), (tp, th))
+        hx_dot = torch.func.jvp(_h_times(cfg, x), (p, h), (tp, th))[1]
         return _Solve.apply(cfg, *p, *h, *[db - d for db, d in zip(tb, hx_dot)])
 
 
@@ -312,7 +312,9 @@ def functional_implicit_grad(
 
     # one linearisation of (p, h) -> d f / d p, reused by every product:
     # lin(v) = (H v, (d2f / dp dh)^T v)   (H is symmetric)
-    _, lin, inner_value = torch.func.vjp(grad_and_value, params, hparams, has_aux=True)
+    # (cast: torch.func.vjp's stub is not overloaded on has_aux; with it, a 3-tuple)
+    _, lin, inner_value = cast(tuple[Any, Callable[..., Any], Any],
+                               torch.func.vjp(grad_and_value, params, hparams, has_aux=True))
     (dL_dp, dL_dh), outer_value = torch.func.grad_and_value(outer, argnums=(0, 1))(params,
                                                                                     hparams)
     if solver == "cg":

@@ -129,7 +129,9 @@ def vdot(a: Tree, b: Tree) -> torch.Tensor:
     fa, fb, _ = _zip_checked(a, b, ("a", "b"))
     if not fa:
         return torch.zeros(())
-    return sum(torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(fa, fb))
+    total = sum(torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(fa, fb))
+    assert isinstance(total, torch.Tensor)  # fa is non-empty: never sum()'s start value 0
+    return total
 
 
 def norm(a: Tree) -> torch.Tensor:

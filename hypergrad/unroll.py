@@ -164,7 +164,7 @@ class _NonFinite:
         self.first = torch.where(bad & unset, torch.full_like(self.first, t), self.first)
 
     def report(self) -> None:
-        if self.first is None:
+        if self.first is None or self.initial is None:  # set together: no floating leaf
             return
         values = torch.cat([self.initial.to(self.first.device, torch.int64), self.first]).tolist()
         k = len(self.index)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
 
 import hypergrad as hg
+from hypergrad.solvers._common import _host
 
 D = torch.float64
 _NAMES = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
@@ -164,3 +166,13 @@ def test_power_iteration_reads_once_to_validate_v0():
     with count_syncs() as c:
         lam, used = hg.power_iteration(lambda v: A @ v, b, iterations=30)
     assert c["n"] == 1 and used == 30
+
+
+def test_the_stopping_read_passes_python_numbers_through_without_the_device():
+    """cg's read carries its step count as a Python int; sending it to the device and back
+    would cost a host-to-device copy per iteration on a GPU."""
+    flags = [torch.tensor(True), 3, 2.5, False, torch.tensor(0.25, dtype=D)]
+    with count_syncs() as c, mock.patch.object(
+            torch, "tensor", side_effect=AssertionError("a Python number went to the device")):
+        got = _host(flags)
+    assert got == [1.0, 3.0, 2.5, 0.0, 0.25] and c["n"] == 1

@@ -156,3 +156,68 @@ def test_functional_implicit_grad_reads_once_outside_transforms_and_never_inside
         torch.func.vmap(lambda h: hg.functional_implicit_grad(
             prob.inner_loss, prob.outer_loss, prob.params, {"h": h}))(hs)
     assert calls == []
+
+
+def _fixed_point_problem():
+    """The gradient-step map of the quadratic problem, ``T(x, h) = x - 0.1 (A x - B h - c)``:
+    its fixed point is the inner optimum (dT/dx = I - 0.1 A, spectral radius 0.9 at cond 5)."""
+    prob = _problem()
+    grad = torch.func.grad(prob.inner_loss)
+    T = lambda x, h: hg.tree.axpy(-0.1, grad(x, h), x)  # noqa: E731
+    # (I - dT/dx)^T w = b by the series sum_k (dT/dx^T)^k b: no read (fixed alpha)
+    return prob, T, functools.partial(hg.neumann, iterations=300, alpha=1.0)
+
+
+def test_fixed_point_grad_reads_three_times():
+    """One read for the NaN/inf check of x and hparams, one for dL/dx, one for the diagnosis
+    (converged, fixed-point residual, contraction), with a solver that reads nothing."""
+    prob, T, solver = _fixed_point_problem()
+    with count_syncs() as calls:
+        g = hg.fixed_point_grad(T, prob.outer_loss, prob.params, prob.hparams, solver=solver)
+    assert calls == ["tolist"] * 3
+    assert testing.compare(g, prob.hypergrad).rel_error < 1e-8
+
+
+def test_fixed_point_solution_reads_once_forward_and_twice_backward():
+    prob, T, solver = _fixed_point_problem()
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    with count_syncs() as forward:
+        x = hg.fixed_point_solution(T, prob.params, h, solver=solver)
+    loss = prob.outer_loss(x, h)
+    with count_syncs() as backward:
+        loss.backward()
+    assert forward == ["tolist"] and backward == ["tolist"] * 2  # incoming gradient, diagnosis
+    assert testing.compare(h["h"].grad, prob.hypergrad["h"]).rel_error < 1e-8
+
+
+def test_forward_mode_ift_reads_a_fixed_number_of_times():
+    """implicit_jvp: entry, tangents, diagnosis; implicit_jacobian: entry and one diagnosis for
+    all its stacked solves, however many chunks. Reference: J = A^{-1} B."""
+    prob = _problem()
+    solver = functools.partial(richardson, iterations=200, alpha=0.1)
+    A, B = prob.extras["A"], prob.extras["B"]
+    J = torch.linalg.solve(A, B)
+    u = {"h": torch.ones(3, dtype=J.dtype)}
+    with count_syncs() as calls:
+        jv = hg.implicit_jvp(prob.inner_loss, prob.params, prob.hparams, u, solver=solver)
+    assert calls == ["tolist"] * 3
+    assert testing.compare(jv["x"], J @ u["h"]).rel_error < 1e-6
+    for batch_size in (None, 1):  # 1 solve or 3 (one per hparam entry)
+        with count_syncs() as calls:
+            jac = hg.implicit_jacobian(prob.inner_loss, prob.params, prob.hparams,
+                                       solver=solver, batch_size=batch_size)
+        assert calls == ["tolist"] * 2, batch_size
+        assert testing.compare(jac["x"]["h"], J).rel_error < 1e-6
+
+
+def test_forward_hypergrad_reads_twice_whatever_its_length_and_step_jvp_once():
+    prob = _problem()
+    step = hg.gradient_step(prob.inner_loss, lr=0.01)
+    for steps in (3, 30):
+        with count_syncs() as calls:
+            hg.forward_hypergrad(step, prob.params, prob.hparams, steps, prob.outer_loss)
+        assert calls == ["tolist", "__bool__"], steps  # entry; finiteness of the result
+    z = hg.tree.map(lambda x: torch.zeros(3, *x.shape, dtype=x.dtype), prob.params)
+    with count_syncs() as calls:
+        hg.step_jvp(step, prob.params, prob.hparams, z, {"h": torch.eye(3, dtype=z["x"].dtype)})
+    assert calls == ["tolist"]

@@ -22,6 +22,20 @@ def _ridge(seed: int = 0, n: int = 6):
     return prob, w_star
 
 
+def _value_and_hypergrad(prob, w_star):
+    """``g(h) = L(w*(h), h)`` (exact, through the closed form) and its hypergradient by
+    functional_implicit_grad at ``w*(h)``."""
+
+    def value(h):
+        return prob.outer_loss(w_star(h), h)
+
+    def hypergrad(h):
+        return hg.functional_implicit_grad(prob.inner_loss, prob.outer_loss, w_star(h), h,
+                                           iterations=20, tol=1e-14)
+
+    return value, hypergrad
+
+
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
 def test_matches_closed_form(solver):
     prob, _ = _ridge(seed=1)
@@ -52,12 +66,7 @@ def test_vmap_over_8_hyperparameter_settings_equals_python_loop():
 def test_jacrev_of_the_hypergradient_is_the_hessian_of_the_value_function():
     prob, w_star = _ridge(seed=3, n=4)
 
-    def value(h):  # g(h) = L(w*(h)), exact
-        return prob.outer_loss(w_star(h), h)
-
-    def hypergrad(h):
-        return hg.functional_implicit_grad(prob.inner_loss, prob.outer_loss, w_star(h), h,
-                                           iterations=20, tol=1e-14)
+    value, hypergrad = _value_and_hypergrad(prob, w_star)
 
     h = prob.hparams
     torch.testing.assert_close(hypergrad(h), torch.func.grad(value)(h))
@@ -128,12 +137,7 @@ def test_second_derivatives_through_the_solve():
     closed form (torch's forward mode through linalg.solve is itself off at this order)."""
     prob, w_star = _ridge(seed=3, n=3)
 
-    def value(h):
-        return prob.outer_loss(w_star(h), h)
-
-    def hypergrad(h):
-        return hg.functional_implicit_grad(prob.inner_loss, prob.outer_loss, w_star(h), h,
-                                           iterations=20, tol=1e-14)
+    value, hypergrad = _value_and_hypergrad(prob, w_star)
 
     h = prob.hparams
     ref = torch.func.jacrev(torch.func.jacrev(torch.func.grad(value)))(h)
@@ -190,12 +194,7 @@ def test_derivative_with_respect_to_data_the_inner_loss_closes_over():
 def test_vmap_of_jacrev_through_the_solve():
     prob, w_star = _ridge(seed=6, n=3)
 
-    def value(h):
-        return prob.outer_loss(w_star(h), h)
-
-    def hypergrad(h):
-        return hg.functional_implicit_grad(prob.inner_loss, prob.outer_loss, w_star(h), h,
-                                           iterations=20, tol=1e-14)
+    value, hypergrad = _value_and_hypergrad(prob, w_star)
 
     hs = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=D) - 1.0
     batched = torch.func.vmap(torch.func.jacrev(hypergrad))(hs)

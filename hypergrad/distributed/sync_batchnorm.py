@@ -57,12 +57,13 @@ class SyncBatchNorm(_BatchNorm):
         mean = sums / n
         xc = xs - mean.view(shape)
         var = all_reduce_sum((xc * xc).sum(dims)) / n
-        if self.track_running_stats and self.running_mean is not None:
+        rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        if self.track_running_stats and rm is not None:
+            # _NormBase registers all three buffers together (or all three as None)
+            assert rv is not None and tracked is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                     else self.momentum)
-                rm, rv = self.running_mean, self.running_var
+                tracked.add_(1)
+                m = 1.0 / float(tracked) if self.momentum is None else self.momentum
                 rm.mul_(1 - m).add_(mean.detach().to(rm.dtype), alpha=m)
                 rv.mul_(1 - m).add_((var.detach() * n / (n - 1)).to(rv.dtype), alpha=m)
         y = xc * torch.rsqrt(var + self.eps).view(shape)

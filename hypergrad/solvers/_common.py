@@ -128,17 +128,43 @@ def _check_matvec_output(hv: Tree, b: Tree) -> None:
         raise ValueError(f"`matvec` must map a pytree like `b` to one like `b`: {e}") from None
 
 
-def _flat_matvec(matvec: Matvec, b: Tree, unravel: Callable[[torch.Tensor], Tree]) -> Matvec:
+def _checked_once(matvec: Matvec, b: Tree) -> Matvec:
+    """``matvec`` whose first output is checked to be a pytree like ``b``, before any
+    arithmetic on it (Python only, no host read); later calls pass straight through."""
     checked: list[bool] = []
 
-    def flat(v: torch.Tensor) -> torch.Tensor:
-        out = matvec(unravel(v))
+    def once(v: Tree) -> Tree:
+        hv = matvec(v)
         if not checked:
-            _check_matvec_output(out, b)
+            _check_matvec_output(hv, b)
             checked.append(True)
-        return tree.ravel(out)[0]
+        return hv
+
+    return once
+
+
+def _flat_matvec(matvec: Matvec, b: Tree, unravel: Callable[[torch.Tensor], Tree]) -> Matvec:
+    """``matvec`` on the ravelled vector of ``b``'s pytree (its first output checked)."""
+    once = _checked_once(matvec, b)
+
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        return tree.ravel(once(unravel(v)))[0]
 
     return flat
+
+
+def _validate(matvec: Matvec, b: Tree, maxiter: int, tol: float | None, damping: float,
+              x0: Tree | None) -> tuple[int, float, float]:
+    """The entry checks of the Krylov solvers (cg, minres, gmres, normal_cg): ``maxiter``,
+    ``tol`` resolved for ``b``'s dtype, and ``damping``."""
+    _checks.callable_(matvec, "matvec")
+    ref = _validate_b(b)
+    maxiter = _checks.nonneg_int(maxiter, "maxiter")
+    tol = _resolve_tol(tol, ref.dtype)
+    damping = _checks.nonneg_number(damping, "damping")
+    if x0 is not None:
+        _checks.like(x0, "x0", b, "b")
+    return maxiter, tol, damping
 
 
 def _ravelable(b: Tree) -> bool:
@@ -169,17 +195,23 @@ def _relative(r_norm: torch.Tensor, b_norm: torch.Tensor) -> torch.Tensor:
                        torch.where(r_norm == 0, 0.0, float("inf")).to(r_norm.dtype))
 
 
+def _true_residual(A: Matvec, b: Tree, x: Tree, b_norm: torch.Tensor,
+                   vdot: Callable[[Any, Any], torch.Tensor] = tree.vdot) -> torch.Tensor:
+    """``||b - A x|| / ||b||``, the true relative residual of ``x`` (one matvec)."""
+    rt = tree.sub(b, A(x))
+    return _relative(torch.sqrt(vdot(rt, rt)), b_norm)
+
+
 def _host(values: Sequence[torch.Tensor | bool | float | int]) -> list[float]:
-    """The one host read of a stopping test: scalars stacked and copied in one transfer."""
+    """The one host read of a stopping test: the tensor scalars stacked and copied in one
+    transfer; Python numbers are passed through as floats (not sent to the device and back:
+    a tensor made from a Python number on a GPU is a host-to-device copy per call)."""
     ts = [v for v in values if isinstance(v, torch.Tensor)]
-    dev = ts[0].device if ts else torch.device("cpu")
-    dt = torch.float32 if dev.type == "mps" else torch.float64
-    stacked = torch.stack([
-        (v.detach().to(dtype=dt) if isinstance(v, torch.Tensor)
-         else torch.tensor(float(v), dtype=dt, device=dev)).reshape(())
-        for v in values
-    ])
-    return stacked.tolist()
+    if not ts:
+        return [float(v) for v in values]
+    dt = torch.float32 if ts[0].device.type == "mps" else torch.float64
+    read = iter(torch.stack([v.detach().to(dtype=dt).reshape(()) for v in ts]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 # The gap between a Krylov recurrence's residual and the true one, f = b - A x - r, grows by

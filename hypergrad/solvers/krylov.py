@@ -35,14 +35,14 @@ from ._common import (
     _GAP_SAFETY,
     Matvec,
     SolveResult,
-    _check_matvec_output,
+    _checked_once,
     _damped,
     _host,
     _needs_true_residual,
     _relative,
-    _resolve_tol,
     _stagnated,
-    _validate_b,
+    _true_residual,
+    _validate,
     _where,
 )
 from .cg import _cg, _raise_nonfinite
@@ -51,24 +51,10 @@ __all__ = ["gmres", "minres", "normal_cg"]
 
 
 def _common(matvec: Matvec, b: Tree, maxiter: int, tol: float | None, damping: float,
-            x0: Tree | None = None):
-    _checks.callable_(matvec, "matvec")
-    ref = _validate_b(b)
-    maxiter = _checks.nonneg_int(maxiter, "maxiter")
-    tol = _resolve_tol(tol, ref.dtype)
-    damping = _checks.nonneg_number(damping, "damping")
-    if x0 is not None:
-        _checks.like(x0, "x0", b, "b")
-    checked: list[bool] = []
-
-    def once(v: Tree) -> Tree:
-        hv = matvec(v)
-        if not checked:
-            _check_matvec_output(hv, b)
-            checked.append(True)
-        return hv
-
-    return maxiter, tol, _damped(once, damping)
+            x0: Tree | None = None) -> tuple[int, float, Matvec]:
+    """The entry checks; ``maxiter``, the resolved ``tol`` and ``A = H + damping I``."""
+    maxiter, tol, damping = _validate(matvec, b, maxiter, tol, damping, x0)
+    return maxiter, tol, _damped(_checked_once(matvec, b), damping)
 
 
 def _start(A: Matvec, b: Tree, x0: Tree | None):
@@ -216,11 +202,7 @@ def minres(
         stop = stop | (u * (tnorm * x_sum + r_sum) > phibar)
     checked = bool(got[1])
     estimate = _relative(phibar, b_norm)
-    if checked:
-        rt = tree.sub(b, A(x))
-        residual = _relative(torch.sqrt(tree.vdot(rt, rt)), b_norm)
-    else:
-        residual = estimate
+    residual = _true_residual(A, b, x, b_norm) if checked else estimate
     converged = residual <= tol
     if got[4]:  # not symmetric: T is no projection of A; the Lanczos vectors' quotients are
         min_ray = torch.tensor(min(alfas), dtype=dtype, device=device)
@@ -297,7 +279,8 @@ def gmres(
     stop = beta <= tol * b_norm
     a_est = zero
     V: list[Tree] = []
-    y = None
+    none = torch.zeros(0, dtype=dtype, device=device)  # no Arnoldi step yet: no coefficients
+    y = none  # x = x_start + sum_i y_i V_i
     j = 0  # Arnoldi steps in the current cycle
     x_start, r_start = x, beta
     Hm = torch.zeros(restart + 1, restart, dtype=dtype, device=device)
@@ -329,7 +312,7 @@ def gmres(
             estimate = _relative(beta, b_norm)
             history.append(beta)
             stop = beta <= tol * b_norm
-            j, V, y, x_start, r_start = 0, [], None, x, beta
+            j, V, y, x_start, r_start = 0, [], none, x, beta
             Hm = torch.zeros(restart + 1, restart, dtype=dtype, device=device)
             continue
         if j == 0:
@@ -356,11 +339,7 @@ def gmres(
         V.append(tree.scale(wv, 1.0 / torch.where(h_next > 0, h_next, 1.0)))
         j += 1
     checked = bool(got[1])
-    if checked:
-        rt = tree.sub(b, A(x))
-        residual = _relative(torch.sqrt(tree.vdot(rt, rt)), b_norm)
-    else:
-        residual = estimate
+    residual = _true_residual(A, b, x, b_norm) if checked else estimate
     converged = residual <= tol
     return SolveResult(
         x,
@@ -399,9 +378,9 @@ def normal_cg(
     rhs = At(b)
     # the inner CG's tolerance is on the normal equations; the reported one is on A x = b
     inner = _cg(lambda v: At(A(v)), rhs, None, maxiter, tol * 1e-2, 1)
+    assert inner.stats is not None  # _cg always reports its stats
     x = inner.solution
-    rt = tree.sub(b, A(x))
-    residual = _relative(torch.sqrt(tree.vdot(rt, rt)), torch.sqrt(tree.vdot(b, b)))
+    residual = _true_residual(A, b, x, torch.sqrt(tree.vdot(b, b)))
     return SolveResult(
         x, 2 * inner.iterations + 2, residual, residual <= tol,
         {"residual_estimate": False, "normal_residual_norm": inner.residual_norm,

@@ -23,7 +23,7 @@ from ..tree import Tree
 from ._common import (
     Matvec,
     SolveResult,
-    _check_matvec_output,
+    _checked_once,
     _damped,
     _relative,
     _resolve_tol,
@@ -137,22 +137,14 @@ def neumann(
         raise TypeError(f"`exact_residual` must be a bool, got {exact_residual!r}")
     if x0 is not None:
         _checks.like(x0, "x0", b, "b")
+    step: float | torch.Tensor  # alpha: a number, or a 0-dim tensor for "auto"
     if isinstance(alpha, str):
         if alpha != "auto":
             raise ValueError(f"`alpha` must be a positive number or 'auto', got {alpha!r}")
     else:
-        alpha = _checks.positive_number(alpha, "alpha")
+        step = _checks.positive_number(alpha, "alpha")
     d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
-    checked: list[bool] = []
-
-    def once(v: Tree) -> Tree:
-        hv = matvec(v)
-        if not checked:
-            _check_matvec_output(hv, b)
-            checked.append(True)
-        return hv
-
-    A = _damped(once, damping)
+    A = _damped(_checked_once(matvec, b), damping)
 
     def ad(v: Tree) -> Tree:  # v -> A D v
         return A(v if d is None else tree.map(torch.mul, d, v))
@@ -173,8 +165,8 @@ def neumann(
         stats["lambda_max"] = lam
         # a non-positive dominant eigenvalue: no alpha makes the series converge
         stats["nonpositive_curvature"] = (lam <= 0) & (b_norm > 0)
-        alpha = torch.where(lam != 0, 1.0 / torch.where(lam != 0, lam.abs(), 1.0), 1.0)
-    stats["alpha"] = alpha
+        step = torch.where(lam != 0, 1.0 / torch.where(lam != 0, lam.abs(), 1.0), 1.0)
+    stats["alpha"] = step
     if x0 is None:
         p = b
     else:
@@ -186,9 +178,9 @@ def neumann(
     p = _zero_unless(ok, p)  # the matvec never sees NaN/inf
     acc = p if J >= 1 else tree.zeros_like(b)
     # alpha D acc must stay finite: a bound on its largest entry is max|acc| alpha max(D)
-    grow = alpha if d is None else alpha * torch.stack([t.max() for t in tree.leaves(d)]).max()
+    grow = step if d is None else step * torch.stack([t.max() for t in tree.leaves(d)]).max()
     for _ in range(J - 1):
-        p_new = tree.axpy(-alpha, ad(p), p)
+        p_new = tree.axpy(-step, ad(p), p)
         acc_new = tree.add(acc, p_new)
         # one reduction tells whether the new term and the scaled new sum are finite
         big = torch.stack([torch.linalg.vector_norm(t, ord=float("inf"))
@@ -200,12 +192,12 @@ def neumann(
         spent += 1
     estimate = J >= 1 and not exact_residual
     if J >= 1 and exact_residual:
-        p = tree.axpy(-alpha, ad(p), p)  # the residual of the J-term sum
+        p = tree.axpy(-step, ad(p), p)  # the residual of the J-term sum
         spent += 1
     r_norm = torch.sqrt(tree.vdot(p, p))
     r_norm = torch.where(ok & torch.isfinite(r_norm), r_norm, float("inf"))
     residual = torch.where(b_finite, _relative(r_norm, b_norm), float("nan"))
-    dx = tree.scale(acc if d is None else tree.map(torch.mul, d, acc), alpha)
+    dx = tree.scale(acc if d is None else tree.map(torch.mul, d, acc), step)
     solution = dx if x0 is None else tree.add(x0, dx)
     stats["residual_estimate"] = estimate
     return SolveResult(solution, torch.tensor(spent), residual, residual <= tol, stats)
