@@ -56,7 +56,7 @@ Loss = Callable[[Tree, Tree], torch.Tensor]
 _PRODUCTS = ("exact", "finite_difference")
 # solver statistics read with the health check (the keys SolveResult.stats documents)
 _STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
-          "residual_estimate")
+          "residual_estimate", "terms")
 # the damping suggested for a singular / too ill-conditioned Hessian, relative to the largest
 # curvature the solver saw: the damped system then has condition number <= 1e3
 _DAMPING_FRACTION = 1e-3
@@ -224,7 +224,7 @@ def _solver_name(solver: Callable[..., SolveResult]) -> str:
     fn = getattr(solver, "func", solver)  # functools.partial
     name = getattr(fn, "__name__", "")
     return f"hg.{name}" if name in ("cg", "neumann", "minres", "gmres", "normal_cg",
-                                     "nystrom") else "your solver"
+                                     "nystrom", "sama") else "your solver"
 
 
 def _damping_advice(solver: Callable[..., SolveResult], lo: float | None,
@@ -243,11 +243,36 @@ def _damping_advice(solver: Callable[..., SolveResult], lo: float | None,
     return text + " (damping solves (H + damping I) w = b: a biased but well-posed IFT)"
 
 
+def _start_only(h: _checks.Health) -> bool:
+    """Whether the solver's residual is an estimate that describes its starting point, not the
+    returned solution: ``stats["residual_estimate"]`` with a one-term series (``stats["terms"]
+    == 1``: hg.sama, hg.neumann(iterations=1)), or, for a solver that does not report
+    ``terms``, no matvec spent at all. Such a solve is an approximation by design."""
+    if not h.get("stat_residual_estimate", 0.0):
+        return False
+    terms = h.get("stat_terms")
+    return terms == 1 if terms is not None else h["iterations"] == 0
+
+
+def _by_design_reason(h: _checks.Health, solver: Callable[..., SolveResult]) -> str:
+    name = _solver_name(solver)
+    measure = ("residual=True" if name == "hg.sama" else
+               "exact_residual=True" if name == "hg.neumann" else "an exact residual")
+    return (
+        f"the solver's residual ({h['residual_norm']:.1e}) is an estimate, that of its starting "
+        f"point, not of the returned solution: {name} with one term spends no product on the "
+        "solve, an approximation of H^-1 b by design (x = alpha D b), so its accuracy is not "
+        f"measured; pass {measure} to measure it (one matvec), or on_failure='ignore' to accept "
+        "the approximation"
+    )
+
+
 def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
                    eps: float) -> tuple[list[str], dict[str, bool]]:
     """Why the solve cannot be trusted, each with the fix that addresses it."""
     residual, iters = h["residual_norm"], int(h["iterations"])
     converged = bool(h["converged"]) and math.isfinite(residual)
+    by_design = _start_only(h)
     lo, hi = h.get("stat_min_rayleigh"), h.get("stat_max_rayleigh")
     nonpos = bool(h.get("stat_nonpositive_curvature", 0.0))
     known = lo is not None and hi is not None and math.isfinite(hi) and hi > 0
@@ -255,8 +280,8 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
     flat = known and math.isfinite(lo) and abs(lo) <= hi * math.sqrt(eps)
     negative = nonpos and not flat
     # no progress at all: the run ended no better than the zero guess (or worse)
-    no_progress = not converged and not residual < 1.0
-    stagnated = bool(h.get("stat_stagnated", no_progress)) and not converged
+    no_progress = not converged and not residual < 1.0 and not by_design
+    stagnated = bool(h.get("stat_stagnated", no_progress)) and not converged and not by_design
     reasons = []
     broken = h.first_nonfinite("solution") is not None
     if broken:
@@ -275,7 +300,9 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
             "inner_loss; optimise it further, use hg.minres for a saddle, or add damping "
             f"> {abs(lo):.1e} to make H + damping I positive definite"
         )
-    if not converged and not negative and not broken:
+    if not converged and not negative and not broken and by_design:
+        reasons.append(_by_design_reason(h, solver))
+    elif not converged and not negative and not broken:
         where = f"relative residual {residual:.1e} after {iters} products"
         alpha = h.get("stat_alpha")
         if alpha is not None and not residual <= 1.0 and not flat:

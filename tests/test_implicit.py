@@ -753,3 +753,50 @@ def test_finite_difference_products_keep_the_checks():
     g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
                          solver=TIGHT_CG, **kw)
     assert rel_error(g, prob.hypergrad) < 1e-7
+
+
+# ---- a solve that is an approximation by design (sama, one-term Neumann) ----------------------
+
+
+@pytest.mark.parametrize("solver", [
+    hg.sama,
+    functools.partial(hg.sama, alpha=0.1),
+    functools.partial(hg.neumann, iterations=1, alpha=0.1),
+    functools.partial(hg.neumann, iterations=1),  # alpha="auto": 20 power iterations, no term
+], ids=["sama", "sama-alpha", "neumann-1", "neumann-1-auto"])
+def test_a_solve_that_spends_nothing_by_design_is_not_told_to_iterate_or_damp(solver):
+    """Its residual (1, that of the zero start) is an estimate that says nothing about the
+    solution: no "more iterations will not help", no damping, no stagnation; the warning says
+    the residual is an estimate and how to measure it."""
+    prob = problems.problem("quadratic")
+    (_, info), ws = caught(lambda: hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=solver,
+        return_info=True))
+    assert len(ws) == 1, [str(x.message) for x in ws]
+    message = str(ws[0].message)
+    assert "is an estimate" in message and "approximation of H^-1 b by design" in message
+    assert "residual=True" in message  # how to measure it (exact_residual=True for neumann)
+    for wrong in ("iterations", "damping", "singular", "ill-conditioned", "alpha="):
+        assert wrong not in message, wrong
+    assert info["stagnated"] is False and info["singular"] is False
+    assert info["health"]["residual_estimate"] == 1.0 and info["health"]["terms"] == 1.0
+    assert info["trusted"] is False  # not measured, so not vouched for
+    _, ws = caught(lambda: hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params,
+                                            prob.hparams, solver=solver, on_failure="ignore"))
+    assert ws == []
+
+
+def test_a_measured_or_longer_series_keeps_its_advice():
+    """The exception is exactly the one-term estimate: with residual=True the residual is
+    measured (here the series diverges: lower alpha); with 3 terms the estimate is of 2 terms
+    (not converged: more iterations)."""
+    prob = problems.problem("quadratic")
+    lam = float(torch.linalg.eigvalsh(prob.extras["A"]).max())
+    for solver, advice in ((functools.partial(hg.sama, alpha=3.0 / lam, residual=True), "alpha"),
+                           (functools.partial(hg.neumann, iterations=3, alpha=0.5 / lam),
+                            "increase the solver's iterations")):
+        _, ws = caught(lambda s=solver: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=s))
+        assert len(ws) == 1 and advice in str(ws[0].message)
+        assert "by design" not in str(ws[0].message)
+

@@ -64,6 +64,10 @@ class SolveResult(NamedTuple):
           spent to compute the true residual because the rounding bound of the recurrence could
           not certify it (see :func:`_needs_true_residual`).
         - ``alpha``, ``lambda_max`` (neumann): the step, and the power iteration's estimate.
+        - ``terms`` (Python int; neumann, sama): the number ``J`` of series terms in the
+          solution. With ``residual_estimate`` the residual is that of ``J - 1`` terms, so for
+          ``J = 1`` it is the starting point's (1 for ``x0 = 0``): it says nothing about the
+          returned solution, an approximation by design.
     """
 
     solution: Tree
