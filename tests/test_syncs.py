@@ -85,6 +85,33 @@ def test_implicit_grad_reads_once_with_a_solver_that_reads_nothing():
 
 
 @pytest.mark.parametrize("solver", [
+    functools.partial(richardson, iterations=200, alpha=0.1),
+    hg.sama,
+], ids=["richardson", "sama"])
+@pytest.mark.parametrize("stationarity_tol", [1e-3, None])
+def test_implicit_grad_with_finite_differences_reads_once_like_the_exact_path(
+        solver, stationarity_tol):
+    """The FD operator is built without re-validation (it used to read params and hparams once
+    each) and its health signals are the products' own gradients: the one health read."""
+    prob = _problem()
+    with count_syncs() as calls:
+        g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                             solver=solver, products="finite_difference", on_failure="ignore",
+                             stationarity_tol=stationarity_tol)
+    assert calls == ["tolist"]
+    if solver is not hg.sama:
+        assert testing.compare(g, prob.hypergrad).rel_error < 1e-6
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    p = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=solver,
+                             products="finite_difference", on_failure="ignore",
+                             stationarity_tol=stationarity_tol)
+    loss = prob.outer_loss(p, h)
+    with count_syncs() as backward:
+        loss.backward()
+    assert backward == ["tolist"]
+
+
+@pytest.mark.parametrize("solver", [
     functools.partial(hg.neumann, iterations=5, alpha=0.05),
     functools.partial(hg.cg, maxiter=20),
 ], ids=["neumann-fixed-alpha", "cg"])
