@@ -111,6 +111,18 @@ def test_implicit_grad_with_finite_differences_reads_once_like_the_exact_path(
     assert backward == ["tolist"]
 
 
+def test_adam_preconditioner_reads_the_step_counts_once():
+    ws = [torch.ones(3, requires_grad=True) for _ in range(4)]
+    opt = torch.optim.Adam(ws, lr=0.1)
+    sum((w * (i + 1)).sum() for i, w in enumerate(ws)).backward()
+    opt.step()
+    with count_syncs() as calls:
+        d = hg.adam_preconditioner(opt, {str(i): w for i, w in enumerate(ws)})
+    assert calls == ["tolist"]  # one per leaf before
+    for i in range(4):  # v_hat = g^2 after one step: D = 1 / (|g| + eps)
+        torch.testing.assert_close(d[str(i)], torch.full((3,), 1.0 / (i + 1 + 1e-8)))
+
+
 @pytest.mark.parametrize("solver", [
     functools.partial(hg.neumann, iterations=5, alpha=0.05),
     functools.partial(hg.cg, maxiter=20),

@@ -24,6 +24,7 @@ from ._common import (
     Matvec,
     SolveResult,
     _checked_once,
+    _count,
     _damped,
     _relative,
     _resolve_tol,
@@ -203,7 +204,7 @@ def neumann(
     solution = dx if x0 is None else tree.add(x0, dx)
     stats["residual_estimate"] = estimate
     stats["terms"] = J
-    return SolveResult(solution, torch.tensor(spent), residual, residual <= tol, stats)
+    return SolveResult(solution, _count(spent, b_norm), residual, residual <= tol, stats)
 
 
 def _positive_diagonal(d: Tree, b: Tree) -> Tree:
