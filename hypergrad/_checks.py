@@ -340,6 +340,70 @@ def _compiled_double_backward(node: Any) -> bool:
                                                    and name.endswith("Backward"))
 
 
+def _once_differentiable_code() -> Any:
+    """The code object every ``@once_differentiable`` backward shares (torch's wrapper)."""
+    from torch.autograd.function import once_differentiable
+
+    return once_differentiable(lambda ctx, *args: None).__code__
+
+
+_ONCE = _once_differentiable_code()
+
+
+def _is_once_differentiable(node: Any) -> bool:
+    cls = getattr(node, "_forward_cls", None)
+    return getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE
+
+
+def check_once_differentiable(value: torch.Tensor, params: Sequence[torch.Tensor], name: str,
+                              fix: str = FD_FIX, limit: int = 200_000) -> None:
+    """Raise :class:`DoubleBackwardError` if the graph of the loss ``value`` has an
+    ``@once_differentiable`` function on a path to ``params``.
+
+    Its backward runs under ``no_grad``; torch links its output to an error node only when
+    the incoming gradient requires grad, so where it does not (the function applied last, or
+    scaled by constants) the first-order gradient silently loses its dependence on everything
+    behind the function and exact second-order products read as zeros there. One walk of the
+    loss graph (a microsecond or so per node); a second one, to see whether such a function
+    reaches ``params``, only when one was found."""
+    if value.grad_fn is None:
+        return
+    found: list[Any] = []
+    seen: set[Any] = set()
+    stack = [value.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_once_differentiable(node):
+            found.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    if not found:
+        return
+    targets = {id(x) for x in params}
+    reach: dict[Any, bool] = {}
+    todo: list[tuple[Any, bool]] = [(value.grad_fn, False)]
+    while todo:  # post-order: whether each node reaches a leaf of params
+        node, done = todo.pop()
+        if done:
+            variable = getattr(node, "variable", None)
+            reach[node] = (isinstance(variable, torch.Tensor) and id(variable) in targets) or any(
+                reach.get(nxt, False) for nxt, _ in node.next_functions if nxt is not None)
+            continue
+        if node in reach:
+            continue
+        todo.append((node, True))
+        todo.extend((nxt, False) for nxt, _ in node.next_functions
+                    if nxt is not None and nxt not in reach)
+    bad = [node for node in found if reach.get(node)]
+    if bad:
+        raise DoubleBackwardError(_way_out(
+            name, f"{bad[0].name()}, an @once_differentiable function on the path to "
+            "`params`, does not have (torch would silently drop its second derivatives, "
+            "reading as zeros)", fix))
+
+
 def check_double_backward(grads: Sequence[torch.Tensor | None], name: str,
                           stop: Sequence[torch.Tensor] = (), fix: str = FD_FIX,
                           limit: int = 200_000) -> None:

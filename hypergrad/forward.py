@@ -156,7 +156,9 @@ class _InnerLinearization:
             else:
                 gs = [None] * (len(self.p) + len(self.h))
             self.captured = _checks.captured_leaves(value, self.p + self.h)
-        # a compiled region: raise, not zeros
+            # a compiled region or a once-differentiable function: raise, not zeros
+            _checks.check_once_differentiable(value, self.p + self.h, "inner_loss",
+                                              fix=_checks.FORWARD_FIX)
         _checks.check_double_backward(gs, "inner_loss", fix=_checks.FORWARD_FIX)
         self.batching = _Batching()  # one per call: remembers a backward vmap cannot batch
         self.g_p = list(gs[: len(self.p)])

@@ -138,6 +138,7 @@ class HessianOperator:
         if all(g is None for g in gs):
             raise _no_path_error(name)
         _checks.check_double_backward(gs, name)  # a compiled region: raise, never zeros
+        _checks.check_once_differentiable(value, self._p, name)
         self._loss = value  # with its graph: for the check of captured tensors
         self.value = value.detach()
         self._g = [torch.zeros_like(x) if g is None else g for x, g in zip(self._p, gs)]
