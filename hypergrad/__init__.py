@@ -5,7 +5,7 @@ See README.md for the quickstart and the API table.
 
 from . import distributed, testing, tree
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
-from .meta_loop import MetaPretrainer
+from .meta_loop import CheckpointError, MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import (
@@ -52,6 +52,7 @@ __all__ = [
     "pretraining_hypergrad",
     "PretrainingHypergrad",
     "MetaPretrainer",
+    "CheckpointError",
 ]
 
 __version__ = "0.1.0"

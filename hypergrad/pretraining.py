@@ -80,7 +80,8 @@ def pretraining_hypergrad(
         val_loss: ``L_FT(enc_params, ft_head)`` on the FT-val batch (the meta-objective).
         pt_params: the current PT solution theta_PT (encoder and PT head): the IFT is taken
             over all of it.
-        ft_head: the FT head psi_FT. hparams: the meta-parameters phi.
+        ft_head: the FT head psi_FT. hparams: the meta-parameters phi. All three trees hold
+            floating tensors of one dtype and device (nothing is cast).
         encoder: maps ``pt_params`` to the part the FT model uses (default: all of it).
         ft_steps: K, the number of differentiable FT steps (0 = no FT Jacobian).
         ft_lr: step size of the FT unroll (plain gradient descent).
@@ -90,31 +91,120 @@ def pretraining_hypergrad(
             alpha="auto")``. The online loop uses the PT step size as ``alpha`` instead.
         on_failure, stationarity_tol: as in :func:`hypergrad.implicit_grad`. Online PT is never at
             a stationary point, so the defaults neither check nor warn; read ``info`` instead.
+
+    Inputs are validated here, once, under these names; the library calls inside trust them.
     """
+    validate(pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
+             ft_steps=ft_steps, ft_lr=ft_lr, head_only=head_only, solver=solver,
+             on_failure=on_failure, stationarity_tol=stationarity_tol)
+    return _pretraining_hypergrad(
+        pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
+        ft_steps=ft_steps, ft_lr=float(ft_lr), head_only=head_only, solver=solver,
+        on_failure=on_failure, stationarity_tol=stationarity_tol)
+
+
+_POLICIES = ("warn", "raise", "ignore")
+
+
+def validate(
+    pt_loss: Any, ft_loss: Any, val_loss: Any, pt_params: Any, ft_head: Any, hparams: Any, *,
+    encoder: Any = None, ft_steps: Any = 1, ft_lr: Any = 1e-2, head_only: Any = True,
+    solver: Any = None, on_failure: Any = "ignore", stationarity_tol: Any = None,
+    finite: bool = True,
+) -> None:
+    """The checks of :func:`pretraining_hypergrad`'s entry (internal; also used by
+    :class:`hypergrad.MetaPretrainer`), each naming the argument as the caller spelled it.
+    ``finite=True`` adds one finiteness check of all three trees (one host read)."""
     for f, name in ((pt_loss, "pt_loss"), (ft_loss, "ft_loss"), (val_loss, "val_loss")):
         _checks.callable_(f, name)
     if encoder is not None:
         _checks.callable_(encoder, "encoder")
-    ft_steps = _checks.nonneg_int(ft_steps, "ft_steps")
-    _checks.tensor_tree(ft_head, "ft_head")
-    _checks.tensor_tree(hparams, "hparams")
+    if solver is not None:
+        _checks.callable_(solver, "solver")
+    _checks.nonneg_int(ft_steps, "ft_steps")
+    _checks.positive_number(ft_lr, "ft_lr")
+    if not isinstance(head_only, bool):
+        raise TypeError(f"`head_only` must be True or False, got {head_only!r}")
+    if on_failure not in _POLICIES:
+        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
+    if stationarity_tol is not None:
+        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+    trees = {"pt_params": pt_params, "ft_head": ft_head, "hparams": hparams}
+    flat = {name: _checks.tensor_tree(t, name) for name, t in trees.items()}
+    ref = flat["pt_params"][0]
+    for name, leaves in flat.items():
+        for i, x in enumerate(leaves):
+            if x.dtype != ref.dtype or x.device != ref.device:
+                raise TypeError(
+                    f"`{name}` leaf {_leaf_name(trees[name], i)} is {x.dtype} on {x.device} but "
+                    f"`pt_params` leaf {_leaf_name(pt_params, 0)} is {ref.dtype} on {ref.device}; "
+                    f"cast `{name}` (e.g. with .to({ref.dtype})): hypergrad never casts silently"
+                )
+    if finite:
+        all_leaves = [x for leaves in flat.values() for x in leaves]
+        ok = torch.stack([torch.isfinite(x.detach()).all() for x in all_leaves])
+        if not bool(ok.all()):  # the one host read of the entry
+            k = int((~ok).nonzero()[0, 0])
+            for name, leaves in flat.items():
+                if k < len(leaves):
+                    raise ValueError(
+                        f"`{name}` leaf {_leaf_name(trees[name], k)} (shape "
+                        f"{tuple(leaves[k].shape)}) contains NaN or inf; a hypergradient at "
+                        "non-finite values is meaningless"
+                    )
+                k -= len(leaves)
+
+
+def _leaf_name(t: Tree, i: int) -> str:
+    """``'w'`` for a dict key, else the leaf index."""
+    if isinstance(t, dict) and all(not isinstance(v, (dict, list, tuple)) for v in t.values()):
+        return repr(list(t)[i])
+    return str(i)
+
+
+def _named(loss: Callable[[Tree, Tree], torch.Tensor], name: str):
+    """``loss`` whose value is checked to be a scalar under the caller's name (no host read)."""
+    def checked(a: Tree, b: Tree) -> torch.Tensor:
+        return _checks.scalar_loss(loss(a, b), name)
+
+    return checked
+
+
+def _pretraining_hypergrad(
+    pt_loss: Callable[[Tree, Tree], torch.Tensor],
+    ft_loss: Callable[[Tree, Tree], torch.Tensor],
+    val_loss: Callable[[Tree, Tree], torch.Tensor],
+    pt_params: Tree,
+    ft_head: Tree,
+    hparams: Tree,
+    *,
+    encoder: Callable[[Tree], Tree] | None,
+    ft_steps: int,
+    ft_lr: float,
+    head_only: bool,
+    solver: Callable[..., SolveResult] | None,
+    on_failure: str,
+    stationarity_tol: float | None,
+) -> PretrainingHypergrad:
+    """:func:`pretraining_hypergrad` on inputs already validated (no checks, no host read)."""
     h = tree.detach(hparams, requires_grad=True)
     info: dict[str, Any] = {}
     # theta_PT as a function of phi through the IFT (values unchanged, backward = Eq. 3).
     theta = implicit_solution(
-        pt_loss, tree.detach(pt_params), h, solver=solver or default_solver,
+        _named(pt_loss, "pt_loss"), tree.detach(pt_params), h, solver=solver or default_solver,
         on_failure=on_failure, stationarity_tol=stationarity_tol, info=info,
     )
     enc = encoder(theta) if encoder is not None else theta
     head0 = tree.detach(ft_head)
+    ft = _named(ft_loss, "ft_loss")
     if head_only:
         # theta_FT(k+1) = theta_FT(k) for the encoder; psi(k+1) = psi(k) - lr dL_FT/dpsi.
         # The encoder enters the step as a constant of the unroll ("hparams" of the step).
-        step = gradient_step(lambda head, e: ft_loss(e, head), ft_lr)
+        step = gradient_step(lambda head, e: ft(e, head), ft_lr)
         head_k = unroll(step, head0, enc, ft_steps)
         enc_k = enc
     else:
-        step = gradient_step(lambda s, _: ft_loss(s[0], s[1]), ft_lr)
+        step = gradient_step(lambda s, _: ft(s[0], s[1]), ft_lr)
         enc_k, head_k = unroll(step, (enc, head0), (), ft_steps)
     with torch.enable_grad():
         val = _checks.scalar_loss(val_loss(enc_k, head_k), "val_loss")

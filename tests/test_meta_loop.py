@@ -130,7 +130,7 @@ def test_diverging_ift_solve_fails_loudly_after_checkpointing(tmp_path):
     tr.solver = functools.partial(hg.neumann, iterations=50, alpha=1e6)  # alpha >> 2/lambda_max
     with pytest.raises(hg.HypergradientError, match="diverged.*alpha"):
         tr.run(2, pt_batch, ft_batch, checkpoint=tmp_path / "c.pt", progress=False)
-    assert torch.load(tmp_path / "c.pt", weights_only=False)["meta_steps_done"] == 1
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["meta_steps_done"] == 1
 
 
 def test_residual_slightly_above_one_warns_but_trains():
@@ -242,3 +242,181 @@ def test_ift_preconditioner_needs_a_solver_that_takes_one():
         hg.MetaPretrainer(**{**_kwargs(make), "ift_preconditioner": "rmsprop"})
     # the default solver (Neumann, alpha = PT lr) takes one
     hg.MetaPretrainer(**{**_kwargs(make), "ift_preconditioner": "adam"})
+
+
+# --- checkpoints: weights_only loading and one clear error ----------------------------------
+class _Payload:
+    """Unpickling this object would create ``marker`` (a stand-in for arbitrary code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _ckpt(tmp_path, make, pt_batch, ft_batch):
+    path = tmp_path / "run.pt"
+    make().run(2, pt_batch, ft_batch, checkpoint=path, checkpoint_every=1, progress=False)
+    return path
+
+
+def test_a_planted_pickle_payload_does_not_run_on_resume(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    path = _ckpt(tmp_path, make, pt_batch, ft_batch)
+    marker = tmp_path / "pwned"
+    sd = torch.load(path, weights_only=True)
+    sd["history"].append({"note": _Payload(marker)})
+    torch.save(sd, path)
+    torch.load(path, weights_only=False)  # the payload is live: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(hg.CheckpointError, match="run.pt.*start fresh") as e:
+        make().run(4, pt_batch, ft_batch, checkpoint=path, progress=False)
+    assert not marker.exists()
+    assert e.value.__suppress_context__  # one message, not a chained traceback
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_dict"])
+def test_a_damaged_checkpoint_gives_one_clear_error(tmp_path, damage):
+    make, pt_batch, ft_batch = _setup()
+    path = _ckpt(tmp_path, make, pt_batch, ft_batch)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save([1, 2, 3], path)
+    with pytest.raises(hg.CheckpointError) as e:
+        make().run(4, pt_batch, ft_batch, checkpoint=path, progress=False)
+    msg = str(e.value)
+    assert str(path) in msg and "start fresh" in msg and "\n" not in msg
+    assert e.value.__cause__ is None
+    assert e.value.__context__ is None or e.value.__suppress_context__
+
+
+def test_a_checkpoint_of_another_trainer_is_named(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    path = _ckpt(tmp_path, make, pt_batch, ft_batch)
+    other = hg.MetaPretrainer(**{**_kwargs(make), "pt_params": {"other": torch.zeros(3)},
+                                 "encoder": None, "ft_loss": lambda e, hd, b: e["other"].sum()})
+    with pytest.raises(hg.CheckpointError, match="does not fit this trainer.*start fresh"):
+        other.run(4, pt_batch, ft_batch, checkpoint=path, progress=False)
+
+
+# --- warm-up ---------------------------------------------------------------------------------
+def _state(tr):
+    return [x.detach().clone() for name in ("pt_params", "ft_head", "hparams")
+            for x in hg.tree.leaves(getattr(tr, name))]
+
+
+def _same(a, b):
+    for x, y in zip(_state(a), _state(b)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _numbers(hist):
+    return [{k: v for k, v in m.items() if "time" not in k and k != "warmup"} for m in hist]
+
+
+def test_warmup_is_plain_pt_iterations_then_meta_steps_bit_for_bit():
+    make, pt_batch, ft_batch = _setup(dropout=True)
+    N, M = 3, 4
+    torch.manual_seed(0)
+    tr = make()
+    seen = []
+    hist = tr.run(M, pt_batch, ft_batch, warmup=N, progress=False,
+                  callback=lambda j, m: seen.append((j, tr.in_warmup, m["warmup"])))
+    # the reference: the same steps written out by hand
+    torch.manual_seed(0)
+    ref = make()
+    for j in range(N + M):
+        for _ in range(ref.P):
+            b = pt_batch(ref.pt_steps_done)
+            ref.pt_step(b)
+        if j >= N:
+            ref.meta_step(b, *ft_batch(j))
+    _same(tr, ref)
+    assert (tr.outer_steps_done, tr.meta_steps_done, tr.pt_steps_done) == (N + M, M, 3 * (N + M))
+    assert [m["warmup"] for m in hist] == [True] * N + [False] * M
+    assert all("hypergrad_norm" not in m for m in hist[:N])
+    assert all("hypergrad_norm" in m for m in hist[N:])
+    assert seen == [(j, j < N, j < N) for j in range(N + M)]
+    assert not tr.in_warmup
+
+
+def test_warmup_reproduces_the_old_two_call_recipe():
+    """What tasks did before ``warmup=``: run(N) with meta off, then run(N + M) with meta on."""
+    make, pt_batch, ft_batch = _setup(dropout=True)
+    torch.manual_seed(0)
+    new = make()
+    new.run(4, pt_batch, ft_batch, warmup=2, progress=False)
+    torch.manual_seed(0)
+    old = make()
+    old.meta = False
+    old.run(2, pt_batch, ft_batch, progress=False)
+    old.meta = True
+    old.run(6, pt_batch, ft_batch, progress=False)
+    _same(new, old)
+    assert _numbers(new.history) == _numbers(old.history)
+
+
+@pytest.mark.parametrize("kill_at", [1, 4])  # during the warm-up, and after it
+def test_a_run_killed_in_or_after_warmup_resumes_exactly(tmp_path, kill_at):
+    make, pt_batch, ft_batch = _setup(dropout=True)
+    torch.manual_seed(0)
+    full = make()
+    full.run(3, pt_batch, ft_batch, warmup=3, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die(j, m):
+        if j == kill_at:
+            raise Killed
+
+    ckpt = tmp_path / "run.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        make().run(3, pt_batch, ft_batch, warmup=3, checkpoint=ckpt, checkpoint_every=1,
+                   progress=False, callback=die)
+    assert torch.load(ckpt, weights_only=True)["outer_steps_done"] == kill_at
+    torch.manual_seed(123)
+    resumed = make()
+    hist = resumed.run(3, pt_batch, ft_batch, warmup=3, checkpoint=ckpt, progress=False)
+    _same(full, resumed)
+    assert _numbers(hist) == _numbers(full.history)
+    assert [m["warmup"] for m in hist] == [True] * 3 + [False] * 3
+    with pytest.raises(hg.CheckpointError, match="warmup=3.*warmup=2"):
+        make().run(3, pt_batch, ft_batch, warmup=2, checkpoint=ckpt, progress=False)
+
+
+def test_warmup_with_meta_off_is_plain_pt_throughout():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    tr.meta = False
+    hist = tr.run(2, pt_batch, ft_batch, warmup=1, progress=False)
+    assert tr.outer_steps_done == 3 and tr.meta_steps_done == 0 and tr.pt_steps_done == 9
+    assert [m["warmup"] for m in hist] == [True, False, False]
+
+
+def test_a_subclass_sees_in_warmup_during_warmup_pt_steps():
+    make, pt_batch, ft_batch = _setup()
+    flags = []
+
+    class Spy(hg.MetaPretrainer):
+        def pt_step(self, batch):
+            flags.append(self.in_warmup)
+            return super().pt_step(batch)
+
+    Spy(**_kwargs(make)).run(1, pt_batch, ft_batch, warmup=1, progress=False)
+    assert flags == [True] * 3 + [False] * 3
+
+
+def test_bad_warmup_is_named():
+    make, pt_batch, ft_batch = _setup()
+    with pytest.raises(ValueError, match="`warmup`"):
+        make().run(1, pt_batch, ft_batch, warmup=-1, progress=False)

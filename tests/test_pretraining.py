@@ -124,7 +124,12 @@ def test_does_not_touch_inputs_or_grads():
     "kwargs, match",
     [
         ({"ft_steps": -1}, "ft_steps"),
-        ({"ft_lr": 0.0}, "lr"),
+        ({"ft_lr": 0.0}, "`ft_lr`"),
+        ({"ft_lr": float("nan")}, "`ft_lr`"),
+        ({"head_only": "yes"}, "`head_only`"),
+        ({"solver": 3}, "`solver`"),
+        ({"on_failure": "loud"}, "`on_failure`"),
+        ({"stationarity_tol": -1.0}, "`stationarity_tol`"),
         ({"encoder": 3}, "encoder"),
     ],
 )
@@ -138,3 +143,49 @@ def test_non_callable_losses_are_named():
     _, ft_loss, val_loss, p, head, h = _problem(seed=8)
     with pytest.raises(TypeError, match="pt_loss"):
         hg.pretraining_hypergrad(None, ft_loss, val_loss, p, head, h)
+
+
+def _call(**overrides):
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=9)
+    args = dict(pt_loss=pt_loss, ft_loss=ft_loss, val_loss=val_loss, pt_params=p, ft_head=head,
+                hparams=h)
+    args.update(overrides)
+    return hg.pretraining_hypergrad(args.pop("pt_loss"), args.pop("ft_loss"),
+                                    args.pop("val_loss"), args.pop("pt_params"),
+                                    args.pop("ft_head"), args.pop("hparams"),
+                                    encoder=lambda t: {"w": t["w"]}, **args)
+
+
+@pytest.mark.parametrize("which", ["pt_params", "ft_head", "hparams"])
+def test_errors_name_the_trees_as_the_caller_spelled_them(which):
+    _, _, _, p, head, h = _problem(seed=9)
+    tree = {"pt_params": p, "ft_head": head, "hparams": h}[which]
+    with pytest.raises(ValueError, match=f"`{which}` must be a non-empty"):
+        _call(**{which: {}})
+    nan = {k: v.clone() for k, v in tree.items()}
+    key = list(nan)[-1]
+    nan[key] = nan[key] * float("nan")
+    with pytest.raises(ValueError, match=f"`{which}` leaf '{key}'.*NaN or inf"):
+        _call(**{which: nan})
+    ints = {k: v.to(torch.int64) for k, v in tree.items()}
+    with pytest.raises(TypeError, match=f"`{which}` must hold floating-point"):
+        _call(**{which: ints})
+
+
+@pytest.mark.parametrize("which", ["ft_head", "hparams"])
+def test_a_float32_tree_with_float64_params_is_refused_not_promoted(which):
+    _, _, _, p, head, h = _problem(seed=9)
+    tree = {"ft_head": head, "hparams": h}[which]
+    f32 = {k: v.float() for k, v in tree.items()}
+    with pytest.raises(TypeError, match=f"`{which}` leaf .* torch.float32 .* `pt_params` leaf "
+                                        "'w' is torch.float64.*cast"):
+        _call(**{which: f32})
+
+
+def test_non_scalar_losses_are_named():
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=9)
+    for name, bad in (("pt_loss", lambda a, b: pt_loss(a, b) * torch.ones(2, dtype=D)),
+                      ("ft_loss", lambda a, b: ft_loss(a, b) * torch.ones(2, dtype=D)),
+                      ("val_loss", lambda a, b: val_loss(a, b) * torch.ones(2, dtype=D))):
+        with pytest.raises(ValueError, match=f"`{name}` must return a scalar"):
+            _call(**{name: bad}).hypergrad["phi"].sum()
