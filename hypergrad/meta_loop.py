@@ -84,6 +84,14 @@ class MetaPretrainer:
     :func:`hypergrad.adam_preconditioner` at every meta step, so the series is the response of
     the optimizer PT actually runs rather than of plain gradient descent at the PT lr; a
     callable ``trainer -> tree`` supplies any other diagonal.
+
+    ``warm_start=True`` (AmIGO, Arbel & Mairal 2022) starts each meta step's solve at the
+    previous meta step's solution (``x0=`` of ``hg.cg`` / ``hg.neumann``): theta_PT and phi move
+    little between meta steps, so H^{-1} b does too. A stale start is worse than none (its
+    residual ``||b - H x0||`` exceeds a cold start's ``||b||``), which happens when the
+    right-hand side turned (a new FT batch, a big phi or theta step); the solve therefore starts
+    from 0 whenever ``||b - b_prev|| >= warm_start_reset * ||b||`` (decided on the device). The
+    metric ``warm_started`` says which it was; the start is checkpointed for exact resume.
     """
 
     def __init__(
@@ -105,6 +113,8 @@ class MetaPretrainer:
         meta: bool = True,
         max_solve_residual: float = 10.0,
         ift_preconditioner: str | Callable[[MetaPretrainer], Tree] | None = None,
+        warm_start: bool = False,
+        warm_start_reset: float = 1.0,
     ) -> None:
         self.P = _checks.positive_int(P, "P")
         self.K = _checks.nonneg_int(K, "K")
@@ -137,6 +147,17 @@ class MetaPretrainer:
                     "(hypergrad.neumann), got `solver` without one"
                 )
         self.ift_preconditioner = ift_preconditioner
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"`warm_start` must be True or False, got {warm_start!r}")
+        if warm_start and "x0" not in inspect.signature(solver).parameters:
+            raise ValueError(
+                "`warm_start=True` needs a solver with an `x0` argument (hypergrad.cg, "
+                "hypergrad.neumann), got `solver` without one"
+            )
+        self.warm_start = warm_start
+        self.warm_start_reset = _checks.positive_number(warm_start_reset, "warm_start_reset")
+        # the previous meta step's solution and right-hand side (warm starts); checkpointed
+        self._warm: dict[str, Tree] | None = None
         self.max_solve_residual = _checks.positive_number(max_solve_residual, "max_solve_residual")
         self.pt_steps_done = 0
         self.outer_steps_done = 0  # outer iterations, warm-up included
@@ -163,13 +184,22 @@ class MetaPretrainer:
 
     def ift_solver(self) -> Callable[..., SolveResult]:
         """The solver the next meta step uses: ``solver`` with the current IFT preconditioner
-        (``ift_preconditioner``) bound, if any."""
+        (``ift_preconditioner``) bound, if any, started from the previous meta step's solution
+        when ``warm_start`` is on. Calling it changes nothing in the trainer."""
+        return self._ift_solver({})
+
+    def _ift_solver(self, seen: dict[str, Tree]) -> Callable[..., SolveResult]:
+        """:meth:`ift_solver` that reports the right-hand side and solution of its solve in
+        ``seen`` (what the next warm start needs)."""
+        solver = self.solver
         if self.ift_preconditioner == "adam":
-            return functools.partial(
-                self.solver, preconditioner=adam_preconditioner(self.pt_opt, self.pt_params))
-        if self.ift_preconditioner is not None:
-            return functools.partial(self.solver, preconditioner=self.ift_preconditioner(self))
-        return self.solver
+            solver = functools.partial(
+                solver, preconditioner=adam_preconditioner(self.pt_opt, self.pt_params))
+        elif self.ift_preconditioner is not None:
+            solver = functools.partial(solver, preconditioner=self.ift_preconditioner(self))
+        if not self.warm_start:
+            return solver
+        return functools.partial(_warm_solve, solver, self._warm, self.warm_start_reset, seen)
 
     def hypergradient(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any
                       ) -> PretrainingHypergrad:
@@ -177,13 +207,17 @@ class MetaPretrainer:
 
         The trees were validated when the trainer was built, so nothing is checked again here.
         """
+        return self._hypergradient(pt_batch, ft_train_batch, ft_val_batch, {})
+
+    def _hypergradient(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any,
+                       seen: dict[str, Tree]) -> PretrainingHypergrad:
         return _pretraining_hypergrad(
             lambda p, h: self.pt_loss(p, h, pt_batch),
             lambda e, hd: self.ft_loss(e, hd, ft_train_batch),
             lambda e, hd: self.ft_loss(e, hd, ft_val_batch),
             self.pt_params, self.ft_head, self.hparams,
             encoder=self.encoder, ft_steps=self.K, ft_lr=self.ft_lr,
-            head_only=self.head_only, solver=self.ift_solver(), on_failure="ignore",
+            head_only=self.head_only, solver=self._ift_solver(seen), on_failure="ignore",
             stationarity_tol=None,
         )
 
@@ -193,7 +227,8 @@ class MetaPretrainer:
         Every metric of the step and the finiteness of the hypergradient are gathered into one
         tensor and read on the host once; the checks below use that copy.
         """
-        res = self.hypergradient(pt_batch, ft_train_batch, ft_val_batch)
+        seen: dict[str, Tree] = {}
+        res = self._hypergradient(pt_batch, ft_train_batch, ft_val_batch, seen)
         solve = res.info.get("solve")
         hyper = tree.leaves(res.hypergrad)
         dt = res.val_loss.dtype
@@ -202,12 +237,15 @@ class MetaPretrainer:
         finite = torch.stack([torch.isfinite(g).all() for g in hyper]).all()
         # the loop's values to read (the last PT loss) ride along: one read per outer iteration
         extra, self._pending_reads = self._pending_reads, {}
+        if self.warm_start and solve is not None:
+            extra = {**extra, "warm_started": solve.stats["warm_start"]}
         values = torch.stack(
             [res.val_loss, tree.norm(res.hypergrad).to(dt), residual, finite.to(dt),
              *[v.detach().to(dt) for v in extra.values()]]
         ).tolist()  # the one host synchronisation of a meta step
         val_loss, hnorm, residual_f, finite_f = values[:4]
         self._read = dict(zip(extra, values[4:]))
+        warm_started = self._read.pop("warm_started", None)
         self._check_solve(residual_f, solve is not None)
         if finite_f != 1.0:
             raise FloatingPointError(
@@ -222,8 +260,13 @@ class MetaPretrainer:
         with torch.no_grad():
             for p, new in zip(tree.leaves(self.ft_head), tree.leaves(res.ft_head)):
                 p.copy_(new)
+        if self.warm_start and "x" in seen:
+            self._warm = seen
         self.meta_steps_done += 1
-        return {"val_loss": val_loss, "hypergrad_norm": hnorm, "solve_residual": residual_f}
+        out = {"val_loss": val_loss, "hypergrad_norm": hnorm, "solve_residual": residual_f}
+        if warm_started is not None:
+            out["warm_started"] = warm_started  # 1.0: the solve began at the last solution
+        return out
 
     def _check_solve(self, residual: float, solved: bool) -> None:
         if not solved:
@@ -354,6 +397,7 @@ class MetaPretrainer:
             "outer_steps_done": self.outer_steps_done,
             "meta_steps_done": self.meta_steps_done,
             "warmup": self.warmup,
+            "warm_start": self._warm,
             "history": list(self.history),
             "rng": torch.get_rng_state(),
         }
@@ -376,6 +420,7 @@ class MetaPretrainer:
             self.outer_steps_done = int(sd["meta_steps_done"])
             self.meta_steps_done = sum(1 for m in self.history if "hypergrad_norm" in m)
         self.warmup = sd.get("warmup")
+        self._warm = sd.get("warm_start")
         torch.set_rng_state(sd["rng"])
 
     def load_checkpoint(self, path: str | os.PathLike, *, warmup: int | None = None) -> None:
@@ -407,6 +452,27 @@ class MetaPretrainer:
             raise CheckpointError(
                 f"the checkpoint {str(path)!r} does not fit this trainer ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); {fresh}") from None
+
+
+def _warm_solve(solver: Callable[..., SolveResult], warm: dict[str, Tree] | None, reset: float,
+                seen: dict[str, Tree], matvec: Callable[[Tree], Tree], b: Tree, **kw: Any
+                ) -> SolveResult:
+    """``solver(matvec, b, x0=...)`` from the previous solution (AmIGO's warm start), or from 0
+    when the right-hand side moved by ``||b - b_prev|| >= reset ||b||`` since then (the previous
+    solution is then stale: if H barely changed, its residual ||b - H x_prev|| ~ ||b - b_prev||
+    is no better than a cold start's ||b||). Decided on the device: no host read."""
+    if warm is None:
+        res = solver(matvec, b, **kw)
+        keep = None
+    else:
+        db = tree.sub(b, warm["b"])
+        keep = tree.vdot(db, db) < reset**2 * tree.vdot(b, b)
+        x0 = tree.map(lambda x: torch.where(keep, x, torch.zeros_like(x)), warm["x"])
+        res = solver(matvec, b, x0=x0, **kw)
+    seen["x"], seen["b"] = tree.detach(res.solution), tree.detach(b)
+    stats = dict(res.stats or {})
+    stats["warm_start"] = keep if keep is not None else torch.tensor(False)
+    return res._replace(stats=stats)
 
 
 def _device_of(t: Tree) -> torch.device:

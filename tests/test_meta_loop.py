@@ -420,3 +420,77 @@ def test_bad_warmup_is_named():
     make, pt_batch, ft_batch = _setup()
     with pytest.raises(ValueError, match="`warmup`"):
         make().run(1, pt_batch, ft_batch, warmup=-1, progress=False)
+
+
+# --- warm starts (AmIGO) ---------------------------------------------------------------------
+def _spy_cg(calls):
+    def solver(matvec, b, x0=None):
+        calls.append({"b": hg.tree.detach(b), "x0": None if x0 is None else hg.tree.detach(x0)})
+        res = hg.cg(matvec, b, x0=x0, tol=1e-10, maxiter=50)
+        calls[-1]["x"] = hg.tree.detach(res.solution)
+        return res
+
+    return solver
+
+
+def test_warm_start_begins_each_solve_at_the_previous_solution():
+    make, pt_batch, ft_batch = _setup()
+    calls = []
+    tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": _spy_cg(calls), "warm_start": True})
+    tr.ift_solver()(lambda v: v, {k: torch.ones_like(v) for k, v in tr.pt_params.items()})
+    assert calls.pop()["x0"] is None and tr._warm is None  # no side effect
+    hist = tr.run(3, pt_batch, ft_batch, progress=False)
+    assert calls[0]["x0"] is None
+    assert [m["warm_started"] for m in hist] == [0.0, 1.0, 1.0]
+    for prev, cur in zip(calls, calls[1:]):
+        for k in prev["x"]:
+            torch.testing.assert_close(cur["x0"][k], prev["x"][k], rtol=0, atol=0)
+    # ift_solver() hands out the same warm start without recording anything
+    n = len(calls)
+    diag = tr.ift_solver()
+    diag(lambda v: v, calls[-1]["b"])
+    torch.testing.assert_close(calls[-1]["x0"]["enc"], calls[n - 1]["x"]["enc"], rtol=0, atol=0)
+    assert tr._warm["x"]["enc"].equal(calls[n - 1]["x"]["enc"])
+
+
+def test_warm_start_resets_when_the_right_hand_side_moved_too_far():
+    make, pt_batch, ft_batch = _setup()
+    calls = []
+    tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": _spy_cg(calls), "warm_start": True,
+                              "warm_start_reset": 1e-9})  # any move of b is too far
+    tr.run(3, pt_batch, ft_batch, progress=False)
+    for c in calls[1:]:
+        assert all(bool((v == 0).all()) for v in c["x0"].values())
+    assert [m["warm_started"] for m in tr.history] == [0.0, 0.0, 0.0]
+
+
+def test_warm_start_gives_the_same_hypergradients_up_to_the_solver_tolerance():
+    make, pt_batch, ft_batch = _setup()
+    hist = {}
+    for warm in (False, True):
+        tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": _spy_cg([]), "warm_start": warm})
+        hist[warm] = tr.run(4, pt_batch, ft_batch, progress=False)
+    for a, b in zip(hist[False], hist[True]):
+        assert a["hypergrad_norm"] == pytest.approx(b["hypergrad_norm"], rel=1e-6)
+
+
+def test_warm_start_resumes_exactly(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    kw = {**_kwargs(make), "solver": functools.partial(hg.cg, maxiter=3), "warm_start": True}
+    full = hg.MetaPretrainer(**kw)
+    full.run(5, pt_batch, ft_batch, progress=False)
+    ckpt = tmp_path / "w.pt"
+    hg.MetaPretrainer(**kw).run(2, pt_batch, ft_batch, checkpoint=ckpt, progress=False)
+    resumed = hg.MetaPretrainer(**kw)
+    resumed.run(5, pt_batch, ft_batch, checkpoint=ckpt, progress=False)
+    _same(full, resumed)
+    assert _numbers(full.history) == _numbers(resumed.history)
+
+
+def test_warm_start_needs_a_solver_with_x0():
+    make, _, _ = _setup()
+    with pytest.raises(ValueError, match="`warm_start=True` needs a solver with an `x0`"):
+        hg.MetaPretrainer(**{**_kwargs(make), "solver": lambda mv, b: hg.cg(mv, b),
+                             "warm_start": True})
+    with pytest.raises(TypeError, match="`warm_start`"):
+        hg.MetaPretrainer(**{**_kwargs(make), "warm_start": "yes"})
