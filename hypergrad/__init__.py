@@ -4,6 +4,12 @@ See README.md for the quickstart and the API table.
 """
 
 from . import distributed, testing, tree
+from .finite_difference import (
+    FiniteDifferenceOperator,
+    default_fd_step,
+    fd_hvp,
+    fd_mixed_vjp,
+)
 from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
 from .meta_loop import CheckpointError, MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
@@ -19,6 +25,7 @@ from .solvers import (
     nystrom,
     power_iteration,
 )
+from .solvers.sama import sama
 from .stochastic import stochastic_hvp
 from .transformable import functional_implicit_grad
 from .unroll import gradient_step, optimizer_step, unroll
@@ -31,6 +38,10 @@ __all__ = [
     "make_hvp",
     "mixed_vjp",
     "HessianOperator",
+    "FiniteDifferenceOperator",
+    "fd_hvp",
+    "fd_mixed_vjp",
+    "default_fd_step",
     "SolveResult",
     "cg",
     "neumann",
@@ -40,6 +51,7 @@ __all__ = [
     "minres",
     "normal_cg",
     "nystrom",
+    "sama",
     "stochastic_hvp",
     "implicit_grad",
     "implicit_solution",

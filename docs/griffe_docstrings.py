@@ -1,0 +1,61 @@
+"""A griffe extension that adapts the library's docstring habits to the Google-style renderer.
+
+- ``Example:`` (and ``Example (what it shows):``) opens an examples section, like ``Examples:``
+  (griffe only knows the plural and renders the singular as an admonition whose ``>>>`` lines
+  become nested quotes and whose ``# comments`` become headings).
+- Display equations written as an indented run right under a prose line (no blank line
+  between, which markdown folds into the paragraph) become ``text`` blocks.
+- Sphinx roles (``:func:`make_hvp```, ``:class:`SolveResult```) become cross-references,
+  qualified with the module of the object whose docstring holds them.
+The docstrings themselves are not changed; only what the docs site renders.
+"""
+
+from __future__ import annotations
+
+import re
+
+import griffe
+
+_EXAMPLE = re.compile(r"^(?P<indent>[ \t]*)Example(?:\s*\((?P<what>[^)]*)\))?:[ \t]*$", re.M)
+_SECTION_OR_ITEM = re.compile(r"^(?:[\w][\s\w-]*:\s*$|\w+:\s|\w+ \([^)]*\):)")
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj):`~?(?P<name>[\w.]+)`")
+
+
+def _display_blocks(text: str) -> str:
+    """Fence indented runs that directly follow a top-level prose line."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        prose = line.strip() and not line.startswith((" ", "\t"))
+        if not prose or _SECTION_OR_ITEM.match(line):
+            continue
+        run = []
+        while (i < len(lines) and lines[i].startswith("    ")
+               and not lines[i].lstrip().startswith(">>>")):
+            run.append(lines[i][4:])
+            i += 1
+        if run:
+            out += ["", "```text", *run, "```", ""]
+    return "\n".join(out)
+
+
+class DocstringAdapter(griffe.Extension):
+    def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
+        doc = obj.docstring
+        if doc is None:
+            return
+        module = obj.module.path if not obj.is_module else obj.path
+
+        def example(m: re.Match) -> str:
+            head = f"{m.group('indent')}Examples:"
+            what = m.group("what")
+            return head + (f"\n{m.group('indent')}    {what[0].upper()}{what[1:]}:" if what else "")
+
+        def role(m: re.Match) -> str:
+            name = m.group("name")
+            target = name if name.startswith("hypergrad") else f"{module}.{name}"
+            return f"[`{name.split('.')[-1]}`][{target}]"
+
+        doc.value = _ROLE.sub(role, _display_blocks(_EXAMPLE.sub(example, doc.value)))
