@@ -219,3 +219,91 @@ def _pretraining_hypergrad(
         tree.flatten(h)[1],
     )
     return PretrainingHypergrad(hyper, tree.detach(head_k), val.detach(), info)
+
+
+class _FirstOrderUnroll(torch.autograd.Function):
+    """The K plain-GD FT steps of :func:`pretraining_hypergrad` whose backward takes no double
+    backward: the adjoint recursion of the unroll with finite-difference products
+    (:class:`hypergrad.FiniteDifferenceOperator`). Head only, with ``u = dL/dpsi_K``:
+
+        for k = K-1 .. 0:  g_enc -= lr u^T d2 L_FT / d psi d enc (psi_k);
+                           u <- u - lr d2 L_FT / d psi2 (psi_k) u,
+
+    and ``u`` is then dL/dpsi_0; encoder and head together, the state s = (enc, psi) and
+    ``u <- u - lr d2 L_FT / ds2 (s_k) u``. Each product is two first-order gradients."""
+
+    @staticmethod
+    def forward(ctx, cfg: dict[str, Any], *tensors: torch.Tensor):  # type: ignore[override]
+        n, ft, lr = cfg["n_enc"], cfg["ft"], cfg["lr"]
+        enc = tree.unflatten([t.detach() for t in tensors[:n]], cfg["enc_spec"])
+        head = [t.detach() for t in tensors[n:]]
+        states = []
+        if cfg["head_only"]:
+            for _ in range(cfg["steps"]):
+                states.append(head)
+                head = _gd_step(lambda h: ft(enc, tree.unflatten(h, cfg["head_spec"])), head, lr)
+            out = head
+        else:
+            s = tree.leaves(enc) + head
+            split = functools.partial(_split, cfg)
+            for _ in range(cfg["steps"]):
+                states.append(s)
+                s = _gd_step(lambda x: ft(*split(x)), s, lr)
+            out = s
+        ctx.cfg, ctx.states, ctx.enc = cfg, states, enc
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        from .finite_difference import FiniteDifferenceOperator
+
+        cfg, ft, lr, n = ctx.cfg, ctx.cfg["ft"], ctx.cfg["lr"], ctx.cfg["n_enc"]
+        u = list(grads)
+        if cfg["head_only"]:
+            g_enc = [torch.zeros_like(x) for x in tree.leaves(ctx.enc)]
+            for head in reversed(ctx.states):
+                op = FiniteDifferenceOperator(
+                    lambda h, e: ft(e, h), tree.unflatten(head, cfg["head_spec"]), ctx.enc, (),
+                    name="ft_loss")
+                u_tree = tree.unflatten(u, cfg["head_spec"])
+                g_enc = [g - lr * m for g, m in zip(g_enc, tree.leaves(op.mixed_vjp(u_tree)))]
+                u = [a - lr * b for a, b in zip(u, tree.leaves(op(u_tree)))]
+            return (None, *g_enc, *u)
+        for s in reversed(ctx.states):
+            op = FiniteDifferenceOperator(lambda x: ft(*_split(cfg, x)), s, None, (),
+                                          name="ft_loss")
+            u = [a - lr * b for a, b in zip(u, op(u))]
+        return (None, *u[:n], *u[n:])
+
+
+def _split(cfg: dict[str, Any], leaves: list[torch.Tensor]) -> tuple[Tree, Tree]:
+    n = cfg["n_enc"]
+    return (tree.unflatten(leaves[:n], cfg["enc_spec"]),
+            tree.unflatten(leaves[n:], cfg["head_spec"]))
+
+
+def _gd_step(loss: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tensor],
+             lr: float) -> list[torch.Tensor]:
+    """``x - lr d loss / dx`` with a first-order gradient (no graph kept)."""
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_(True) for t in x]
+        value = loss(xs)
+        gs = (torch.autograd.grad(value, xs, allow_unused=True) if value.requires_grad
+              else [None] * len(xs))
+    return [(t - lr * g if g is not None else t).detach() for t, g in zip(xs, gs)]
+
+
+def _first_order_unroll(ft: Callable[[Tree, Tree], torch.Tensor], enc: Tree, head: Tree,
+                        steps: int, lr: float, head_only: bool) -> tuple[Tree, Tree]:
+    """(encoder, head) after ``steps`` FT steps, differentiable in ``enc`` and ``head`` with
+    first-order gradients only (see :class:`_FirstOrderUnroll`)."""
+    if steps == 0:
+        return enc, head
+    e_flat, e_spec = tree.flatten(enc)
+    h_flat, h_spec = tree.flatten(head)
+    cfg = {"ft": ft, "lr": lr, "steps": steps, "head_only": head_only, "n_enc": len(e_flat),
+           "enc_spec": e_spec, "head_spec": h_spec}
+    out = list(_FirstOrderUnroll.apply(cfg, *e_flat, *h_flat))
+    if head_only:
+        return enc, tree.unflatten(out, h_spec)
+    return tree.unflatten(out[: len(e_flat)], e_spec), tree.unflatten(out[len(e_flat):], h_spec)

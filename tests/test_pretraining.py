@@ -189,3 +189,64 @@ def test_non_scalar_losses_are_named():
                       ("val_loss", lambda a, b: val_loss(a, b) * torch.ones(2, dtype=D))):
         with pytest.raises(ValueError, match=f"`{name}` must return a scalar"):
             _call(**{name: bad}).hypergrad["phi"].sum()
+
+
+# --- the first-order FT unroll (products="finite_difference") --------------------------------
+class _SigmoidNoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("derivative for _SigmoidNoBackward is not implemented")
+
+
+class _OnceSoftplus(torch.autograd.Function):
+    """softplus whose backward has no derivative (like SDPA's fused CPU kernel)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.softplus(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * _SigmoidNoBackward.apply(x)
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+@pytest.mark.parametrize("K", [1, 3])
+def test_first_order_unroll_matches_the_exact_unroll_without_double_backward(head_only, K):
+    from hypergrad.pretraining import _first_order_unroll
+
+    g = torch.Generator().manual_seed(K)
+    X, Xv = torch.randn(30, 4, generator=g, dtype=D), torch.randn(20, 4, generator=g, dtype=D)
+    y, yv = torch.randn(30, generator=g, dtype=D), torch.randn(20, generator=g, dtype=D)
+
+    def loss(Xs, ys, act):
+        return lambda e, hd: ((act(Xs @ e["w"]) * hd["s"] + hd["c"] - ys) ** 2).mean()
+
+    enc = {"w": torch.randn(4, generator=g, dtype=D).requires_grad_(True)}
+    head = {"s": torch.tensor(0.7, dtype=D, requires_grad=True),
+            "c": torch.tensor(0.1, dtype=D, requires_grad=True)}
+    smooth = torch.nn.functional.softplus
+    if head_only:
+        step = hg.gradient_step(lambda hd, e: loss(X, y, smooth)(e, hd), 0.3)
+        ek, hk = enc, hg.unroll(step, head, enc, K)
+    else:
+        step = hg.gradient_step(lambda s, _: loss(X, y, smooth)(*s), 0.3)
+        ek, hk = hg.unroll(step, (enc, head), (), K)
+    inputs = [enc["w"], head["s"], head["c"]]
+    exact = torch.autograd.grad(loss(Xv, yv, smooth)(ek, hk), inputs)
+    once = _OnceSoftplus.apply
+    ek2, hk2 = _first_order_unroll(loss(X, y, once), enc, head, K, 0.3, head_only)
+    fd = torch.autograd.grad(loss(Xv, yv, once)(ek2, hk2), inputs)
+    for a, b in zip(exact, fd):
+        assert float((a - b).norm() / a.norm()) < 1e-6
+    if not head_only:  # the exact unroll needs d/dw of the encoder's backward: it cannot
+        step = hg.gradient_step(lambda s, _: loss(X, y, once)(*s), 0.3)
+        with pytest.raises(RuntimeError, match="not implemented"):
+            torch.autograd.grad(loss(Xv, yv, once)(*hg.unroll(step, (enc, head), (), K)),
+                                inputs)
