@@ -10,7 +10,13 @@ from .finite_difference import (
     fd_hvp,
     fd_mixed_vjp,
 )
-from .implicit import HypergradientError, HypergradientWarning, implicit_grad, implicit_solution
+from .implicit import (
+    DoubleBackwardError,
+    HypergradientError,
+    HypergradientWarning,
+    implicit_grad,
+    implicit_solution,
+)
 from .meta_loop import CheckpointError, MetaPretrainer
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
@@ -18,6 +24,7 @@ from .solvers import (
     SolveResult,
     adam_preconditioner,
     cg,
+    default_tol,
     gmres,
     minres,
     neumann,
@@ -43,6 +50,7 @@ __all__ = [
     "fd_mixed_vjp",
     "default_fd_step",
     "SolveResult",
+    "default_tol",
     "cg",
     "neumann",
     "power_iteration",
@@ -58,6 +66,7 @@ __all__ = [
     "functional_implicit_grad",
     "HypergradientWarning",
     "HypergradientError",
+    "DoubleBackwardError",
     "unroll",
     "gradient_step",
     "optimizer_step",

@@ -9,6 +9,14 @@ and the hypergradient of an outer loss L(params*, hparams)
 (Lorraine et al. 2020, Eq. 2-5; Raghu et al. 2021, Eq. 3.) The inverse-Hessian product is a
 linear solve handed to ``solver``; the premise is checked and reported, never assumed.
 
+Health check, once per solve: every signal of one call (NaN/inf in the inputs, the inner loss
+value, its gradient, the outer gradient, the solution and the hypergradient; the solver's
+residual, iterations and curvature statistics; the stationarity of ``params``) is gathered on
+the device and read in one host transfer, then turned into errors (non-finite inputs and
+losses: ``ValueError`` naming where), warnings or ``HypergradientError`` (a failed premise or
+solve, by ``on_failure``), and ``info``. With a solver that reads nothing itself (a fixed-step
+Neumann series) that is one device synchronisation per hypergradient.
+
 Example:
     >>> import torch, hypergrad as hg
     >>> # inner: f = 0.5 (p - h)^2 has optimum p* = h; outer: L = p^2, so dL/dh = 2 h
@@ -21,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,23 +37,30 @@ from typing import Any
 import torch
 
 from . import _checks, tree
-from .products import HessianOperator
+from ._checks import DoubleBackwardError, HypergradientError, HypergradientWarning
+from .finite_difference import FiniteDifferenceOperator
+from .products import HessianOperator, _no_path_error, _raise_nonfinite
 from .solvers import SolveResult, cg
 from .transformable import in_functorch_transform
 from .tree import Tree
 
-__all__ = ["implicit_grad", "implicit_solution", "HypergradientWarning", "HypergradientError"]
+__all__ = [
+    "implicit_grad",
+    "implicit_solution",
+    "HypergradientWarning",
+    "HypergradientError",
+    "DoubleBackwardError",
+]
 
 Loss = Callable[[Tree, Tree], torch.Tensor]
 _POLICIES = ("warn", "raise", "ignore")
-
-
-class HypergradientWarning(UserWarning):
-    """The IFT premise or the linear solve failed: the hypergradient may be wrong."""
-
-
-class HypergradientError(RuntimeError):
-    """Raised instead of :class:`HypergradientWarning` when ``on_failure="raise"``."""
+_PRODUCTS = ("exact", "finite_difference")
+# solver statistics read with the health check (the keys SolveResult.stats documents)
+_STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
+          "residual_estimate")
+# the damping suggested for a singular / too ill-conditioned Hessian, relative to the largest
+# curvature the solver saw: the damped system then has condition number <= 1e3
+_DAMPING_FRACTION = 1e-3
 
 
 def _reject_functorch(params: Tree, hparams: Tree) -> None:
@@ -57,12 +73,99 @@ def _reject_functorch(params: Tree, hparams: Tree) -> None:
 
 
 def _check_policy(on_failure: str) -> None:
-    if on_failure not in _POLICIES:
+    if not isinstance(on_failure, str) or on_failure not in _POLICIES:
         raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
 
 
-def _solve(op: HessianOperator, rhs: Tree, solver: Callable[..., SolveResult]) -> SolveResult:
-    res = solver(op, rhs)
+def _check_products(products: str) -> None:
+    if not isinstance(products, str) or products not in _PRODUCTS:
+        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
+
+
+class _FiniteDifference:
+    """``hypergrad.FiniteDifferenceOperator`` with the health hooks the IFT reads: the same
+    signals (NaN/inf in params, hparams, the loss value and its gradient) as
+    ``HessianOperator``, from first-order gradients only."""
+
+    def __init__(self, inner_loss: Loss, params: Tree, hparams: Tree, public: bool) -> None:
+        self._fd = FiniteDifferenceOperator(inner_loss, params, hparams, (), name="inner_loss")
+        self._loss, self._params, self._hparams = inner_loss, params, hparams
+        self._p, self._h = tree.leaves(params), tree.leaves(hparams)
+        self._captured: list[torch.Tensor] = []
+        if public:  # one forward: the autograd path to params, and tensors it captures
+            p = tree.detach(params, requires_grad=True)
+            h = tree.detach(hparams, requires_grad=True)
+            with torch.enable_grad():
+                value = _checks.scalar_loss(inner_loss(p, h), "inner_loss")
+            own = tree.leaves(p) + tree.leaves(h)
+            reached = _checks.captured_leaves(value, [])
+            if not any(any(x is r for r in reached) for x in tree.leaves(p)):
+                raise _no_path_error("inner_loss")
+            self._captured = [x for x in reached if not any(x is o for o in own)]
+
+    def __call__(self, v: Tree) -> Tree:
+        return self._fd(v)
+
+    def mixed_vjp(self, v: Tree) -> Tree:
+        return self._fd.mixed_vjp(v)
+
+    @property
+    def grad(self) -> Tree:
+        return self._fd.grad
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self._fd.value
+
+    def _add_health(self, health: _checks.Health) -> None:
+        health.add_finite("params", self._p)
+        health.add_finite("hparams", self._h)
+        grad = tree.leaves(self.grad)  # computes the value too (one gradient, on first use)
+        health.add_finite("loss", [self.value])
+        health.add_finite("loss_grad", grad)
+
+    def _raise_nonfinite(self, health: _checks.Health) -> None:
+        _raise_nonfinite(health, "inner_loss", self._p, self._h)
+
+    def captured(self) -> list[torch.Tensor]:
+        return self._captured
+
+
+def _operator(inner_loss: Loss, params: Tree, hparams: Tree, products: str, public: bool):
+    """The inner Hessian's products: exact (double backward) or finite differences."""
+    if products == "finite_difference":
+        return _FiniteDifference(inner_loss, params, hparams, public)
+    return HessianOperator._internal(inner_loss, params, hparams, name="inner_loss")
+
+
+def _check_stationarity_tol(stationarity_tol: float | None) -> None:
+    if stationarity_tol is not None:
+        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+
+
+def _check_trees(params: Tree, hparams: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Structure, dtype and device of ``params`` and ``hparams`` (Python only, no host read)."""
+    p_flat = _checks.tensor_tree(params, "params")
+    h_flat = _checks.tensor_tree(hparams, "hparams")
+    _checks.one_device(p_flat, "params")
+    _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
+    return p_flat, h_flat
+
+
+def _solve(op: Callable[[Tree], Tree], rhs: Tree, solver: Callable[..., SolveResult],
+           explain: Callable[[], None] | None = None) -> SolveResult:
+    """``solver(op, rhs)``, type-checked. If the solver raises, ``explain`` reads the health of
+    the inputs (the failure path only) and raises a named error for a NaN/inf it finds, so a
+    solver's complaint about its ``b`` is reported as what it is (say, the outer gradient)."""
+    try:
+        res = solver(op, rhs)
+    except Exception as e:
+        if explain is not None:
+            try:
+                explain()
+            except ValueError as named:
+                raise named from e
+        raise
     if not isinstance(res, SolveResult):
         raise TypeError(
             f"`solver` must return a hypergrad.SolveResult, got {type(res).__name__}; "
@@ -71,52 +174,240 @@ def _solve(op: HessianOperator, rhs: Tree, solver: Callable[..., SolveResult]) -
     return res
 
 
-def _diagnose(
-    op: HessianOperator, params: Tree, res: SolveResult, stationarity_tol: float | None
-) -> dict[str, Any]:
-    """Premise checks: stationarity of ``params`` and positive curvature seen by the solver."""
-    info: dict[str, Any] = {"solve": res, "inner_grad_norm": tree.norm(op.grad)}
+def _explainer(op: Any, add: Callable[[_checks.Health], None],
+               check: Callable[[_checks.Health], None]) -> Callable[[], None]:
+    def explain() -> None:
+        health = _checks.Health()
+        op._add_health(health)
+        add(health)
+        health.read()
+        op._raise_nonfinite(health)
+        check(health)
+
+    return explain
+
+
+def _stationarity(op: Any, params: Tree) -> torch.Tensor:
+    """``||g|| / max(||H p||, ||H p - g||)``: for a quadratic ``f = 0.5 p^T H p - b^T p`` the
+    relative residual ``||H p - b|| / max(||H p||, ||b||)`` of the optimality condition;
+    scale-free in ``f`` and in ``params``. One extra matvec, no host read."""
+    hp = op(tree.detach(params))
+    g = op.grad
+    denom = torch.maximum(tree.norm(hp), tree.norm(tree.sub(hp, g)))
+    tiny = torch.finfo(denom.dtype).tiny
+    return tree.norm(g) / torch.clamp(denom, min=tiny)
+
+
+def _add_solve_health(health: _checks.Health, op: Any, res: SolveResult,
+                      hypergrad: list[torch.Tensor], stationarity: torch.Tensor | None) -> None:
+    op._add_health(health)
+    health.add_finite("solution", tree.leaves(res.solution))
+    health.add_finite("hypergrad", hypergrad)
+    health.add("residual_norm", res.residual_norm)
+    health.add("converged", res.converged)
+    health.add("iterations", res.iterations)
+    for key in _STATS:
+        value = (res.stats or {}).get(key)
+        if isinstance(value, (torch.Tensor, bool, int, float)):
+            health.add("stat_" + key, value)
+    health.add("inner_grad_norm", tree.norm(op.grad))
+    health.add("stationarity", stationarity)
+
+
+def _solver_name(solver: Callable[..., SolveResult]) -> str:
+    fn = getattr(solver, "func", solver)  # functools.partial
+    name = getattr(fn, "__name__", "")
+    return f"hg.{name}" if name in ("cg", "neumann", "minres", "gmres", "normal_cg",
+                                     "nystrom") else "your solver"
+
+
+def _damping_advice(solver: Callable[..., SolveResult], lo: float | None,
+                    hi: float | None) -> str:
+    name = _solver_name(solver)
+    if hi is None or not (math.isfinite(hi) and hi > 0):
+        return (f"Add damping, e.g. solver=functools.partial({name}, damping=...) with damping "
+                "about 1e-3 x the largest eigenvalue of the inner Hessian")
+    d = _DAMPING_FRACTION * hi
+    text = (f"Add damping, e.g. solver=functools.partial({name}, damping={d:.0e}): 1e-3 x the "
+            f"largest curvature the solver saw ({hi:.1e}), so the damped system has condition "
+            "number <= ~1e3 and converges in about a hundred products")
+    if lo is not None and math.isfinite(lo) and 0 < lo < d:
+        text += (f"; a smaller damping, down to the smallest curvature it resolved ({lo:.1e}), "
+                 "biases the hypergradient less and needs more iterations")
+    return text + " (damping solves (H + damping I) w = b: a biased but well-posed IFT)"
+
+
+def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
+                   eps: float) -> tuple[list[str], dict[str, bool]]:
+    """Why the solve cannot be trusted, each with the fix that addresses it."""
+    residual, iters = h["residual_norm"], int(h["iterations"])
+    converged = bool(h["converged"]) and math.isfinite(residual)
+    lo, hi = h.get("stat_min_rayleigh"), h.get("stat_max_rayleigh")
+    nonpos = bool(h.get("stat_nonpositive_curvature", 0.0))
+    known = lo is not None and hi is not None and math.isfinite(hi) and hi > 0
+    # zero curvature up to rounding (a singular PSD Hessian) is not a saddle
+    flat = known and math.isfinite(lo) and abs(lo) <= hi * math.sqrt(eps)
+    negative = nonpos and not flat
+    # no progress at all: the run ended no better than the zero guess (or worse)
+    no_progress = not converged and not residual < 1.0
+    stagnated = bool(h.get("stat_stagnated", no_progress)) and not converged
     reasons = []
-    if not bool(res.converged):
-        reasons.append("the linear solve did not converge (increase the solver's iterations)")
-    stats = res.stats or {}
-    nonpos = bool(stats.get("nonpositive_curvature", False))
-    info["nonpositive_curvature"] = nonpos
-    if nonpos:
-        reasons.append("the inner Hessian has non-positive curvature (not at a strict minimum)")
-    if stationarity_tol is not None:
-        # ||g|| / max(||H p||, ||H p - g||): for a quadratic f = 0.5 p^T H p - b^T p this is the
-        # relative residual ||H p - b|| / max(||H p||, ||b||) of the optimality condition;
-        # scale-free in f and in params. One extra matvec.
-        hp = op(tree.detach(params))
-        g = op.grad
-        denom = torch.maximum(tree.norm(hp), tree.norm(tree.sub(hp, g)))
-        tiny = torch.finfo(denom.dtype).tiny
-        stationarity = tree.norm(g) / torch.clamp(denom, min=tiny)
-        info["stationarity"] = stationarity
-        if not bool(stationarity <= stationarity_tol):
+    broken = h.first_nonfinite("solution") is not None
+    if broken:
+        cause = ("the Hessian is singular or not positive definite" if (flat or nonpos) else
+                 "the products of the inner Hessian overflow or the solver diverged")
+        reasons.append(f"the linear solve returned NaN/inf after {iters} products ({cause})")
+    elif h.first_nonfinite("hypergrad") is not None:
+        reasons.append(
+            "the hypergradient is NaN/inf although the solve is finite: the mixed second "
+            "derivative d2 inner_loss / (d params d hparams) overflows"
+        )
+    if negative:
+        reasons.append(
+            "the inner Hessian has non-positive curvature (the solver met a direction with "
+            f"v^T H v / v^T v = {lo:.2e} <= 0): `params` is not at a strict minimum of "
+            "inner_loss; optimise it further, use hg.minres for a saddle, or add damping "
+            f"> {abs(lo):.1e} to make H + damping I positive definite"
+        )
+    if not converged and not negative and not broken:
+        where = f"relative residual {residual:.1e} after {iters} products"
+        alpha = h.get("stat_alpha")
+        if alpha is not None and not residual <= 1.0 and not flat:
             reasons.append(
-                "`params` is not a stationary point of the inner loss (optimise it further)"
+                f"the linear solve did not converge ({where}): the Neumann series diverges "
+                f"with alpha={alpha:.2e}; use alpha='auto' or an alpha below 2 / lambda_max "
+                "of the inner Hessian"
             )
+        elif flat or no_progress:
+            reasons.append(
+                f"the linear solve did not converge ({where}) and more iterations will not "
+                "help: the inner Hessian is singular or too ill-conditioned. "
+                + _damping_advice(solver, lo if known else None, hi if known else None)
+            )
+        elif stagnated:  # the solver says the residual stopped falling fast enough
+            advice = _damping_advice(solver, lo if known else None, hi if known else None)
+            reasons.append(
+                f"the linear solve did not converge ({where}) and it is progressing slowly "
+                "(the solver reports stagnation): the inner Hessian is ill-conditioned. "
+                "Increase the solver's iterations if the budget allows (it may need many "
+                f"more), or: {advice[0].lower()}{advice[1:]}"
+            )
+        else:
+            reasons.append(
+                f"the linear solve did not converge ({where}); increase the solver's "
+                "iterations (maxiter= for hg.cg / hg.minres / hg.gmres, iterations= for "
+                "hg.neumann)"
+            )
+    return reasons, {"singular": bool(flat and not converged), "stagnated": stagnated}
+
+
+def _diagnose(h: _checks.Health, op: Any, res: SolveResult,
+              stationarity: torch.Tensor | None, stationarity_tol: float | None,
+              solver: Callable[..., SolveResult]) -> dict[str, Any]:
+    """``info`` from the one read: premise checks and the solve, with advice."""
+    eps = torch.finfo(op.value.dtype).eps
+    reasons, flags = _solve_reasons(h, solver, eps)
+    info: dict[str, Any] = {"solve": res, "inner_grad_norm": tree.norm(op.grad)}
+    info["nonpositive_curvature"] = bool(h.get("stat_nonpositive_curvature", 0.0))
+    info.update(flags)
+    if stationarity is not None:
+        info["stationarity"] = stationarity
+        s = h["stationarity"]
+        if not s <= stationarity_tol:
+            reasons.append(
+                "`params` is not a stationary point of the inner loss (relative gradient "
+                f"{s:.1e} > stationarity_tol={stationarity_tol:g}); optimise it further"
+            )
+    info["health"] = {k: h[k] for k in ("residual_norm", "iterations", "converged",
+                                        "inner_grad_norm", "stationarity") if k in h}
+    info["health"].update({k[5:]: h[k] for k in ("stat_" + s for s in _STATS) if k in h})
     info["reasons"] = reasons
     info["trusted"] = not reasons
     return info
 
 
-def _report(info: dict[str, Any], on_failure: str) -> None:
+def _report(info: dict[str, Any], on_failure: str, stacklevel: int = 3) -> None:
     if info["trusted"] or on_failure == "ignore":
         return
     if on_failure == "raise":
         raise HypergradientError("hypergradient may be wrong: " + "; ".join(info["reasons"]))
-    # One warning per reason, each with a fixed message, so Python's default filter shows each
-    # reason once per call site (a joined message would repeat for every combination).
+    # One warning per reason, so Python's default filter shows a repeated reason once per call
+    # site (a joined message would repeat for every combination).
     for reason in info["reasons"]:
-        warnings.warn("hypergradient may be wrong: " + reason, HypergradientWarning, stacklevel=3)
+        warnings.warn("hypergradient may be wrong: " + reason, HypergradientWarning,
+                      stacklevel=stacklevel)
 
 
-def _check_stationarity_tol(stationarity_tol: float | None) -> None:
-    if stationarity_tol is not None:
-        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+def _warn_captured(op: Any, stacklevel: int) -> None:
+    captured = op.captured()
+    if captured:
+        shapes = ", ".join(str(tuple(x.shape)) for x in captured[:5])
+        more = f" and {len(captured) - 5} more" if len(captured) > 5 else ""
+        warnings.warn(
+            f"`inner_loss` uses {len(captured)} tensor(s) that require grad but are in neither "
+            f"`params` nor `hparams` (shapes {shapes}{more}), e.g. a module's own nn.Parameter "
+            "read through a closure: the Hessian treats them as constants and no hypergradient "
+            "reaches them. Pass them in `params` (inner variables) or `hparams`, or detach them",
+            HypergradientWarning, stacklevel=stacklevel,
+        )
+
+
+def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree):
+    p_flat, p_spec = tree.flatten(params)
+    h_flat, h_spec = tree.flatten(hparams)
+    p = [x.detach().requires_grad_(True) for x in p_flat]
+    h = [x.detach().requires_grad_(True) for x in h_flat]
+    with torch.enable_grad():
+        L = _checks.scalar_loss(
+            outer_loss(tree.unflatten(p, p_spec), tree.unflatten(h, h_spec)), "outer_loss"
+        )
+        grads = torch.autograd.grad(L, p + h, allow_unused=True) if L.requires_grad else None
+    if grads is None:
+        grads = [None] * (len(p) + len(h))
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(p + h, grads)]
+    return L.detach(), grads[: len(p)], grads[len(p):], p_spec, h_spec
+
+
+def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
+                   solver: Callable[..., SolveResult], on_failure: str,
+                   stationarity_tol: float | None, products: str, public: bool,
+                   stacklevel: int) -> tuple[Tree, dict[str, Any]]:
+    op = _operator(inner_loss, params, hparams, products, public)
+    if public:
+        _warn_captured(op, stacklevel)
+    L, dL_dp, dL_dh, p_spec, h_spec = _outer_grads(outer_loss, params, hparams)
+
+    def add(health: _checks.Health) -> None:
+        health.add_finite("outer_loss", [L])
+        health.add_finite("dL_dp", dL_dp)
+        health.add_finite("dL_dh", dL_dh)
+
+    def check(health: _checks.Health) -> None:
+        if health.first_nonfinite("outer_loss") is not None:
+            raise ValueError("the value of `outer_loss` at `params` is NaN/inf; fix the outer "
+                             "loss")
+        for key, flat, what in (("dL_dp", dL_dp, "params"), ("dL_dh", dL_dh, "hparams")):
+            i = health.first_nonfinite(key)
+            if i is not None:
+                raise ValueError(
+                    f"the gradient of `outer_loss` with respect to `{what}` leaf {i} (shape "
+                    f"{tuple(flat[i].shape)}) is NaN/inf (e.g. sqrt or log at 0)"
+                )
+
+    res = _solve(op, tree.unflatten(dL_dp, p_spec), solver,  # w = H^{-1} dL/dparams
+                 _explainer(op, add, check))
+    mixed = tree.leaves(op.mixed_vjp(res.solution))  # w^T d2f/(dparams dhparams)
+    hyper = [a - b for a, b in zip(dL_dh, mixed)]
+    stationarity = None if stationarity_tol is None else _stationarity(op, params)
+    health = _checks.Health()
+    _add_solve_health(health, op, res, hyper, stationarity)
+    add(health)
+    health.read()  # the one host read of this call
+    op._raise_nonfinite(health)
+    check(health)
+    info = _diagnose(health, op, res, stationarity, stationarity_tol, solver)
+    _report(info, on_failure, stacklevel)
+    return tree.unflatten(hyper, h_spec), info
 
 
 def implicit_grad(
@@ -129,6 +420,7 @@ def implicit_grad(
     return_info: bool = False,
     on_failure: str = "warn",
     stationarity_tol: float | None = 1e-3,
+    products: str = "exact",
 ) -> Tree | tuple[Tree, dict[str, Any]]:
     """Hypergradient ``dL(params*(hparams), hparams) / d hparams`` by the IFT at ``params``.
 
@@ -140,47 +432,54 @@ def implicit_grad(
         solver: ``solver(matvec, b) -> SolveResult``, e.g. ``partial(hg.neumann, iterations=10)``.
         return_info: also return a dict with the ``SolveResult`` (``"solve"``), the inner
             gradient norm, ``"stationarity"`` (relative residual of the optimality condition),
-            ``"nonpositive_curvature"`` and ``"trusted"``.
+            ``"nonpositive_curvature"``, ``"singular"``, ``"stagnated"``, ``"health"`` (every
+            signal of the health check as Python numbers), ``"reasons"`` and ``"trusted"``.
         on_failure: ``"warn"`` (once per reason), ``"raise"`` or ``"ignore"`` when the solve did
-            not converge, met non-positive curvature, or ``params`` is not stationary.
+            not converge, returned NaN/inf, met non-positive curvature, or ``params`` is not
+            stationary. Each reason says what to change (more iterations, ``damping=`` with a
+            size measured from the solver's curvature, a smaller Neumann ``alpha``, ...).
         stationarity_tol: threshold on ``"stationarity"``; ``None`` skips the check (saves one
             Hessian-vector product).
+        products: ``"exact"`` (reverse-over-reverse: needs a double backward) or
+            ``"finite_difference"`` (central differences of first-order gradients,
+            ``hypergrad.FiniteDifferenceOperator``: for models with no double backward,
+            compiled losses; error O(sqrt(eps)) relative, see its docstring).
+
+    Raises ``ValueError`` naming where NaN/inf appeared (``params``, ``hparams``, the inner
+    loss value or gradient, the outer loss or its gradient) and when ``inner_loss`` has no
+    autograd path to ``params``; :class:`DoubleBackwardError` when the inner loss
+    has no double backward. Warns (:class:`HypergradientWarning`) when ``inner_loss`` reads a
+    tensor that requires grad but is in neither ``params`` nor ``hparams``.
 
     Cost: one gradient graph of ``f``, the solver's matvecs, one mixed product, one gradient
-    of ``L``, and one matvec for the stationarity check.
+    of ``L``, one matvec for the stationarity check, and one host read for the health check
+    (plus whatever the solver reads to decide when to stop).
     """
     _reject_functorch(params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
     _checks.callable_(outer_loss, "outer_loss")
     _check_policy(on_failure)
     _check_stationarity_tol(stationarity_tol)
+    _check_products(products)
     _checks.callable_(solver, "solver")
-    p_flat = _checks.tensor_tree(params, "params")
-    h_flat = _checks.tensor_tree(hparams, "hparams")
-    _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
-    op = HessianOperator(inner_loss, params, hparams, (), name="inner_loss")
+    _check_trees(params, hparams)
+    g, info = _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
+                             on_failure=on_failure, stationarity_tol=stationarity_tol,
+                             products=products, public=True, stacklevel=4)
+    return (g, info) if return_info else g
 
-    p_spec, h_spec = tree.flatten(params)[1], tree.flatten(hparams)[1]
-    p = [x.detach().requires_grad_(True) for x in p_flat]
-    h = [x.detach().requires_grad_(True) for x in h_flat]
-    with torch.enable_grad():
-        L = _checks.scalar_loss(
-            outer_loss(tree.unflatten(p, p_spec), tree.unflatten(h, h_spec)), "outer_loss"
-        )
-        grads = torch.autograd.grad(L, p + h, allow_unused=True) if L.requires_grad else None
-    if grads is None:
-        grads = [None] * (len(p) + len(h))
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(p + h, grads)]
-    dL_dp = tree.unflatten(grads[: len(p)], p_spec)
-    dL_dh = tree.unflatten(grads[len(p) :], h_spec)
 
-    _checks.finite(dL_dp, "dL/dparams (the gradient of outer_loss)")
-    res = _solve(op, dL_dp, solver)  # w = H^{-1} dL/dparams
-    mixed = op.mixed_vjp(res.solution)  # w^T d2f/(dparams dhparams)
-    hypergrad = tree.sub(dL_dh, mixed)
-    info = _diagnose(op, params, res, stationarity_tol)
-    _report(info, on_failure)
-    return (hypergrad, info) if return_info else hypergrad
+def _implicit_grad_fast(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
+                        solver: Callable[..., SolveResult], on_failure: str = "ignore",
+                        stationarity_tol: float | None = None,
+                        products: str = "exact") -> tuple[Tree, dict[str, Any]]:
+    """:func:`implicit_grad` for internal callers that validated their inputs (``params`` and
+    ``hparams`` non-empty floating tensor pytrees of one dtype/device, callables, policy):
+    no entry checks and no scan for captured tensors; the one health read stays (errors for
+    NaN/inf are still named). Returns ``(hypergrad, info)``."""
+    return _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
+                          on_failure=on_failure, stationarity_tol=stationarity_tol,
+                          products=products, public=False, stacklevel=3)
 
 
 class _Implicit(torch.autograd.Function):
@@ -199,17 +498,61 @@ class _Implicit(torch.autograd.Function):
         v = [torch.zeros_like(x) if g is None else g for x, g in zip(p_flat, grad_outputs)]
         params = tree.unflatten(p_flat, cfg["p_spec"])
         hparams = tree.unflatten(h_flat, cfg["h_spec"])
-        op = HessianOperator(cfg["inner_loss"], params, hparams, (), name="inner_loss")
-        v_tree = tree.unflatten(v, cfg["p_spec"])
-        _checks.finite(v_tree, "the gradient arriving at implicit_solution's output")
-        res = _solve(op, v_tree, cfg["solver"])
+        op = _operator(cfg["inner_loss"], params, hparams, cfg["products"], cfg["public"])
+        if cfg["public"]:
+            _warn_captured(op, stacklevel=2)
+
+        def add(health: _checks.Health) -> None:
+            health.add_finite("incoming", v)
+
+        def check(health: _checks.Health) -> None:
+            i = health.first_nonfinite("incoming")
+            if i is not None:
+                raise ValueError(
+                    f"the gradient arriving at implicit_solution's output (leaf {i}, shape "
+                    f"{tuple(v[i].shape)}) is NaN/inf: the loss downstream of implicit_solution "
+                    "has a non-finite gradient (e.g. sqrt or log at 0)"
+                )
+
+        res = _solve(op, tree.unflatten(v, cfg["p_spec"]), cfg["solver"],
+                     _explainer(op, add, check))
         mixed = tree.leaves(op.mixed_vjp(res.solution))
-        info = _diagnose(op, params, res, cfg["stationarity_tol"])
+        stationarity = (None if cfg["stationarity_tol"] is None
+                        else _stationarity(op, params))
+        health = _checks.Health()
+        _add_solve_health(health, op, res, mixed, stationarity)
+        add(health)
+        health.read()  # the one host read of this backward
+        op._raise_nonfinite(health)
+        check(health)
+        info = _diagnose(health, op, res, stationarity, cfg["stationarity_tol"], cfg["solver"])
         if cfg["info"] is not None:
             cfg["info"].clear()
             cfg["info"].update(info)
-        _report(info, cfg["on_failure"])
+        _report(info, cfg["on_failure"], stacklevel=2)
         return (None, *([None] * n), *[-m for m in mixed])
+
+
+def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
+                    solver: Callable[..., SolveResult], on_failure: str,
+                    stationarity_tol: float | None, info: dict[str, Any] | None,
+                    products: str, public: bool) -> Tree:
+    p_flat, p_spec = tree.flatten(params)
+    h_flat, h_spec = tree.flatten(hparams)
+    cfg = {
+        "inner_loss": inner_loss,
+        "solver": solver,
+        "n_params": len(p_flat),
+        "p_spec": p_spec,
+        "h_spec": h_spec,
+        "on_failure": on_failure,
+        "stationarity_tol": stationarity_tol,
+        "info": info,
+        "products": products,
+        "public": public,
+    }
+    out = _Implicit.apply(cfg, *[x.detach() for x in p_flat], *h_flat)
+    return tree.unflatten(list(out), p_spec)
 
 
 def implicit_solution(
@@ -221,6 +564,7 @@ def implicit_solution(
     on_failure: str = "warn",
     stationarity_tol: float | None = 1e-3,
     info: dict[str, Any] | None = None,
+    products: str = "exact",
 ) -> Tree:
     """``params``' values as a differentiable function of ``hparams`` (an IFT autograd node).
 
@@ -229,7 +573,11 @@ def implicit_solution(
     into ``hparams``. So the result composes with anything downstream (an unrolled
     fine-tuning, a validation loss) and ``loss.backward()`` fills ``hparams``' ``.grad``.
     No gradient flows into ``params`` themselves. Pass a dict as ``info`` to receive the
-    diagnostics of the backward's solve (see :func:`implicit_grad`).
+    diagnostics of the backward's solve (see :func:`implicit_grad`). ``products`` as in
+    :func:`implicit_grad`.
+
+    Checks: the forward validates ``params`` and ``hparams`` (one host read for NaN/inf); the
+    backward reads its health signals once, as :func:`implicit_grad` does.
 
     Example:
         >>> import torch, hypergrad as hg
@@ -243,29 +591,36 @@ def implicit_solution(
     _checks.callable_(solver, "solver")
     _check_policy(on_failure)
     _check_stationarity_tol(stationarity_tol)
+    _check_products(products)
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"`info` must be a dict to receive diagnostics, got {type(info).__name__}")
-    p_flat, p_spec = tree.flatten(params)
-    h_flat, h_spec = tree.flatten(hparams)
-    _checks.tensor_tree(params, "params")
-    _checks.tensor_tree(hparams, "hparams")
-    _checks.same_dtype(h_flat, "hparams", [p_flat[0]] * len(h_flat), "params")
+    p_flat, h_flat = _check_trees(params, hparams)
     if not any(x.requires_grad for x in h_flat):
         raise ValueError(
             "`hparams` must require grad for implicit_solution to carry a hypergradient; "
             "call .requires_grad_() on them (or use hg.implicit_grad, which needs none)"
         )
-    _checks.finite(params, "params")
-    _checks.finite(hparams, "hparams")
-    cfg = {
-        "inner_loss": inner_loss,
-        "solver": solver,
-        "n_params": len(p_flat),
-        "p_spec": p_spec,
-        "h_spec": h_spec,
-        "on_failure": on_failure,
-        "stationarity_tol": stationarity_tol,
-        "info": info,
-    }
-    out = _Implicit.apply(cfg, *[x.detach() for x in p_flat], *h_flat)
-    return tree.unflatten(list(out), p_spec)
+    health = _checks.Health()
+    health.add_finite("params", p_flat)
+    health.add_finite("hparams", h_flat)
+    health.read()
+    health.raise_nonfinite("params", p_flat, "; a hypergradient at non-finite values is "
+                           "meaningless")
+    health.raise_nonfinite("hparams", h_flat)
+    return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
+                           stationarity_tol=stationarity_tol, info=info, products=products,
+                           public=True)
+
+
+def _implicit_solution_fast(inner_loss: Loss, params: Tree, hparams: Tree, *,
+                            solver: Callable[..., SolveResult], on_failure: str = "ignore",
+                            stationarity_tol: float | None = None,
+                            info: dict[str, Any] | None = None,
+                            products: str = "exact") -> Tree:
+    """:func:`implicit_solution` for internal callers that validated their inputs (``params``
+    and ``hparams`` non-empty floating tensor pytrees of one dtype/device, finite, some of
+    ``hparams`` requiring grad; callables and policy checked): no host read in the forward, no
+    scan for captured tensors in the backward; the backward's one health read stays."""
+    return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
+                           stationarity_tol=stationarity_tol, info=info, products=products,
+                           public=False)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import tree
+from . import _checks, tree
 from .tree import Tree
 
 __all__ = [
@@ -78,6 +78,10 @@ def quadratic_problem(
 
     Exact: ``p* = A^{-1}(B h + c)`` and ``dL/dh = B^T A^{-1} (p* - t) + D h``.
     """
+    _checks.positive_int(n_params, "n_params")
+    _checks.positive_int(n_hparams, "n_hparams")
+    if _checks.positive_number(cond, "cond") < 1:
+        raise ValueError(f"`cond` must be >= 1 (a condition number), got {cond!r}")
     g = _gen(seed)
     A = _spd(n_params, cond, g, dtype)
     B = torch.randn(n_params, n_hparams, generator=g, dtype=dtype)
@@ -107,6 +111,8 @@ def ridge_problem(
     With ``A = X^T X / n + diag(exp h)``: ``w* = A^{-1} X^T y / n`` and
     ``dL/dh_j = -exp(h_j) w*_j (A^{-1} X_v^T (X_v w* - y_v) / m)_j``.
     """
+    for value, name in ((n_features, "n_features"), (n_train, "n_train"), (n_val, "n_val")):
+        _checks.positive_int(value, name)
     g = _gen(seed)
     w_true = torch.randn(n_features, generator=g, dtype=dtype)
     X = torch.randn(n_train, n_features, generator=g, dtype=dtype)
@@ -166,12 +172,17 @@ def logistic_problem(
 
 def dense_hessian(fn: Callable[..., torch.Tensor], params: Tree, *args: Any) -> torch.Tensor:
     """The full ``n x n`` Hessian of ``fn(params, *args)`` over the flattened params."""
+    _checks.callable_(fn, "fn")
+    _checks.tensor_tree(params, "params")
     vec, unravel = tree.ravel(tree.detach(params))
     return torch.func.hessian(lambda v: fn(unravel(v), *args))(vec)
 
 
 def dense_mixed(fn: Callable[[Tree, Tree], torch.Tensor], params: Tree, hparams: Tree):
     """The ``n_params x n_hparams`` matrix ``d2 fn / (d params d hparams)``."""
+    _checks.callable_(fn, "fn")
+    _checks.tensor_tree(params, "params")
+    _checks.tensor_tree(hparams, "hparams")
     pv, unravel_p = tree.ravel(tree.detach(params))
     hv, unravel_h = tree.ravel(tree.detach(hparams))
 
@@ -188,6 +199,7 @@ def reference_implicit_grad(
     hparams: Tree,
 ) -> Tree:
     """IFT hypergradient with a dense Hessian and a direct solve (small problems only)."""
+    _checks.callable_(outer_loss, "outer_loss")
     H = dense_hessian(inner_loss, params, hparams)
     M = dense_mixed(inner_loss, params, hparams)
     pv, unravel_p = tree.ravel(tree.detach(params))
@@ -207,6 +219,9 @@ def reference_unroll_grad(
     outer_loss: Callable[[Tree, Tree], torch.Tensor],
 ) -> Tree:
     """Exact gradient of ``outer_loss(params_T, hparams)`` through all ``steps`` steps."""
+    _checks.callable_(step, "step")
+    _checks.nonneg_int(steps, "steps")
+    _checks.tensor_tree(hparams, "hparams")
     hf, hs = tree.flatten(hparams)
     h = [x.detach().requires_grad_(True) for x in hf]
     hp = tree.unflatten(h, hs)

@@ -162,9 +162,13 @@ def requires_grad(a: Tree) -> bool:
 
 
 def all_finite(a: Tree) -> bool:
-    return all(
-        bool(torch.isfinite(x).all()) for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)
-    )
+    """Whether every tensor leaf of ``a`` is free of NaN/inf (one host read for the whole tree,
+    not one per leaf)."""
+    flags = [torch.isfinite(x).all() for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    if not flags:
+        return True
+    device = flags[0].device
+    return bool(torch.stack([f.to(device) for f in flags]).all())
 
 
 def numel(a: Tree) -> int:

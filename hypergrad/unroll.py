@@ -41,7 +41,8 @@ def unroll(
     """Apply ``step`` ``steps`` times; only the last ``truncate`` applications are differentiable.
 
     Args:
-        step: ``step(params, hparams, t) -> params`` (same pytree structure). ``t`` runs from 0.
+        step: ``step(params, hparams, t) -> params`` (same pytree structure, leaf shapes and
+            dtypes). ``t`` runs from 0.
         params: the initial state: parameters, or any pytree (e.g. ``(params, opt_state)``).
             If it is part of an autograd graph (say the output of ``implicit_solution``),
             gradients flow back into it through the recorded steps when nothing is truncated.
@@ -53,7 +54,21 @@ def unroll(
             states instead of ``steps``, at the price of one more forward pass per step (the
             RNG state is restored for the recomputation). Works with ``.backward()``,
             ``torch.autograd.grad`` and double backward (``create_graph=True``).
+
+    NaN/inf: the first step whose iterate holds NaN/inf is tracked on the device (no host read
+    per step) and read once at the end; then ``FloatingPointError`` names the step ``t`` and
+    the leaf (e.g. a learning rate too large for the loss: the iterates overflow). A
+    non-finite initial ``params`` raises ``ValueError``. A step that changes the structure, a
+    leaf's shape or its dtype raises at once.
     """
+    return _unroll(step, params, hparams, steps, truncate=truncate,
+                   checkpoint_every=checkpoint_every, check_finite=True)
+
+
+def _unroll(step: Step, params: Tree, hparams: Tree, steps: int, *, truncate: int | None = None,
+            checkpoint_every: int | None = None, check_finite: bool = True) -> Tree:
+    """:func:`unroll`; ``check_finite=False`` skips the NaN/inf tracking and its one host read
+    (for internal callers that check the end result themselves)."""
     _checks.callable_(step, "step")
     steps = _checks.nonneg_int(steps, "steps")
     if truncate is None:
@@ -65,7 +80,8 @@ def unroll(
         )
     if checkpoint_every is not None:
         checkpoint_every = _checks.positive_int(checkpoint_every, "checkpoint_every")
-    spec = tree.flatten(params)[1]
+    spec = _State(params)
+    watch = _NonFinite(params, steps) if check_finite else None
     free = steps - truncate
     if free:
         frozen_h = tree.detach(hparams)
@@ -73,37 +89,108 @@ def unroll(
             state = tree.detach(params)
         for t in range(free):
             state = tree.detach(step(state, frozen_h, t))
-            _check_state(state, spec, t)
+            spec.check(state, t)
+            if watch is not None:
+                watch.see(state, t)
     else:
         state = params
     t = free
     while t < steps:
         if checkpoint_every is None:
             state = step(state, hparams, t)
-            _check_state(state, spec, t)
+            spec.check(state, t)
+            if watch is not None:
+                watch.see(state, t)
             t += 1
         else:
             n = min(checkpoint_every, steps - t)
-            state = _checkpointed(step, state, hparams, t, n, spec)
+            state = _checkpointed(step, state, hparams, t, n, spec, watch)
             t += n
+    if watch is not None:
+        watch.report()
     return state
 
 
-def _check_state(state: Tree, spec: Any, t: int) -> None:
-    if tree.flatten(state)[1] != spec:
-        raise ValueError(
-            f"`step` must return a pytree of the structure of `params`; at t={t} it returned "
-            f"{tree.flatten(state)[1]} instead of {spec}"
-        )
+class _State:
+    """The structure, leaf shapes and dtypes every step must preserve (Python-only checks)."""
+
+    def __init__(self, params: Tree) -> None:
+        flat, self.spec = tree.flatten(params)
+        self.meta = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in flat]
+
+    def check(self, state: Tree, t: int) -> None:
+        flat, spec = tree.flatten(state)
+        if spec != self.spec:
+            raise ValueError(
+                f"`step` must return a pytree of the structure of `params`; at t={t} it "
+                f"returned {spec} instead of {self.spec}"
+            )
+        for i, (x, m) in enumerate(zip(flat, self.meta)):
+            if m is None or not isinstance(x, torch.Tensor):
+                continue
+            if x.shape != m[0]:
+                raise ValueError(f"`step` changed the shape of leaf {i} of the state at t={t}: "
+                                 f"{tuple(m[0])} -> {tuple(x.shape)}")
+            if x.dtype != m[1]:
+                raise TypeError(f"`step` changed the dtype of leaf {i} of the state at t={t}: "
+                                f"{m[1]} -> {x.dtype} (hypergrad never casts silently)")
 
 
-def _checkpointed(step: Step, state: Tree, hparams: Tree, t0: int, n: int, spec: Any) -> Tree:
+class _NonFinite:
+    """The first step at which each floating leaf of the state became NaN/inf, kept on the
+    device (a few tiny tensor ops per step, no host read) and read once by :meth:`report`."""
+
+    def __init__(self, params: Tree, steps: int) -> None:
+        flat = tree.leaves(params)
+        self.index = [i for i, x in enumerate(flat)
+                      if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        self.shapes = [tuple(flat[i].shape) for i in self.index]
+        self.never = steps  # sentinel: "finite at every step"
+        self.first: torch.Tensor | None = None
+        self.initial: torch.Tensor | None = None
+        if self.index:
+            self.initial = self._bad(flat)
+            device = self.initial.device
+            self.first = torch.full((len(self.index),), steps, dtype=torch.int64, device=device)
+
+    def _bad(self, flat: list) -> torch.Tensor:
+        return torch.stack([~torch.isfinite(flat[i].detach()).all() for i in self.index])
+
+    def see(self, state: Tree, t: int) -> None:
+        if self.first is None:
+            return
+        bad = self._bad(tree.leaves(state)).to(self.first.device)
+        unset = self.first == self.never
+        self.first = torch.where(bad & unset, torch.full_like(self.first, t), self.first)
+
+    def report(self) -> None:
+        if self.first is None:
+            return
+        values = torch.cat([self.initial.to(self.first.device, torch.int64), self.first]).tolist()
+        k = len(self.index)
+        initial, first = values[:k], values[k:]
+        for j, bad in enumerate(initial):
+            if bad:
+                raise ValueError(f"`params` leaf {self.index[j]} (shape {self.shapes[j]}) "
+                                 "contains NaN/inf: the unroll starts from a non-finite state")
+        t, j = min((t, j) for j, t in enumerate(first))
+        if t < self.never:
+            raise FloatingPointError(
+                f"unroll: the iterate became NaN/inf at step t={t} (leaf {self.index[j]} of the "
+                f"state, shape {self.shapes[j]}); the step diverged or its loss is non-finite "
+                "there: lower the learning rate, or check the loss at that point"
+            )
+
+
+def _checkpointed(step: Step, state: Tree, hparams: Tree, t0: int, n: int, spec: _State,
+                  watch: _NonFinite | None) -> Tree:
     """Steps ``t0 .. t0+n-1`` as one autograd node that keeps only its inputs and recomputes the
     steps (with the same RNG state) in its backward."""
     s_flat, s_spec = tree.flatten(state)
     h_flat, h_spec = tree.flatten(hparams)
     s_idx = [i for i, x in enumerate(s_flat) if isinstance(x, torch.Tensor)]
     h_idx = [i for i, x in enumerate(h_flat) if isinstance(x, torch.Tensor)]
+    first_run = [True]  # record non-finite iterates in the forward, not in the recomputation
 
     def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s, h = list(s_flat), list(h_flat)
@@ -114,7 +201,10 @@ def _checkpointed(step: Step, state: Tree, hparams: Tree, t0: int, n: int, spec:
         cur, hp = tree.unflatten(s, s_spec), tree.unflatten(h, h_spec)
         for k in range(n):
             cur = step(cur, hp, t0 + k)
-            _check_state(cur, spec, t0 + k)
+            spec.check(cur, t0 + k)
+            if watch is not None and first_run[0]:
+                watch.see(cur, t0 + k)
+        first_run[0] = False
         out = tree.flatten(cur)[0]
         return tuple(out[i] for i in s_idx)
 
@@ -122,7 +212,7 @@ def _checkpointed(step: Step, state: Tree, hparams: Tree, t0: int, n: int, spec:
     s = list(s_flat)
     for i, x in zip(s_idx, outs):
         s[i] = x
-    return tree.unflatten(s, spec)
+    return tree.unflatten(s, spec.spec)
 
 
 class _Segment(torch.autograd.Function):

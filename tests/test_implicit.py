@@ -489,3 +489,267 @@ def test_float64_end_to_end_even_when_the_default_dtype_is_float32(float32):
     assert h["h"].grad.dtype == torch.float64
     # at the optimum, gradient steps do not move: the composed gradient is the IFT's
     assert rel_error({"h": h["h"].grad}, prob.hypergrad) < 1e-8
+
+
+# ---- NaN/inf named where it appears (issue 13.4) ---------------------------------------------
+
+
+def test_a_nan_inner_loss_is_named_instead_of_three_misleading_warnings():
+    prob = problems.problem("ridge")
+
+    def inner(w, h):  # NaN value, NaN gradient: it used to give zeros and blame the solver
+        return prob.inner_loss(w, h) + torch.log(-h.sum().abs() - 1.0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="value of `inner_loss` at `params` is NaN/inf"):
+            hg.implicit_grad(inner, prob.outer_loss, prob.params, prob.hparams)
+        h = prob.hparams.clone().requires_grad_(True)
+        w = hg.implicit_solution(inner, prob.params, h)
+        with pytest.raises(ValueError, match="value of `inner_loss` at `params` is NaN/inf"):
+            prob.outer_loss(w, h).backward()
+
+
+def test_a_non_finite_inner_gradient_is_named_with_its_leaf():
+    prob = problems.problem("nested_pytrees")
+
+    def inner(p, h):  # finite value, infinite gradient in leaf "b"[0] (sqrt at 0)
+        return prob.inner_loss(p, h) + (p["b"][0] - p["b"][0].detach()).abs().sqrt().sum()
+
+    with pytest.raises(ValueError, match=r"gradient of `inner_loss` .* `params` leaf 1 "
+                                         r"\(shape \(3,\)\) is NaN/inf"):
+        hg.implicit_grad(inner, prob.outer_loss, prob.params, prob.hparams)
+
+
+def test_a_solve_that_returns_nan_warns_and_flags_the_result():
+    prob = problems.problem("quadratic")
+
+    def broken(matvec, b):
+        x = hg.tree.map(lambda t: torch.full_like(t, float("nan")), b)
+        return hg.SolveResult(x, torch.tensor(1), torch.tensor(float("nan")), torch.tensor(False))
+
+    (g, info), ws = caught(lambda: hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=broken,
+        return_info=True))
+    assert [("returned NaN/inf" in str(w.message)) for w in ws] == [True]
+    assert info["trusted"] is False and not hg.tree.all_finite(g)
+    with pytest.raises(hg.HypergradientError, match="returned NaN/inf"):
+        hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                         solver=broken, on_failure="raise")
+
+
+def test_info_health_holds_the_one_read_as_python_numbers():
+    prob = problems.problem("logistic")
+    _, info = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                               solver=TIGHT_CG, return_info=True)
+    health = info["health"]
+    assert {"residual_norm", "iterations", "converged", "inner_grad_norm", "stationarity",
+            "nonpositive_curvature", "min_rayleigh", "max_rayleigh"} <= set(health)
+    assert all(isinstance(v, float) for v in health.values())
+    assert health["residual_norm"] == float(info["solve"].residual_norm)
+    assert health["iterations"] == int(info["solve"].iterations)
+    assert health["stationarity"] == float(info["stationarity"])
+
+
+# ---- advice that fixes the problem (issue 13.6) ----------------------------------------------
+
+
+def _overparameterised_least_squares():
+    """5 samples, 10 features: H = X^T X / n is PSD of rank 5. The hparam scales the targets,
+    and the outer gradient has a component in H's null space, so H w = dL/dp has no solution."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 10, generator=g), torch.randn(5, generator=g)
+    Xv, yv = torch.randn(8, 10, generator=g), torch.randn(8, generator=g)
+
+    def inner(w, h):
+        return ((X @ w - y * h.sum()) ** 2).mean() / 2
+
+    def outer(w, h):
+        return ((Xv @ w - yv) ** 2).mean() / 2
+
+    w = torch.linalg.pinv(X) @ y  # a minimiser at h = 1
+    return inner, outer, w, torch.ones(1)
+
+
+def _suggested_damping(message: str) -> float:
+    import re
+
+    return float(re.search(r"damping=([0-9.e+-]+)\)?:", message).group(1))
+
+
+def test_a_singular_hessian_gets_damping_advice_that_fixes_it():
+    inner, outer, w, h = _overparameterised_least_squares()
+    (g, info), ws = caught(lambda: hg.implicit_grad(inner, outer, w, h, return_info=True))
+    assert len(ws) == 1, [str(x.message) for x in ws]
+    message = str(ws[0].message)
+    assert "more iterations will not help" in message and "singular" in message
+    assert "increase the solver's iterations" not in message
+    assert "not at a strict minimum" not in message  # zero curvature is not a saddle
+    assert info["trusted"] is False and info["singular"] is True
+    damping = _suggested_damping(message)  # 1e-3 x the largest curvature CG measured
+    assert damping == pytest.approx(1e-3 * info["health"]["max_rayleigh"], rel=0.5)
+    H = testing.dense_hessian(inner, w, h)  # (which is at most lambda_max)
+    assert 0 < damping <= 1e-3 * float(torch.linalg.eigvalsh(H).max())
+    # the advice works: the damped solve converges and is the damped IFT, computed densely
+    solver = functools.partial(hg.cg, damping=damping, tol=1e-12, maxiter=200)
+    (g, info), ws = caught(lambda: hg.implicit_grad(inner, outer, w, h, solver=solver,
+                                                    return_info=True))
+    assert ws == [] and info["trusted"]
+    M = testing.dense_mixed(inner, w, h)
+    gp = torch.func.grad(outer)(w, h)
+    expected = -M.T @ torch.linalg.solve(H + damping * torch.eye(10), gp)
+    assert rel_error(g, expected) < 1e-8
+
+
+def test_an_ill_conditioned_hessian_gets_damping_advice_not_more_iterations():
+    """cond(H) = 1e8 in float64: CG's residual ends above 1 after 100 or 1000 products (it
+    stagnates); with cond 1e4 and too few iterations the advice is more iterations."""
+    prob = testing.quadratic_problem(seed=0, n_params=100, n_hparams=3, cond=1e8)
+    for maxiter in (100, 1000):
+        solver = functools.partial(hg.cg, maxiter=maxiter)
+        _, ws = caught(lambda s=solver: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=s))
+        assert len(ws) == 1
+        assert "more iterations will not help" in str(ws[0].message)
+        assert _suggested_damping(str(ws[0].message)) > 0
+    prob = testing.quadratic_problem(seed=0, n_params=100, n_hparams=3, cond=1e4)
+    _, ws = caught(lambda: hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params,
+                                            prob.hparams, solver=functools.partial(hg.cg,
+                                                                                   maxiter=100)))
+    assert len(ws) == 1 and "increase the solver's iterations" in str(ws[0].message).lower()
+    assert "will not help" not in str(ws[0].message)
+    (g, info), ws = caught(lambda: hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+        solver=functools.partial(hg.cg, maxiter=1000, tol=1e-10), return_info=True))
+    assert ws == [] and rel_error(g, prob.hypergrad) < 1e-6  # and that advice works
+
+
+def test_a_diverging_neumann_series_is_told_to_lower_alpha():
+    prob = problems.problem("quadratic")
+    lam = float(torch.linalg.eigvalsh(prob.extras["A"]).max())
+    solver = functools.partial(hg.neumann, iterations=30, alpha=3.0 / lam)
+    _, ws = caught(lambda: hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params,
+                                            prob.hparams, solver=solver))
+    assert len(ws) == 1 and "alpha" in str(ws[0].message)
+    assert "alpha='auto'" in str(ws[0].message)
+
+
+# ---- tensors captured by the inner loss (issue 14.7) -----------------------------------------
+
+
+def test_a_captured_parameter_warns_once_naming_its_shape():
+    prob = problems.problem("ridge")
+    layer = torch.nn.Linear(8, 1).double()  # its weight and bias require grad
+
+    def inner(w, h):  # uses the module's own parameters through the closure
+        return prob.inner_loss(w, h) + 1e-3 * (layer(w[None]) ** 2).sum()
+
+    def probe(fn):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            fn()
+        return [str(x.message) for x in w if issubclass(x.category, hg.HypergradientWarning)
+                and "neither `params` nor `hparams`" in str(x.message)]
+
+    msgs = probe(lambda: hg.implicit_grad(inner, prob.outer_loss, prob.params, prob.hparams,
+                                          on_failure="ignore"))
+    assert len(msgs) == 1 and "2 tensor(s)" in msgs[0]
+    assert "(1, 8)" in msgs[0] and "(1,)" in msgs[0]
+    h = prob.hparams.clone().requires_grad_(True)
+    w = hg.implicit_solution(inner, prob.params, h, on_failure="ignore")
+    assert len(probe(lambda: prob.outer_loss(w, h).backward())) == 1
+    # nothing captured: silent; parameters with requires_grad=False: silent
+    assert probe(lambda: hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params,
+                                          prob.hparams)) == []
+    layer.requires_grad_(False)
+    assert probe(lambda: hg.implicit_grad(inner, prob.outer_loss, prob.params, prob.hparams,
+                                          on_failure="ignore")) == []
+
+
+# ---- no double backward (issue 16.2) ---------------------------------------------------------
+
+
+def test_a_model_without_double_backward_gets_hypergrads_own_error():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 8, generator=gen, dtype=torch.float32)
+
+    def inner(p, h):  # the default CPU kernel of SDPA has no double backward
+        q = x @ p["w"]
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return (out ** 2).mean() + (h * p["w"] ** 2).sum()
+
+    p = {"w": torch.randn(8, 8, generator=gen, dtype=torch.float32)}
+    h = torch.tensor(0.1, dtype=torch.float32)
+    with pytest.raises(hg.DoubleBackwardError, match='products="finite_difference"') as e:
+        hg.implicit_grad(inner, lambda p, h: p["w"].sum(), p, h, stationarity_tol=None)
+    assert "derivative for" in str(e.value.__cause__)  # chained from torch's error
+    with pytest.raises(hg.DoubleBackwardError, match="finite_difference"):
+        hg.hvp(lambda p: inner(p, h), p, hg.tree.map(torch.ones_like, p))
+
+
+# ---- products="finite_difference" (issue 16.1/16.2) ------------------------------------------
+
+
+def _attention_problem(dtype=torch.float64):
+    """A one-head attention block whose default CPU SDPA kernel has no double backward; the
+    inner loss is a ridge-regularised fit of its output, params at a stationary point found
+    by Newton's method through the MATH kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 5, 4, generator=gen, dtype=dtype)  # (batch, heads, tokens, dim)
+    y = torch.randn(2, 1, 5, 4, generator=gen, dtype=dtype)
+
+    def inner(p, h):
+        q = x @ p["w"]
+        out = torch.nn.functional.scaled_dot_product_attention(q, x, x)
+        return ((out - y) ** 2).mean() + 0.5 * (h.exp() * p["w"] ** 2).sum()
+
+    def outer(p, h):
+        q = x @ p["w"]
+        return torch.nn.functional.scaled_dot_product_attention(q, x, y).square().mean()
+
+    h = torch.full((4, 4), -1.0, dtype=dtype)
+    w = torch.zeros(16, dtype=dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        for _ in range(30):
+            f = lambda v: inner({"w": v.reshape(4, 4)}, h)  # noqa: E731
+            w = w - torch.linalg.solve(torch.func.hessian(f)(w), torch.func.grad(f)(w))
+    return inner, outer, {"w": w.reshape(4, 4)}, h
+
+
+def test_finite_difference_products_give_the_exact_hypergradient_without_double_backward():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inner, outer, p, h = _attention_problem()
+    with pytest.raises(hg.DoubleBackwardError):  # the default kernel: exact products fail
+        hg.implicit_grad(inner, outer, p, h, solver=TIGHT_CG)
+    with sdpa_kernel(SDPBackend.MATH):  # reference: exact products through the MATH kernel
+        ref = hg.implicit_grad(inner, outer, p, h, solver=TIGHT_CG)
+    (g, info), ws = caught(lambda: hg.implicit_grad(
+        inner, outer, p, h, solver=functools.partial(hg.cg, tol=1e-10, maxiter=200),
+        products="finite_difference", return_info=True))
+    assert ws == [] and info["trusted"], info["reasons"]
+    assert rel_error(g, ref) < 1e-6  # O(sqrt(eps)) products in float64
+    hq = h.clone().requires_grad_(True)
+    w = hg.implicit_solution(inner, p, hq, products="finite_difference",
+                             solver=functools.partial(hg.cg, tol=1e-10, maxiter=200))
+    outer(w, hq).backward()
+    assert rel_error(hq.grad, ref) < 1e-6
+
+
+def test_finite_difference_products_keep_the_checks():
+    prob = problems.problem("ridge")
+    kw = {"products": "finite_difference"}
+    with pytest.raises(ValueError, match="`products` must be one of"):
+        hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                         products="fd")
+    with pytest.raises(ValueError, match="does not depend on `params`"):
+        hg.implicit_grad(lambda w, h: prob.inner_loss(w.detach(), h), prob.outer_loss,
+                         prob.params, prob.hparams, **kw)
+    nan_inner = lambda w, h: prob.inner_loss(w, h) * float("nan")  # noqa: E731
+    with pytest.raises(ValueError, match="value of `inner_loss` at `params` is NaN/inf"):
+        hg.implicit_grad(nan_inner, prob.outer_loss, prob.params, prob.hparams, **kw)
+    g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                         solver=TIGHT_CG, **kw)
+    assert rel_error(g, prob.hypergrad) < 1e-7

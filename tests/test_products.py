@@ -143,8 +143,10 @@ def test_unused_hparams_get_zero_mixed_product_and_linear_fn_zero_hessian():
     # linear in p: the gradient has no graph to p, the Hessian is exactly zero
     lin = hg.hvp(lambda p, h: (h["used"] * p).sum(), p, torch.ones(2), h)
     assert torch.equal(lin, torch.zeros(2))
-    # constant in p entirely
-    assert torch.equal(hg.hvp(lambda p: torch.tensor(3.0), p, torch.ones(2)), torch.zeros(2))
+    # constant in p entirely: no autograd path to params is an error, not a zero Hessian
+    # (issue 13.5: a .detach() inside the loss gave silent zeros)
+    with pytest.raises(ValueError, match="does not depend on `params`"):
+        hg.hvp(lambda p: torch.tensor(3.0), p, torch.ones(2))
 
 
 def test_products_are_pure():
@@ -177,3 +179,31 @@ def test_products_keep_dtype(dtype):
         loss64, p64, h64 = mlp_problem(seed=6)
         ref = hg.hvp(loss64, p64, hg.tree.map(torch.ones_like, p64), h64)
         torch.testing.assert_close(flat(hv).double(), flat(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_one_shot_products_name_every_non_finite_input_and_make_hvp_checks_at_build():
+    loss, params, hparams = mlp_problem(seed=7)
+    v = hg.tree.map(torch.ones_like, params)
+    bad_v = dict(v, **{"2.bias": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ValueError, match=r"`v` leaf 3 \(shape \(2,\)\) contains NaN/inf"):
+        hg.hvp(loss, params, bad_v, hparams)
+    with pytest.raises(ValueError, match="`v` leaf 3"):
+        hg.mixed_vjp(loss, params, hparams, bad_v)
+    nan_loss = lambda p, h: loss(p, h) + torch.log(-h["scale"].sum())  # noqa: E731
+    with pytest.raises(ValueError, match="value of `fn` at `params` is NaN/inf"):
+        hg.make_hvp(nan_loss, params, hparams)
+    # a built operator checks v's structure per product, never its values (no host read):
+    # a NaN v gives a NaN product, as documented
+    op = hg.make_hvp(loss, params, hparams)
+    assert not hg.tree.all_finite(op(bad_v))
+    with pytest.raises(ValueError, match="`v`"):
+        op({"only": torch.ones(2)})
+
+
+def test_a_loss_detached_from_params_raises_but_a_linear_one_has_zero_hessian():
+    p = torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match="`fn` does not depend on `params`.*detach"):
+        hg.make_hvp(lambda p: (p.detach() ** 2).sum(), p)
+    with pytest.raises(ValueError, match="does not depend on `params`"):
+        hg.mixed_vjp(lambda p, h: (h * p.detach()).sum(), p, torch.ones(2), torch.ones(2))
+    assert torch.equal(hg.hvp(lambda p: (3.0 * p).sum(), p, torch.ones(2)), torch.zeros(2))

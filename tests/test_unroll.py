@@ -378,3 +378,53 @@ def test_very_long_unroll_matches_ift_to_1e_8():
     )
     prob.outer_loss(p, h).backward()
     assert testing.compare(h["h"].grad, ift["h"]).rel_error < 1e-8
+
+
+# ---- NaN/inf and malformed steps are named (issue 13.4) --------------------------------------
+
+
+@pytest.mark.parametrize("truncate, checkpoint_every", [(None, None), (8, None), (None, 3),
+                                                        (6, 4)])
+def test_a_diverging_unroll_names_the_first_non_finite_step(truncate, checkpoint_every):
+    """lr = 1e200 on f = 0.5 p^T A p: the iterate is ~1e200 after one step and overflows to
+    inf at the second (p_t grows like (lr lambda)^t)."""
+    prob, *_ = quad(seed=1)
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    p0 = hg.tree.map(torch.ones_like, prob.params)
+    with torch.no_grad():  # the first step at which the reference unroll is non-finite
+        p, first = p0, None
+        for t in range(10):
+            p = hg.gradient_step(prob.inner_loss, lr=1e200)(p, prob.hparams, t)
+            if first is None and not hg.tree.all_finite(p):
+                first = t
+    assert first == 1
+    with pytest.raises(FloatingPointError, match=f"NaN/inf at step t={first} .*leaf 0"):
+        hg.unroll(hg.gradient_step(prob.inner_loss, lr=1e200), p0, h, 10, truncate=truncate,
+                  checkpoint_every=checkpoint_every)
+
+
+def test_a_step_that_produces_nan_later_is_named_at_that_step():
+    def step(p, h, t):
+        return {"x": p["x"] * (float("nan") if t == 4 else 1.0), "y": p["y"] + h}
+
+    p0 = {"x": torch.ones(2), "y": torch.zeros(3)}
+    with pytest.raises(FloatingPointError, match=r"t=4 \(leaf 0 of the state, shape \(2,\)\)"):
+        hg.unroll(step, p0, torch.ones(3), 7)
+    assert hg.unroll(step, p0, torch.ones(3), 4)["y"].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_a_non_finite_start_is_named_as_params():
+    with pytest.raises(ValueError, match="`params` leaf 1 .*NaN/inf"):
+        hg.unroll(lambda p, h, t: p, [torch.ones(2), torch.tensor([1.0, float("inf")])], None, 3)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda p: p.float(), TypeError, "dtype of leaf 0.*t=2.*float64 -> torch.float32"),
+    (lambda p: torch.cat([p, p]), ValueError, r"shape of leaf 0.*t=2.*\(3,\) -> \(6,\)"),
+])
+def test_a_step_that_changes_a_leaf_dtype_or_shape_raises(bad, exc, match):
+    def step(p, h, t):
+        return bad(p) if t == 2 else p
+
+    with pytest.raises(exc, match=match):
+        hg.unroll(step, torch.zeros(3), None, 5)

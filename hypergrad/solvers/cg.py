@@ -4,11 +4,15 @@ Example:
     >>> import torch, hypergrad as hg
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
     >>> res = hg.cg(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
-    >>> bool(res.converged), int(res.iterations)
-    (True, 2)
+    >>> bool(res.converged), res.stats["residual_estimate"], res.stats["residual_checked"]
+    (True, False, True)
+    >>> int(res.iterations)   # 2 steps, then 1 product: the residual is at rounding level
+    3
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -18,9 +22,16 @@ from ._common import (
     Matvec,
     SolveResult,
     _check_matvec_output,
+    _damped,
     _flat_matvec,
+    _host,
+    _needs_true_residual,
     _ravelable,
+    _relative,
+    _resolve_tol,
+    _stagnated,
     _validate_b,
+    _zero_unless,
 )
 
 __all__ = ["cg"]
@@ -32,92 +43,169 @@ def cg(
     *,
     x0: Tree | None = None,
     maxiter: int = 100,
-    tol: float = 1e-6,
+    tol: float | None = None,
     damping: float = 0.0,
+    check_every: int = 1,
 ) -> SolveResult:
     """Conjugate gradient for ``(H + damping I) x = b`` with ``H`` symmetric positive definite.
 
-    Stops when ``||r|| <= tol ||b||`` or after ``maxiter`` matvecs. In exact arithmetic CG
-    reaches the solution of an n x n SPD system in at most n iterations. If a search direction
-    has non-positive curvature (``p^T H p <= 0``: the Hessian is not positive definite, e.g. not
-    at a minimum) CG stops there and sets ``stats["nonpositive_curvature"]``.
-
-    The recurrences (Hestenes & Stiefel 1952; Nocedal & Wright Alg. 5.2):
+    The recurrences (Hestenes & Stiefel 1952; Nocedal & Wright Alg. 5.2), ``A = H + damping I``:
         alpha_k = r_k^T r_k / p_k^T A p_k,
         x_{k+1} = x_k + alpha_k p_k,  r_{k+1} = r_k - alpha_k A p_k,
-        beta_k = r_{k+1}^T r_{k+1} / r_k^T r_k,  p_{k+1} = r_{k+1} + beta_k p_k
+        beta_k = r_{k+1}^T r_{k+1} / r_k^T r_k,  p_{k+1} = r_{k+1} + beta_k p_k.
+
+    Stops when ``||r|| <= tol ||b||`` (``tol=None``: :func:`default_tol` of ``b``'s dtype) or
+    after ``maxiter`` iterations. If a search direction has non-positive curvature
+    (``p^T A p <= 0``: ``A`` is not positive definite, e.g. not at a minimum) CG stops before
+    that step and sets ``stats["nonpositive_curvature"]``.
+
+    The residual is the true one: the recurrence's ``r`` drifts from ``b - A x`` by rounding
+    (badly on singular or ill-conditioned systems, where ``x`` grows); CG tracks a rounding
+    bound of that gap (van der Vorst & Ye 2000) and, only when the bound cannot certify the
+    reported residual to 10% (or a claim of convergence), spends one more matvec on the true
+    residual (``stats["residual_checked"]``). A well-conditioned solve pays nothing.
+
+    ``iterations`` counts the matvecs behind the result: one for ``x0`` (if given), one per CG
+    step taken, one if the true residual was checked. ``check_every=k`` reads the stopping
+    test from the device every ``k`` steps (one host synchronisation per read, see the package
+    docstring); steps after convergence inside a block are masked (no effect on ``x``), so the
+    result equals stopping exactly, but up to ``k - 1`` extra matvecs may be spent
+    (``stats["matvecs"]``: all matvecs called). ``x0`` warm-starts the iteration.
+    A non-finite ``b`` or ``x0`` raises a ValueError at the first read.
     """
     _checks.callable_(matvec, "matvec")
     ref = _validate_b(b)
     maxiter = _checks.nonneg_int(maxiter, "maxiter")
-    tol = _checks.nonneg_number(tol, "tol")
+    tol = _resolve_tol(tol, ref.dtype)
     damping = _checks.nonneg_number(damping, "damping")
-    if _ravelable(b) and (x0 is None or tree.flatten(x0)[1] == tree.flatten(b)[1]):
+    check_every = _checks.positive_int(check_every, "check_every")
+    if x0 is not None:
+        _checks.like(x0, "x0", b, "b")
+    if _ravelable(b):
         # One flat vector: every vector operation below is one torch op instead of one per
         # leaf (measured: CG's bookkeeping 1.35 -> 1.08 ms per iteration on an MLP pytree).
         bv, unravel = tree.ravel(b)
-        res = cg(_flat_matvec(matvec, b, unravel), bv,
-                 x0=None if x0 is None else tree.ravel(x0)[0],
-                 maxiter=maxiter, tol=tol, damping=damping)
+        res = _cg(_damped(_flat_matvec(matvec, b, unravel), damping), bv,
+                  None if x0 is None else tree.ravel(x0)[0], maxiter, tol, check_every)
         return res._replace(solution=unravel(res.solution))
+    checked: list[bool] = []
 
-    checked = []
-
-    def A(v: Tree) -> Tree:
+    def once(v: Tree) -> Tree:
         hv = matvec(v)
         if not checked:  # once: the structure of matvec's output, before any arithmetic on it
             _check_matvec_output(hv, b)
             checked.append(True)
-        return tree.axpy(damping, v, hv) if damping else hv
+        return hv
 
-    b_norm = tree.norm(b)
+    return _cg(_damped(once, damping), b, x0, maxiter, tol, check_every)
+
+
+def _cg(A: Callable[[Tree], Tree], b: Tree, x0: Tree | None, maxiter: int, tol: float,
+        every: int) -> SolveResult:
+    """CG on validated inputs; ``A`` already includes damping."""
+    vdot, axpy, zero_unless = _vector_ops(b)
+    b2 = vdot(b, b)
+    b_norm = torch.sqrt(b2)  # the same sum as rs below, so the residual of x = 0 is exactly 1
+    dtype, device = b2.dtype, b2.device
+    u = torch.finfo(dtype).eps / 2
+    zero = torch.zeros((), dtype=dtype, device=device)
     if x0 is None:
-        x = tree.zeros_like(b)
-        r = b
-        iters = 0
+        x, r, rs, pre = tree.zeros_like(b), b, b2, 0
+        x_sum, r_sum = zero, zero
+        x0_bad = torch.zeros((), dtype=torch.bool, device=device)
     else:
-        _checks.like(x0, "x0", b, "b")
-        _checks.finite(x0, "x0")
-        x = x0
-        r = tree.sub(b, A(x0))
-        iters = 1
-    if float(b_norm) == 0.0:
-        zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-        return SolveResult(tree.zeros_like(b), torch.tensor(0), zero, torch.tensor(True),
-                           {"nonpositive_curvature": torch.tensor(False)})
+        x, r, pre = x0, tree.sub(b, A(x0)), 1
+        rs = vdot(r, r)
+        x0_bad = ~torch.isfinite(vdot(x0, x0))
+        x_sum, r_sum = zero, zero  # r0 = b - A x0 is a true residual: no gap yet
+    thr = tol**2 * b2
     p = r
-    rs = tree.vdot(r, r)
-    threshold = (tol * b_norm) ** 2
-    nonpositive = torch.tensor(False)
-    min_rayleigh = torch.tensor(float("inf"), dtype=ref.dtype)
-    max_rayleigh = torch.tensor(0.0, dtype=ref.dtype)
-    for _ in range(maxiter):
-        if bool(rs <= threshold):
-            break
+    done = rs <= thr
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    min_ray = torch.full((), float("inf"), dtype=dtype, device=device)
+    max_ray = a_est = zero
+    active = torch.zeros((), dtype=torch.int64, device=device)
+    history = [torch.sqrt(rs)]
+    spent = 0
+    first = True
+    while True:
+        if spent % every == 0 or spent == maxiter:
+            gap = u * (a_est * x_sum + r_sum)
+            need = _needs_true_residual(gap, torch.sqrt(rs), b_norm, tol)
+            flags = [done, need, active if every > 1 else spent]
+            if first:
+                flags += [~torch.isfinite(b2), x0_bad]
+            got = _host(flags)  # the one host read of this stopping test
+            if first:
+                _raise_nonfinite(got[3], got[4])
+                first = False
+            if got[0] or spent == maxiter:
+                break
         ap = A(p)
-        iters += 1
-        pap = tree.vdot(p, ap)
-        rayleigh = pap / tree.vdot(p, p)
-        min_rayleigh = torch.minimum(min_rayleigh, rayleigh)
-        max_rayleigh = torch.maximum(max_rayleigh, rayleigh)
-        if not bool(pap > 0) or not bool(torch.isfinite(pap)):
-            nonpositive = torch.tensor(True)
-            break
-        step = rs / pap
-        x = tree.axpy(step, p, x)
-        r = tree.axpy(-step, ap, r)
-        rs_new = tree.vdot(r, r)
-        p = tree.axpy(rs_new / rs, p, r)
+        spent += 1
+        pap = vdot(p, ap)
+        pp = vdot(p, p)
+        live = ~done
+        curv_ok = (pap > 0) & torch.isfinite(pap)
+        ok = live & curv_ok
+        bad = bad | (live & ~curv_ok)
+        ray = pap / pp
+        seen = live & torch.isfinite(ray)
+        min_ray = torch.where(seen, torch.minimum(min_ray, ray), min_ray)
+        max_ray = torch.where(seen, torch.maximum(max_ray, ray), max_ray)
+        a_est = torch.where(seen, torch.maximum(a_est, ray.abs()), a_est)  # ~ ||A||
+        step = torch.where(ok, rs / torch.where(ok, pap, 1.0), 0.0)
+        ap = zero_unless(ok, ap)  # a NaN product must not reach r
+        x = axpy(step, p, x)
+        r = axpy(-step, ap, r)
+        rs_new = vdot(r, r)
+        p = axpy(torch.where(ok, rs_new / rs, 0.0), p, r)
         rs = rs_new
-    residual = torch.sqrt(rs) / b_norm
+        done = done | bad | (rs <= thr)
+        active = active + live.to(torch.int64)
+        history.append(torch.sqrt(rs))
+        x_sum = x_sum + torch.where(ok, torch.sqrt(vdot(x, x)) + step.abs() * torch.sqrt(pp), 0.0)
+        r_sum = r_sum + torch.where(ok, torch.sqrt(rs), 0.0)
+    steps = int(got[2])
+    recurrence = _relative(torch.sqrt(rs), b_norm)
+    checked = bool(got[1])
+    if checked:
+        rt = tree.sub(b, A(x))
+        residual = _relative(torch.sqrt(vdot(rt, rt)), b_norm)
+    else:
+        residual = recurrence
+    converged = residual <= tol
+    floor_hit = (recurrence <= tol) & ~converged
     return SolveResult(
         x,
-        torch.tensor(iters),
+        torch.tensor(pre + steps + int(checked)),
         residual,
-        residual <= tol,
+        converged,
         {
-            "nonpositive_curvature": nonpositive,
-            "min_rayleigh": min_rayleigh,
-            "max_rayleigh": max_rayleigh,
+            "residual_estimate": False,
+            "residual_checked": checked,
+            "nonpositive_curvature": bad,
+            "min_rayleigh": min_ray,
+            "max_rayleigh": max_ray,
+            "stagnated": _stagnated(history[: steps + 1], converged, floor_hit),
+            "matvecs": pre + spent + int(checked),
         },
     )
+
+
+def _vector_ops(b: Tree):
+    """``vdot``, ``axpy`` and ``zero_unless`` for ``b``: plain torch calls on one tensor (the
+    ravelled common case: no pytree bookkeeping per operation), pytree versions otherwise."""
+    if isinstance(b, torch.Tensor):
+        return (lambda a, c: torch.vdot(a.reshape(-1), c.reshape(-1)),
+                lambda alpha, x, y: torch.addcmul(y, x, alpha),
+                lambda mask, a: torch.where(mask, a, 0.0))
+    return tree.vdot, tree.axpy, _zero_unless
+
+
+def _raise_nonfinite(b_bad: float, x0_bad: float) -> None:
+    if b_bad:
+        raise ValueError("`b` contains NaN or inf (or its norm overflows); a solve of H x = b "
+                         "needs a finite right-hand side: check the outer gradient")
+    if x0_bad:
+        raise ValueError("`x0` contains NaN or inf; pass a finite warm start or x0=None")

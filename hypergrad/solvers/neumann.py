@@ -1,12 +1,15 @@
 """The truncated Neumann series (Lorraine et al. 2020) and the power iteration behind its
 ``alpha="auto"``; same ``solver(matvec, b, **options) -> SolveResult`` contract as ``cg``.
 
+Neither reads anything back from the device: no host synchronisation per product (the
+solution, the residual and the flags stay tensors), so a GPU never waits on them.
+
 Example:
     >>> import torch, hypergrad as hg
     >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     >>> res = hg.neumann(lambda v: A @ v, torch.ones(2, dtype=torch.float64), iterations=60)
-    >>> bool(res.converged)
-    True
+    >>> bool(res.converged), int(res.iterations), res.stats["residual_estimate"]
+    (True, 79, True)
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ import torch
 
 from .. import _checks, tree
 from ..tree import Tree
-from ._common import Matvec, SolveResult, _check_matvec_output, _validate_b
+from ._common import (
+    Matvec,
+    SolveResult,
+    _check_matvec_output,
+    _damped,
+    _relative,
+    _resolve_tol,
+    _validate_b,
+    _where,
+    _zero_unless,
+)
 
 __all__ = ["neumann", "power_iteration"]
 
@@ -25,24 +38,36 @@ __all__ = ["neumann", "power_iteration"]
 def power_iteration(matvec: Matvec, v0: Tree, iterations: int = 20) -> tuple[torch.Tensor, int]:
     """Estimate of the largest-magnitude eigenvalue of ``H`` (signed) by power iteration.
 
-    Deterministic: starts from ``v0`` (no random state). Returns ``(lambda, matvecs used)``.
+    ``lambda = v^T H v`` at the last finite unit iterate ``v <- H v / ||H v||`` (a Rayleigh
+    quotient, so ``|lambda| <= |lambda_max|`` for symmetric ``H``). Deterministic: starts from
+    ``v0`` (no random state). Returns ``(lambda as a 0-dim tensor, matvecs used)``; every one
+    of the ``iterations`` matvecs is spent (a zero or non-finite product freezes the estimate
+    instead of stopping: stopping would need a host read per product).
     """
     iterations = _checks.positive_int(iterations, "iterations")
-    n0 = tree.norm(v0)
-    if float(n0) == 0:
-        raise ValueError("`v0` must be non-zero for power iteration")
-    v = tree.scale(v0, 1.0 / n0)
-    lam = torch.zeros((), dtype=n0.dtype)
-    used = 0
+    _checks.tensor_tree(v0, "v0")
+    n0 = torch.sqrt(tree.vdot(v0, v0))
+    if not bool(n0 > 0):  # one host read, at the public entry only
+        raise ValueError("`v0` must be non-zero and finite for power iteration, got norm "
+                         f"{float(n0)}")
+    return _power_iteration(matvec, v0, iterations), iterations
+
+
+def _power_iteration(matvec: Matvec, v0: Tree, iterations: int) -> torch.Tensor:
+    """Power iteration without host reads: masks freeze the estimate once a product is zero or
+    non-finite; the matvec only ever sees finite unit vectors (or zeros for ``v0 = 0``)."""
+    n0 = torch.sqrt(tree.vdot(v0, v0))
+    ok = (n0 > 0) & torch.isfinite(n0)
+    v = _zero_unless(ok, tree.scale(v0, 1.0 / torch.where(ok, n0, 1.0)))
+    lam = torch.zeros_like(n0)
     for _ in range(iterations):
         hv = matvec(v)
-        used += 1
-        lam = tree.vdot(v, hv)  # Rayleigh quotient, v has unit norm
-        n = tree.norm(hv)
-        if not bool(torch.isfinite(n)) or float(n) == 0:
-            break
-        v = tree.scale(hv, 1.0 / n)
-    return lam, used
+        q = tree.vdot(v, hv)  # Rayleigh quotient, v has unit norm
+        n = torch.sqrt(tree.vdot(hv, hv))
+        lam = torch.where(ok & torch.isfinite(q), q, lam)
+        ok = ok & torch.isfinite(n) & (n > 0)
+        v = _where(ok, tree.scale(hv, 1.0 / torch.where(ok, n, 1.0)), v)
+    return lam
 
 
 def neumann(
@@ -51,113 +76,144 @@ def neumann(
     *,
     iterations: int = 20,
     alpha: float | str = "auto",
-    tol: float = 1e-6,
+    tol: float | None = None,
     power_iterations: int = 20,
     damping: float = 0.0,
     preconditioner: Tree | None = None,
+    x0: Tree | None = None,
+    exact_residual: bool = False,
 ) -> SolveResult:
-    """Truncated Neumann series ``x = alpha * sum_{j=0}^{J-1} (I - alpha H)^j b`` (J = iterations).
+    """Truncated Neumann series ``x = x0 + alpha D sum_{j=0}^{J-1} (I - alpha A D)^j r0``.
 
-    Lorraine et al. (AISTATS 2020), Eq. 9. The series converges iff ``0 < alpha < 2/lambda_max``
-    for SPD ``H``. Its residual is known exactly without another matvec:
-        b - H x = (I - alpha H)^J b,
-    the next term of the series, so ``residual_norm`` is exact. A diverging series (alpha too
-    large for the spectrum) stops as soon as a term is non-finite and reports
-    ``converged=False`` with ``residual_norm`` > 1 or inf; the returned solution is the last
-    finite partial sum, never NaN.
+    ``J = iterations`` terms, ``A = H + damping I``, ``r0 = b - A x0`` (``r0 = b`` without
+    ``x0``), ``D`` the diagonal ``preconditioner`` (``None``: ``D = I``). Without ``x0`` and
+    ``D`` this is Lorraine et al. (AISTATS 2020), Eq. 9, ``x = alpha sum_{j<J} (I - alpha H)^j b``.
+    The series converges iff ``0 < alpha < 2 / lambda_max(D^1/2 A D^1/2)`` for SPD ``A``.
 
-    ``alpha="auto"`` estimates ``lambda_max`` by ``power_iterations`` matvecs (started from
-    ``b``) and uses ``alpha = 1 / lambda_max``, which converges for any SPD ``H`` as long as the
-    estimate is within 2x of the truth (power iteration only underestimates). Those matvecs
-    are counted in ``iterations`` of the result.
+    Cost: the J terms take J - 1 matvecs (term j+1 is term j minus ``alpha A D`` times it), as
+    in the paper authors' loop. The residual of the J-term sum is the next term,
+    ``b - A x = (I - alpha A D)^J r0``, one more matvec. So by default ``residual_norm`` is the
+    free residual of the (J-1)-term partial sum, ``||(I - alpha A D)^(J-1) r0|| / ||b||``,
+    flagged ``stats["residual_estimate"] = True`` (``converged`` is judged on it too). For SPD
+    ``A``, ``D = I`` and ``0 < alpha < 2 / lambda_max`` every term is no longer than the one
+    before (``||I - alpha A|| < 1``), so the estimate is an upper bound on the true residual of
+    the returned x; with a preconditioner that holds in the ``D^1/2``-weighted norm only, and for
+    an indefinite ``A`` or a larger ``alpha`` it is not a bound at all. ``exact_residual=True``
+    spends the extra matvec and reports the exact residual (``residual_estimate = False``).
+    ``J = 0`` returns ``x0`` (or 0) with its exact residual.
 
-    ``damping`` solves ``(H + damping I) x = b`` instead (Tikhonov), as every solver does.
+    ``iterations`` of the result counts every matvec: ``power_iterations`` (with
+    ``alpha="auto"``) + 1 for ``x0`` (if given) + ``J - 1`` for the series (0 if ``J = 0``)
+    + 1 for ``exact_residual`` (if ``J >= 1``).
 
-    ``preconditioner`` (a tree like ``b`` of positive entries D, e.g. an adaptive optimizer's
-    per-coordinate step sizes) gives the diagonally preconditioned series
-        x = sum_{j<J} (I - alpha D H)^j alpha D b = alpha D sum_{j<J} (I - alpha H D)^j b,
-    the J-step response of preconditioned gradient descent; its residual is still exact,
-        b - H x = (I - alpha H D)^J b,
-    and ``alpha="auto"`` uses the largest eigenvalue of D^(1/2) H D^(1/2) (= that of H D).
-    ``preconditioner=None`` is D = I.
+    ``alpha="auto"`` estimates ``lambda_max`` of ``D^1/2 A D^1/2`` by ``power_iterations``
+    matvecs started from ``b`` and uses ``alpha = 1 / lambda_max`` (a 0-dim tensor in
+    ``stats["alpha"]``; ``stats["lambda_max"]``), which converges for SPD ``A`` as long as the
+    estimate is within 2x of the truth (power iteration only underestimates). A non-positive
+    estimate sets ``stats["nonpositive_curvature"]``: no ``alpha`` makes the series converge.
+
+    A diverging series (``alpha`` too large) never returns NaN: the solution is the last finite
+    partial sum, with ``residual_norm = inf`` and ``converged = False``. A non-finite ``b``
+    gives ``converged = False`` and a NaN ``residual_norm`` (no check is spent on it).
+
+    No host synchronisation: no value is read back from the device (one read validates a
+    ``preconditioner``); all ``iterations`` matvecs are always spent.
 
     Example:
         >>> import torch
         >>> H = torch.diag(torch.tensor([1.0, 100.0]))
         >>> r = neumann(lambda v: H @ v, torch.ones(2), iterations=1, alpha=1.0,
-        ...             preconditioner=torch.tensor([1.0, 0.01]))
-        >>> r.solution, float(r.residual_norm)   # D = H^-1: exact after one term
-        (tensor([1.0000, 0.0100]), 0.0)
+        ...             preconditioner=torch.tensor([1.0, 0.01]), exact_residual=True)
+        >>> r.solution, float(r.residual_norm), int(r.iterations)   # D = H^-1: one term
+        (tensor([1.0000, 0.0100]), 0.0, 1)
     """
     _checks.callable_(matvec, "matvec")
     ref = _validate_b(b)
     J = _checks.nonneg_int(iterations, "iterations")
-    tol = _checks.nonneg_number(tol, "tol")
+    tol = _resolve_tol(tol, ref.dtype)
     power_iterations = _checks.positive_int(power_iterations, "power_iterations")
     damping = _checks.nonneg_number(damping, "damping")
-    if damping:
-        undamped = matvec
-
-        def matvec(v: Tree) -> Tree:  # (H + damping I) v
-            return tree.axpy(damping, v, undamped(v))
-    d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
-
-    def hd(v: Tree) -> Tree:  # v -> H D v
-        return matvec(v if d is None else tree.map(torch.mul, d, v))
-    spent = 0
-    stats: dict[str, Any] = {}
-    b_norm = tree.norm(b)
+    if not isinstance(exact_residual, bool):
+        raise TypeError(f"`exact_residual` must be a bool, got {exact_residual!r}")
+    if x0 is not None:
+        _checks.like(x0, "x0", b, "b")
     if isinstance(alpha, str):
         if alpha != "auto":
             raise ValueError(f"`alpha` must be a positive number or 'auto', got {alpha!r}")
-        if float(b_norm) == 0.0:
-            alpha_value = 1.0
-        else:
-            sq = None if d is None else tree.map(torch.sqrt, d)
-
-            def sym(v: Tree) -> Tree:  # D^(1/2) H D^(1/2): symmetric, same spectrum as H D
-                if sq is None:
-                    return matvec(v)
-                return tree.map(torch.mul, sq, matvec(tree.map(torch.mul, sq, v)))
-
-            lam, spent = power_iteration(sym, b, power_iterations)
-            stats["lambda_max"] = lam
-            if not bool(lam > 0):
-                # H has a non-positive dominant eigenvalue: no alpha makes the series converge.
-                stats["nonpositive_curvature"] = torch.tensor(True)
-                alpha_value = 1.0 / float(abs(lam)) if float(lam) != 0 else 1.0
-            else:
-                alpha_value = 1.0 / float(lam)
     else:
-        alpha_value = _checks.positive_number(alpha, "alpha")
-    stats["alpha"] = alpha_value
-    if float(b_norm) == 0.0:
-        zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-        return SolveResult(tree.zeros_like(b), torch.tensor(spent), zero, torch.tensor(True), stats)
-    p = b  # p_j = (I - alpha H D)^j b   (D = I without a preconditioner)
-    acc = b  # sum_{i<=j} p_i
-    total = tree.zeros_like(b)  # the partial sum whose residual is p
-    residual = torch.ones((), dtype=b_norm.dtype)
-    for j in range(J):
-        hp = hd(p)
-        if j == 0:
-            _check_matvec_output(hp, b)
+        alpha = _checks.positive_number(alpha, "alpha")
+    d = None if preconditioner is None else _positive_diagonal(preconditioner, b)
+    checked: list[bool] = []
+
+    def once(v: Tree) -> Tree:
+        hv = matvec(v)
+        if not checked:
+            _check_matvec_output(hv, b)
+            checked.append(True)
+        return hv
+
+    A = _damped(once, damping)
+
+    def ad(v: Tree) -> Tree:  # v -> A D v
+        return A(v if d is None else tree.map(torch.mul, d, v))
+
+    b_norm = torch.sqrt(tree.vdot(b, b))
+    spent = 0
+    stats: dict[str, Any] = {}
+    if alpha == "auto":
+        sq = None if d is None else tree.map(torch.sqrt, d)
+
+        def sym(v: Tree) -> Tree:  # D^(1/2) A D^(1/2): symmetric, same spectrum as A D
+            if sq is None:
+                return A(v)
+            return tree.map(torch.mul, sq, A(tree.map(torch.mul, sq, v)))
+
+        lam = _power_iteration(sym, b, power_iterations)
+        spent += power_iterations
+        stats["lambda_max"] = lam
+        # a non-positive dominant eigenvalue: no alpha makes the series converge
+        stats["nonpositive_curvature"] = (lam <= 0) & (b_norm > 0)
+        alpha = torch.where(lam != 0, 1.0 / torch.where(lam != 0, lam.abs(), 1.0), 1.0)
+    stats["alpha"] = alpha
+    if x0 is None:
+        p = b
+    else:
+        p = tree.sub(b, A(x0))
         spent += 1
-        p_next = tree.axpy(-alpha_value, hp, p)
-        p_norm = tree.norm(p_next)
-        if not bool(torch.isfinite(p_norm)):
-            residual = torch.tensor(float("inf"), dtype=b_norm.dtype)
-            break
-        total = acc
-        p = p_next
-        acc = tree.add(acc, p)
-        residual = p_norm / b_norm
-    solution = tree.scale(total if d is None else tree.map(torch.mul, d, total), alpha_value)
+    # p_j = (I - alpha A D)^j r0, the residual of the j-term partial sum `acc`
+    b_finite = torch.isfinite(b_norm)
+    ok = b_finite & torch.isfinite(torch.sqrt(tree.vdot(p, p)))
+    p = _zero_unless(ok, p)  # the matvec never sees NaN/inf
+    acc = p if J >= 1 else tree.zeros_like(b)
+    # alpha D acc must stay finite: a bound on its largest entry is max|acc| alpha max(D)
+    grow = alpha if d is None else alpha * torch.stack([t.max() for t in tree.leaves(d)]).max()
+    for _ in range(J - 1):
+        p_new = tree.axpy(-alpha, ad(p), p)
+        acc_new = tree.add(acc, p_new)
+        # one reduction tells whether the new term and the scaled new sum are finite
+        big = torch.stack([torch.linalg.vector_norm(t, ord=float("inf"))
+                           for t in tree.leaves(acc_new)]).max()
+        ok_new = ok & torch.isfinite(big * grow)
+        p = _where(ok_new, p_new, p)
+        acc = _where(ok_new, acc_new, acc)
+        ok = ok_new
+        spent += 1
+    estimate = J >= 1 and not exact_residual
+    if J >= 1 and exact_residual:
+        p = tree.axpy(-alpha, ad(p), p)  # the residual of the J-term sum
+        spent += 1
+    r_norm = torch.sqrt(tree.vdot(p, p))
+    r_norm = torch.where(ok & torch.isfinite(r_norm), r_norm, float("inf"))
+    residual = torch.where(b_finite, _relative(r_norm, b_norm), float("nan"))
+    dx = tree.scale(acc if d is None else tree.map(torch.mul, d, acc), alpha)
+    solution = dx if x0 is None else tree.add(x0, dx)
+    stats["residual_estimate"] = estimate
     return SolveResult(solution, torch.tensor(spent), residual, residual <= tol, stats)
 
 
 def _positive_diagonal(d: Tree, b: Tree) -> Tree:
-    """``preconditioner`` checked: the structure and shapes of ``b``, entries finite and > 0."""
+    """``preconditioner`` checked: the structure and shapes of ``b``, entries finite and > 0
+    (one host read for all leaves)."""
     tree.check_same_structure(d, b, ("preconditioner", "b"))  # also checks leaf shapes
     for x, y in zip(tree.leaves(d), tree.leaves(b)):
         if not isinstance(x, torch.Tensor) or x.device != y.device:
@@ -165,8 +221,8 @@ def _positive_diagonal(d: Tree, b: Tree) -> Tree:
                 f"`preconditioner` leaves must be tensors on `b`'s device {y.device}, got "
                 f"{getattr(x, 'device', type(x).__name__)}"
             )
-        if not bool(torch.isfinite(x).all()) or not bool((x > 0).all()):
-            raise ValueError(
-                f"`preconditioner` entries must be finite and > 0, got min {float(x.min()):.3g}"
-            )
+    good = torch.stack([(torch.isfinite(x) & (x > 0)).all() for x in tree.leaves(d)]).all()
+    if not bool(good):
+        lo = min(float(x.min()) for x in tree.leaves(d))
+        raise ValueError(f"`preconditioner` entries must be finite and > 0, got min {lo:.3g}")
     return tree.map(lambda x, y: x.to(dtype=y.dtype), d, b)
