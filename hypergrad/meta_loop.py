@@ -115,12 +115,15 @@ class MetaPretrainer:
         ift_preconditioner: str | Callable[[MetaPretrainer], Tree] | None = None,
         warm_start: bool = False,
         warm_start_reset: float = 1.0,
+        products: str = "exact",
     ) -> None:
         self.P = _checks.positive_int(P, "P")
         self.K = _checks.nonneg_int(K, "K")
         # validated once here, under these names; meta steps trust them (no re-validation)
         validate(pt_loss, ft_loss, ft_loss, pt_params, ft_head, hparams, encoder=encoder,
-                 ft_steps=K, ft_lr=ft_lr, head_only=bool(head_only), solver=solver)
+                 ft_steps=K, ft_lr=ft_lr, head_only=bool(head_only), solver=solver,
+                 products=products)
+        self.products = products
         self.pt_loss, self.ft_loss, self.encoder = pt_loss, ft_loss, encoder
         self.ft_lr = float(ft_lr)
         self.head_only, self.meta = bool(head_only), bool(meta)
@@ -218,7 +221,7 @@ class MetaPretrainer:
             self.pt_params, self.ft_head, self.hparams,
             encoder=self.encoder, ft_steps=self.K, ft_lr=self.ft_lr,
             head_only=self.head_only, solver=self._ift_solver(seen), on_failure="ignore",
-            stationarity_tol=None,
+            stationarity_tol=None, products=self.products,
         )
 
     def meta_step(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any) -> dict[str, float]:
@@ -234,7 +237,8 @@ class MetaPretrainer:
         dt = res.val_loss.dtype
         nan = torch.full((), float("nan"), dtype=dt, device=res.val_loss.device)
         residual = solve.residual_norm.to(dt) if solve is not None else nan
-        finite = torch.stack([torch.isfinite(g).all() for g in hyper]).all()
+        finite = torch.stack([torch.isfinite(g).all()
+                              for g in hyper + tree.leaves(res.ft_head)]).all()
         # the loop's values to read (the last PT loss) ride along: one read per outer iteration
         extra, self._pending_reads = self._pending_reads, {}
         if self.warm_start and solve is not None:
@@ -249,7 +253,8 @@ class MetaPretrainer:
         self._check_solve(residual_f, solve is not None)
         if finite_f != 1.0:
             raise FloatingPointError(
-                f"non-finite hypergradient at meta step {self.meta_steps_done}; lower the "
+                f"non-finite hypergradient or FT head at meta step {self.meta_steps_done}; "
+                "lower the ft_lr, the "
                 "meta learning rate or the Neumann alpha (solver diagnostics: "
                 f"{ {k: v for k, v in res.info.items() if k != 'solve'} })"
             )

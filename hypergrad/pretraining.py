@@ -36,10 +36,10 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _checks, tree
-from .implicit import implicit_solution
+from .implicit import _implicit_solution_fast
 from .solvers import SolveResult, neumann
 from .tree import Tree
-from .unroll import gradient_step, unroll
+from .unroll import _unroll, gradient_step
 
 __all__ = ["pretraining_hypergrad", "PretrainingHypergrad", "default_solver"]
 
@@ -71,6 +71,7 @@ def pretraining_hypergrad(
     solver: Callable[..., SolveResult] | None = None,
     on_failure: str = "ignore",
     stationarity_tol: float | None = None,
+    products: str = "exact",
 ) -> PretrainingHypergrad:
     """One hypergradient of Algorithm 1 (Raghu et al. 2021).
 
@@ -91,26 +92,34 @@ def pretraining_hypergrad(
             alpha="auto")``. The online loop uses the PT step size as ``alpha`` instead.
         on_failure, stationarity_tol: as in :func:`hypergrad.implicit_grad`. Online PT is never at
             a stationary point, so the defaults neither check nor warn; read ``info`` instead.
+        products: ``"exact"`` (double backward) or ``"finite_difference"``: every second-order
+            product, in the IFT solve and in the K-step FT unroll's backward, from central
+            differences of first-order gradients (:class:`hypergrad.FiniteDifferenceOperator`),
+            so Algorithm 1 runs on models with no double backward (fused attention kernels,
+            compiled losses). The FT unroll then runs its adjoint recursion explicitly.
 
     Inputs are validated here, once, under these names; the library calls inside trust them.
+    Host reads: one at the entry (finiteness of the three trees) and one in the IFT backward
+    (its health check; ``info["health"]`` holds the solve's numbers as Python floats).
     """
     validate(pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
              ft_steps=ft_steps, ft_lr=ft_lr, head_only=head_only, solver=solver,
-             on_failure=on_failure, stationarity_tol=stationarity_tol)
+             on_failure=on_failure, stationarity_tol=stationarity_tol, products=products)
     return _pretraining_hypergrad(
         pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
         ft_steps=ft_steps, ft_lr=float(ft_lr), head_only=head_only, solver=solver,
-        on_failure=on_failure, stationarity_tol=stationarity_tol)
+        on_failure=on_failure, stationarity_tol=stationarity_tol, products=products)
 
 
 _POLICIES = ("warn", "raise", "ignore")
+PRODUCTS = ("exact", "finite_difference")
 
 
 def validate(
     pt_loss: Any, ft_loss: Any, val_loss: Any, pt_params: Any, ft_head: Any, hparams: Any, *,
     encoder: Any = None, ft_steps: Any = 1, ft_lr: Any = 1e-2, head_only: Any = True,
     solver: Any = None, on_failure: Any = "ignore", stationarity_tol: Any = None,
-    finite: bool = True,
+    products: Any = "exact", finite: bool = True,
 ) -> None:
     """The checks of :func:`pretraining_hypergrad`'s entry (internal; also used by
     :class:`hypergrad.MetaPretrainer`), each naming the argument as the caller spelled it.
@@ -129,6 +138,8 @@ def validate(
         raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
     if stationarity_tol is not None:
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+    if not isinstance(products, str) or products not in PRODUCTS:
+        raise ValueError(f"`products` must be one of {PRODUCTS}, got {products!r}")
     trees = {"pt_params": pt_params, "ft_head": ft_head, "hparams": hparams}
     flat = {name: _checks.tensor_tree(t, name) for name, t in trees.items()}
     ref = flat["pt_params"][0]
@@ -185,27 +196,31 @@ def _pretraining_hypergrad(
     solver: Callable[..., SolveResult] | None,
     on_failure: str,
     stationarity_tol: float | None,
+    products: str = "exact",
 ) -> PretrainingHypergrad:
-    """:func:`pretraining_hypergrad` on inputs already validated (no checks, no host read)."""
+    """:func:`pretraining_hypergrad` on inputs already validated: no checks, and no host read
+    but the IFT backward's one health read."""
     h = tree.detach(hparams, requires_grad=True)
     info: dict[str, Any] = {}
     # theta_PT as a function of phi through the IFT (values unchanged, backward = Eq. 3).
-    theta = implicit_solution(
+    theta = _implicit_solution_fast(
         _named(pt_loss, "pt_loss"), tree.detach(pt_params), h, solver=solver or default_solver,
-        on_failure=on_failure, stationarity_tol=stationarity_tol, info=info,
+        on_failure=on_failure, stationarity_tol=stationarity_tol, info=info, products=products,
     )
     enc = encoder(theta) if encoder is not None else theta
     head0 = tree.detach(ft_head)
     ft = _named(ft_loss, "ft_loss")
-    if head_only:
+    if products == "finite_difference":
+        enc_k, head_k = _first_order_unroll(ft, enc, head0, ft_steps, ft_lr, head_only)
+    elif head_only:
         # theta_FT(k+1) = theta_FT(k) for the encoder; psi(k+1) = psi(k) - lr dL_FT/dpsi.
         # The encoder enters the step as a constant of the unroll ("hparams" of the step).
         step = gradient_step(lambda head, e: ft(e, head), ft_lr)
-        head_k = unroll(step, head0, enc, ft_steps)
+        head_k = _unroll(step, head0, enc, ft_steps, check_finite=False)  # checked at the end
         enc_k = enc
     else:
         step = gradient_step(lambda s, _: ft(s[0], s[1]), ft_lr)
-        enc_k, head_k = unroll(step, (enc, head0), (), ft_steps)
+        enc_k, head_k = _unroll(step, (enc, head0), (), ft_steps, check_finite=False)
     with torch.enable_grad():
         val = _checks.scalar_loss(val_loss(enc_k, head_k), "val_loss")
         h_flat = tree.leaves(h)
