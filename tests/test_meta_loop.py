@@ -494,3 +494,49 @@ def test_warm_start_needs_a_solver_with_x0():
                              "warm_start": True})
     with pytest.raises(TypeError, match="`warm_start`"):
         hg.MetaPretrainer(**{**_kwargs(make), "warm_start": "yes"})
+
+
+# --- host synchronisations (GPU readiness, counted on the CPU) -------------------------------
+def _count_reads(fn):
+    """Tensor -> Python conversions (each a device->host sync on a GPU) made while ``fn`` runs,
+    by file; torch.optim's own (Adam's step counter lives on the CPU) are not counted."""
+    import collections
+    import os
+
+    sites = collections.Counter()
+    names = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def patched(name):
+        def read(self, *a, **k):
+            f = __import__("sys")._getframe(1).f_code.co_filename
+            if f"torch{os.sep}optim" not in f:
+                sites[os.path.basename(f)] += 1
+            return originals[name](self, *a, **k)
+        return read
+
+    for n in names:
+        setattr(torch.Tensor, n, patched(n))
+    try:
+        fn()
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+    return sites
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_meta_step_reads_the_device_twice_and_a_pt_step_never(warm):
+    """The meta step's own metrics (and the last PT loss) in one read; the IFT backward's health
+    check in one more (core). Target 1: needs core to let the caller fold its health signals
+    into the meta step's read."""
+    make, pt_batch, ft_batch = _setup()
+    tr = hg.MetaPretrainer(**{**_kwargs(make), "warm_start": warm})
+    tr.run(1, pt_batch, ft_batch, progress=False)
+    assert sum(_count_reads(lambda: tr.pt_step(pt_batch(0))).values()) == 0
+    sites = _count_reads(lambda: tr.run(3, pt_batch, ft_batch, progress=False))
+    assert sites == {"meta_loop.py": 2, "_checks.py": 2}, sites  # 2 outer iterations
+    plain = make()
+    plain.meta = False
+    sites = _count_reads(lambda: plain.run(2, pt_batch, ft_batch, progress=False))
+    assert sites == {"meta_loop.py": 2}, sites  # one PT-loss read per outer iteration
