@@ -468,12 +468,14 @@ def render_results(out: Path) -> None:
     text = (HERE / "RESULTS.template.md").read_text()
     study = out / "solver_study.md"
     solvers = study.read_text().strip() if study.exists() else "(not run: add `solvers` to --only)"
+    from benchmarks import forward_mode
     from benchmarks.distributed_scaling import markdown
 
     dist = "\n\n".join(markdown(json.loads(f.read_text())) for f in
                        sorted(dest.glob("distributed_scaling_*.json"), reverse=True))
     dist = dist or "(not run: `python -m benchmarks.distributed_scaling --config synthetic|paper`)"
     for key, val in (("TABLE", table), ("SOLVERS", solvers), ("DISTRIBUTED", dist),
+                     ("FORWARD_MODE", forward_mode.section(dest)),
                      ("MACHINE", data["machine"]),
                      ("DATE", time.strftime("%Y-%m-%d")), ("SECONDS", f"{data['seconds']:.0f}"),
                      ("MODE", "--full" if data["config"].get("full") else "quick")):

@@ -5,8 +5,9 @@
   become nested quotes and whose ``# comments`` become headings).
 - Display equations written as an indented run right under a prose line (no blank line
   between, which markdown folds into the paragraph) become ``text`` blocks.
-- Sphinx roles (``:func:`make_hvp```, ``:class:`SolveResult```) become cross-references,
-  qualified with the module of the object whose docstring holds them.
+- Sphinx roles (``:func:`make_hvp```, ``:class:`SolveResult```) become cross-references to
+  the object's canonical path, looked up from the module whose docstring holds them, then from
+  the top-level package; a name found nowhere stays plain code.
 The docstrings themselves are not changed; only what the docs site renders.
 """
 
@@ -46,16 +47,42 @@ class DocstringAdapter(griffe.Extension):
         doc = obj.docstring
         if doc is None:
             return
-        module = obj.module.path if not obj.is_module else obj.path
 
         def example(m: re.Match) -> str:
             head = f"{m.group('indent')}Examples:"
             what = m.group("what")
             return head + (f"\n{m.group('indent')}    {what[0].upper()}{what[1:]}:" if what else "")
 
-        def role(m: re.Match) -> str:
-            name = m.group("name")
-            target = name if name.startswith("hypergrad") else f"{module}.{name}"
-            return f"[`{name.split('.')[-1]}`][{target}]"
+        doc.value = _display_blocks(_EXAMPLE.sub(example, doc.value))
 
-        doc.value = _ROLE.sub(role, _display_blocks(_EXAMPLE.sub(example, doc.value)))
+    def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
+        """Roles are resolved once the whole package is loaded (aliases need their targets)."""
+        collection = pkg.modules_collection
+
+        def lookup(path: str) -> str | None:
+            try:
+                obj = collection.get_member(path)
+                return obj.final_target.path if obj.is_alias else obj.path
+            except (KeyError, ValueError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+                return None
+
+        def visit(obj: griffe.Object) -> None:
+            if obj.docstring is not None:
+                module = obj.path if obj.is_module else obj.module.path
+
+                def role(m: re.Match) -> str:
+                    name = m.group("name")
+                    tries = [name] if name.startswith(pkg.name) else [
+                        f"{module}.{name}", f"{pkg.name}.{name}"]
+                    for path in tries:
+                        target = lookup(path)
+                        if target:
+                            return f"[`{name.split('.')[-1]}`][{target}]"
+                    return f"`{name}`"
+
+                obj.docstring.value = _ROLE.sub(role, obj.docstring.value)
+            for member in obj.members.values():
+                if not member.is_alias:
+                    visit(member)
+
+        visit(pkg)

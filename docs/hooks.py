@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 INCLUDE = {
     "benchmarks/RESULTS.md": "benchmarks/results.md",
-    "tasks/synthetic/RESULTS.md": "reproductions/synthetic.md",
-    "tasks/ppi/RESULTS.md": "reproductions/ppi.md",
-    "tasks/ecg/RESULTS.md": "reproductions/ecg.md",
+    "tasks/synthetic/RESULTS.md": "reproductions/synthetic/index.md",
+    "tasks/ppi/RESULTS.md": "reproductions/ppi/index.md",
+    "tasks/ecg/RESULTS.md": "reproductions/ecg/index.md",
     "CHANGELOG.md": "changelog.md",
 }
 ASSETS = ["benchmarks/results/solver_study.png"]

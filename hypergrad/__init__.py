@@ -10,6 +10,8 @@ from .finite_difference import (
     fd_hvp,
     fd_mixed_vjp,
 )
+from .fixed_point import fixed_point_grad, fixed_point_solution
+from .forward import forward_hypergrad, implicit_jacobian, implicit_jvp, step_jvp
 from .implicit import (
     DoubleBackwardError,
     HypergradientError,
@@ -18,6 +20,7 @@ from .implicit import (
     implicit_solution,
 )
 from .meta_loop import CheckpointError, MetaPretrainer
+from .modules import FunctionalModule
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
 from .solvers import (
@@ -64,6 +67,13 @@ __all__ = [
     "implicit_grad",
     "implicit_solution",
     "functional_implicit_grad",
+    "fixed_point_grad",
+    "fixed_point_solution",
+    "implicit_jvp",
+    "implicit_jacobian",
+    "forward_hypergrad",
+    "step_jvp",
+    "FunctionalModule",
     "HypergradientWarning",
     "HypergradientError",
     "DoubleBackwardError",

@@ -81,7 +81,8 @@ def pretraining_hypergrad(
         val_loss: ``L_FT(enc_params, ft_head)`` on the FT-val batch (the meta-objective).
         pt_params: the current PT solution theta_PT (encoder and PT head): the IFT is taken
             over all of it.
-        ft_head: the FT head psi_FT. hparams: the meta-parameters phi. All three trees hold
+        ft_head: the FT head psi_FT.
+        hparams: the meta-parameters phi. ``pt_params``, ``ft_head`` and ``hparams`` hold
             floating tensors of one dtype and device (nothing is cast).
         encoder: maps ``pt_params`` to the part the FT model uses (default: all of it).
         ft_steps: K, the number of differentiable FT steps (0 = no FT Jacobian).
@@ -90,8 +91,10 @@ def pretraining_hypergrad(
             theta_PT, so the hypergradient flows through the features); else encoder and head.
         solver: inverse-Hessian solver for the IFT; default ``neumann(iterations=5,
             alpha="auto")``. The online loop uses the PT step size as ``alpha`` instead.
-        on_failure, stationarity_tol: as in :func:`hypergrad.implicit_grad`. Online PT is never at
-            a stationary point, so the defaults neither check nor warn; read ``info`` instead.
+        on_failure: as in :func:`hypergrad.implicit_grad`. Online PT is never at a stationary
+            point, so the default neither warns nor raises; read ``info`` instead.
+        stationarity_tol: as in :func:`hypergrad.implicit_grad`; the default ``None`` skips
+            the stationarity check (and its Hessian-vector product).
         products: ``"exact"`` (double backward) or ``"finite_difference"``: every second-order
             product, in the IFT solve and in the K-step FT unroll's backward, from central
             differences of first-order gradients (:class:`hypergrad.FiniteDifferenceOperator`),

@@ -60,3 +60,14 @@ def test_report_runs_on_tiny_sizes(tiny_env, tmp_path, capsys):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["memory"][0]["measure"] in ("VmHWM-after-clear_refs", "ru_maxrss")
+
+
+def test_forward_mode_study_runs_on_tiny_sizes(tmp_path, capsys):
+    from benchmarks import forward_mode
+
+    data = forward_mode.main(["--tiny", "--quiet", "--out", str(tmp_path)])
+    assert max(data["forward"]["agreement_f64"].values()) < 1e-10
+    assert all(max(r["rel_err_vs_dense"].values()) < 1e-8 for r in data["jacobian"].values())
+    assert data["forward"]["memory_kib"]
+    assert (tmp_path / "forward_mode.png").stat().st_size > 0
+    assert "implicit_jacobian" in forward_mode.section(tmp_path)

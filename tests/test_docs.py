@@ -1,6 +1,9 @@
 """The documentation cannot rot: the site builds strictly, its code runs, the docstrings' examples
 pass, and it loads nothing from the internet.
 
+Docstring examples and page snippets run as a reader runs them: with torch's own default dtype
+(float32), not the float64 default that conftest.py sets for the rest of the suite.
+
 Code blocks in docs/*.md fenced as ```python are executed, page by page in one namespace (in
 order, so a block may use names from the blocks above it); blocks fenced as ```py are shown
 but not run (JAX snippets, signatures).
@@ -22,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import hypergrad
 
@@ -29,6 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```",
                     re.S | re.M)
+
+
+@pytest.fixture
+def as_a_reader():
+    """torch's default dtype, as in a fresh interpreter (conftest.py sets float64)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _modules() -> list[str]:
@@ -39,7 +54,7 @@ def _modules() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _modules())
-def test_docstring_examples_pass(name):
+def test_docstring_examples_pass(name, as_a_reader):
     """The API reference's examples (``>>>``) are doctests; each module's must pass."""
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
@@ -64,7 +79,7 @@ def _python_blocks(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", [p for p in _pages() if _python_blocks(p)],
                          ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_code_runs(page):
+def test_page_code_runs(page, as_a_reader):
     ns: dict = {"__name__": f"docs_{page.stem}"}
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torchopt's functorch deprecations
@@ -87,7 +102,8 @@ def site(tmp_path_factory):
 def test_site_builds_strictly_with_every_page(site):
     for page in ("index", "getting-started", "concepts", "solvers", "migrating", "examples",
                  "api/implicit", "benchmarks/results", "reproductions/index",
-                 "reproductions/synthetic", "reproductions/ppi", "reproductions/ecg",
+                 "reproductions/synthetic/index", "reproductions/ppi/index",
+                 "reproductions/ecg/index",
                  "changelog"):
         assert (site / f"{page}.html").is_file(), page
     api = (site / "api" / "implicit.html").read_text()
