@@ -24,7 +24,10 @@ Problems (P = 10, K = 1, batch 64, PT Adam lr 1e-3, task weights ``2 sigmoid(phi
   lives in tasks/ and is replaced by the jitter here), 5-label FT head.
 
 Per problem: the meta step in PT-step units (one PT step = forward, backward and Adam step of
-L_PT), the outer-iteration cost (P PT + meta) / (P PT) at P = 10, the peak memory of one meta
+L_PT), as wall time (min over interleaved rounds) and as thread CPU time (the same, with
+``time.thread_time``: on a shared machine other processes inflate wall time far more than the
+CPU time of a single-threaded call; on a GPU only wall time is measured), the
+outer-iteration cost (P PT + meta) / (P PT) at P = 10, the peak memory of one meta
 step (fresh process: rise of VmHWM after a clear_refs reset, as benchmarks/memory.py; CUDA:
 ``max_memory_allocated``), and the host synchronisations of one meta step: calls of
 ``Tensor.__bool__ / __float__ / __int__ / __index__ / item / tolist`` outside ``torch.optim``
@@ -474,6 +477,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int = 2
+                    ) -> dict[str, list[float]]:
+    """Thread CPU seconds per call (``time.thread_time``), interleaved in rotating order like
+    :func:`benchmarks.timing.interleaved`. With one intra-op thread this is the work the call
+    itself does; other processes on a shared machine inflate wall time, much less CPU time."""
+    for f in fns.values():
+        f()
+    names = list(fns)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        gc.collect()
+        gc.disable()
+        try:
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.thread_time()
+                for _ in range(reps):
+                    fns[k]()
+                out[k].append((time.thread_time() - t0) / reps)
+        finally:
+            gc.enable()
+    return out
+
+
 def measure_problem(name: str, *, device: str = "cpu", tiny: bool = False, rounds: int = 7,
                     min_time: float = 0.05, pt_steps: int = 10, memory: bool = True,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -507,6 +533,7 @@ def measure_problem(name: str, *, device: str = "cpu", tiny: bool = False, round
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = timing.interleaved(fns, rounds=rounds, min_time=min_time)
+        cpu_t = cpu_interleaved(fns, rounds) if device == "cpu" else None
         syncs = {}
         for key, fn in (("library_meta_step", lambda: tr.meta_step(*b)),
                         ("library_hypergradient", lambda: library_hypergradient(prob, tr, *b)),
@@ -526,6 +553,17 @@ def measure_problem(name: str, *, device: str = "cpu", tiny: bool = False, round
         "library": 1 + unit["library_meta_step"] / prob.P,
         "authors": 1 + timing.ratio(t, "authors_meta_step", "authors_pt_step") / prob.P}
     out["host_syncs"] = syncs
+    if cpu_t is not None:
+        c = cpu_t
+        cu = {k: timing.ratio(c, k, "pt_step") for k in fns}
+        out["cpu_time"] = {
+            "pt_step_units": cu,
+            "library_vs_authors": timing.ratio(c, "library_meta_step", "authors_meta_step"),
+            "paired_library_vs_authors": timing.paired_ratio(c, "library_meta_step",
+                                                             "authors_meta_step"),
+            "outer_ratio": {"library": 1 + cu["library_meta_step"] / prob.P,
+                            "authors": 1 + timing.ratio(c, "authors_meta_step",
+                                                        "authors_pt_step") / prob.P}}
     log(f"{name}: meta step {unit['library_meta_step']:.2f} vs {unit['authors_meta_step']:.2f} "
         f"PT steps (library / authors {out['library_vs_authors']:.2f}); syncs "
         f"{syncs['library_meta_step']['syncs']} vs {syncs['authors_meta_step']['syncs']}")
@@ -595,34 +633,67 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['date']}{' (' + result['label'] + ')' if result.get('label') else ''}.",
              "",
              "| problem | PT params | same answer (f64 / f32 rel err) | meta step, PT steps: "
-             "library / authors | library / authors | (P PT + meta) / (P PT): library / authors "
-             "| peak memory of a meta step, MiB: library / authors | host syncs per meta step: "
-             "library / authors | HVPs: library / authors |",
+             "library / authors | library / authors (wall; CPU time) | (P PT + meta) / (P PT): "
+             "library / authors (wall; CPU time) | peak memory of a meta step, MiB: library / "
+             "authors | host syncs per meta step: library / authors | HVPs: library / authors |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["problems"]:
         u, o, s = r["pt_step_units"], r["outer_ratio"], r["host_syncs"]
         mem = r.get("peak_memory_kib")
         mem_s = (f"{mem['library_meta_step'] / 1024:.1f} / {mem['authors_meta_step'] / 1024:.1f}"
                  if mem and mem.get("library_meta_step") is not None else "-")
+        cpu = r.get("cpu_time")
+        ratio = f"**{r['library_vs_authors']:.2f}x**"
+        outer = f"{o['library']:.2f} / {o['authors']:.2f}"
+        if cpu:
+            ratio += f"; **{cpu['library_vs_authors']:.2f}x**"
+            outer += f"; {cpu['outer_ratio']['library']:.2f} / {cpu['outer_ratio']['authors']:.2f}"
         lines.append(
             f"| {r['problem']} ({r['info'].get('encoder', '')}) | {r['n_pt_params']:,} | "
             f"{r['check_float64']['hypergrad_rel_err']:.0e} / "
             f"{r['check_float32']['hypergrad_rel_err']:.0e} | "
             f"{u['library_meta_step']:.2f} / {u['authors_meta_step']:.2f} | "
-            f"**{r['library_vs_authors']:.2f}x** | {o['library']:.2f} / {o['authors']:.2f} | "
+            f"{ratio} | {outer} | "
             f"{mem_s} | {s['library_meta_step']['syncs']} / {s['authors_meta_step']['syncs']} | "
             f"{r['check_float64']['hvps_library']} / {r['check_float64']['hvps_authors']} |")
     return "\n".join(lines)
 
 
+def targets(result: dict[str, Any]) -> str:
+    """Issue 17's targets on the multitask MLP, met or missed, with the measured numbers."""
+    r = next((x for x in result["problems"] if x["problem"] == "mlp"), None)
+    if r is None:
+        return ""
+    cpu = r.get("cpu_time", {})
+    speed = [r["library_vs_authors"]] + ([cpu["library_vs_authors"]] if cpu else [])
+    outer = [r["outer_ratio"]["library"]] + ([cpu["outer_ratio"]["library"]] if cpu else [])
+    syncs = r["host_syncs"]["library_meta_step"]["syncs"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    fmt = " (wall) / ".join(f"{x:.2f}" for x in speed) + (" (CPU time)" if cpu else " (wall)")
+    fmo = " (wall) / ".join(f"{x:.2f}" for x in outer) + (" (CPU time)" if cpu else " (wall)")
+    return (f"Targets on the MLP: library / authors <= 1.0: {fmt}, "
+            f"{verdict(max(speed) <= 1.0)}; (P PT + meta) / (P PT) <= 1.3: {fmo}, "
+            f"{verdict(max(outer) <= 1.3)}; host syncs per meta step <= 1: {syncs}, "
+            f"{verdict(syncs <= 1)}.")
+
+
 def section(results: Path = RESULTS) -> str:
-    """The RESULTS.md section: every ``metapt*.json`` in ``results`` (the baseline first)."""
-    files = sorted(results.glob("metapt*.json"), key=lambda f: (f.stem != "metapt_baseline", f))
-    tables = "\n\n".join(markdown(json.loads(f.read_text())) for f in files)
+    """The RESULTS.md section: the baseline(s), then the current ``metapt.json``."""
+    order = {"metapt_baseline": 0, "metapt_baseline_cpu": 1, "metapt": 2}
+    files = sorted(results.glob("metapt*.json"), key=lambda f: (order.get(f.stem, 3), f.stem))
+    parts = []
+    for f in files:
+        data = json.loads(f.read_text())
+        parts.append(markdown(data) + "\n\n" + targets(data))
     return ("## The meta step of Algorithm 1 against the authors' code (`benchmarks/metapt.py`)\n\n"
             "`python -m benchmarks.metapt` (see its docstring for the problems and the measures). "
             "Time ratios are min/min over interleaved rounds in one process; a PT step is the unit."
-            "\n\n" + (tables or "(not run)"))
+            " Wall time on this shared 2-core machine swings with the other jobs' load; the "
+            "thread CPU time of the same single-threaded calls is the steadier measure."
+            "\n\n" + ("\n\n".join(parts) or "(not run)"))
 
 
 def machine() -> str:
