@@ -381,7 +381,8 @@ class MetaPretrainer:
         self._read = {}
         if self.meta and not warm:
             ft_train, ft_val = ft_batch_fn(j)
-            self._pending_reads = {"pt_loss": pt_loss}
+            if isinstance(pt_loss, torch.Tensor):  # an overriding pt_step may return a float
+                self._pending_reads = {"pt_loss": pt_loss}
             metrics.update(self.meta_step(batch, ft_train, ft_val))
             self._pending_reads = {}
         # read with the meta step's metrics (an overriding meta_step may not: read it here)

@@ -540,3 +540,16 @@ def test_a_meta_step_reads_the_device_twice_and_a_pt_step_never(warm):
     plain.meta = False
     sites = _count_reads(lambda: plain.run(2, pt_batch, ft_batch, progress=False))
     assert sites == {"meta_loop.py": 2}, sites  # one PT-loss read per outer iteration
+
+
+def test_a_subclass_whose_pt_step_returns_a_float_still_runs():
+    make, pt_batch, ft_batch = _setup()
+
+    class Old(hg.MetaPretrainer):
+        def pt_step(self, batch):
+            return float(super().pt_step(batch))
+
+    ref = make()
+    ref.run(2, pt_batch, ft_batch, progress=False)
+    hist = Old(**_kwargs(make)).run(2, pt_batch, ft_batch, progress=False)
+    assert _numbers(hist) == _numbers(ref.history)
