@@ -92,6 +92,10 @@ class MetaPretrainer:
     right-hand side turned (a new FT batch, a big phi or theta step); the solve therefore starts
     from 0 whenever ``||b - b_prev|| >= warm_start_reset * ||b||`` (decided on the device). The
     metric ``warm_started`` says which it was; the start is checkpointed for exact resume.
+
+    ``products="finite_difference"`` forms every second-order product of the meta step from
+    first-order gradients (see :func:`hypergrad.pretraining_hypergrad`): for models with no
+    double backward.
     """
 
     def __init__(

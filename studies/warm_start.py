@@ -1,7 +1,10 @@
 """Warm-started IFT solves along online meta-pretraining (issue 17.3; AmIGO, Arbel & Mairal 2022).
 
-    python studies/warm_start.py [--tasks rotation,noisy,ppi] [--meta-steps 60] [--seeds 0,1]
-                                 [--device cpu|cuda|auto] [--out studies/results/warm_start.json]
+    python studies/warm_start.py [--tasks rotation,noisy,ppi] [--meta-steps 60] [--seeds 0,1,2]
+                                 [--metric-steps N] [--out studies/results/warm_start.json]
+
+Part A runs on the first seed for ``--meta-steps`` meta steps; part B on every seed with the
+task config's length (rotation/noisy: their ``smoke`` configs, PPI: ``synthetic``).
 
 A. HVPs to reach the same relative residual. Along each task's own online run (its trainer,
    solver and batches, cold starts), every meta step's IFT system ``H x = b`` (the PT Hessian,
@@ -145,7 +148,6 @@ def _rotation(seed: int, meta_steps: int | None):
     cfg = dataclasses.replace(R.CONFIGS["smoke"], ift="neumann")
     if meta_steps:
         cfg = dataclasses.replace(cfg, meta_steps=meta_steps)
-    task = R.build(cfg, seed)
     init = cfg.init_angles[seed % len(cfg.init_angles)]
 
     def run(trainer_hook=None) -> dict[str, Any]:
@@ -153,7 +155,7 @@ def _rotation(seed: int, meta_steps: int | None):
             res = R.run_one(cfg, seed, init)
         return {"metric": "|phi - 90| (deg)", "value": res["error"], "lower_is_better": True}
 
-    return cfg, task, lambda: task.trainer(init), run
+    return cfg, run
 
 
 def _noisy(seed: int, meta_steps: int | None):
@@ -162,7 +164,6 @@ def _noisy(seed: int, meta_steps: int | None):
     cfg = dataclasses.replace(N.CONFIGS["smoke"], baseline=False)
     if meta_steps:
         cfg = dataclasses.replace(cfg, meta_steps=meta_steps)
-    task = N.NoisyTask(cfg, seed)
 
     def run(trainer_hook=None) -> dict[str, Any]:
         with _hooked(trainer_hook):
@@ -170,10 +171,34 @@ def _noisy(seed: int, meta_steps: int | None):
         return {"metric": "clean/noisy weight AUROC", "value": res["auroc"],
                 "lower_is_better": False}
 
-    return cfg, task, task.trainer, run
+    return cfg, run
 
 
-TASKS = {"rotation": _rotation, "noisy": _noisy}
+def _ppi(seed: int, meta_steps: int | None):
+    """The synthetic PPI validation (``python -m tasks ppi --synthetic --config synthetic``):
+    Meta-PT through ``tasks.ppi.methods.pretrain``; metric: AUROC of the learned task weights
+    against the PT tasks' true relevance (as the task's CLI reports it)."""
+    from sklearn.metrics import roc_auc_score
+
+    from tasks.ppi.config import get_config
+    from tasks.ppi.data import load_ppi
+    from tasks.ppi.finetune import make_problem
+    from tasks.ppi.methods import pretrain
+    from tasks.ppi.synthetic import read_meta, write_synthetic
+
+    s = get_config("synthetic", meta_steps=meta_steps)
+    root = write_synthetic(ROOT / "studies" / "results" / "ppi_data", s.synthetic)
+    problem = make_problem(load_ppi(root), s, read_meta(root)["relevance"])
+    def run(trainer_hook=None) -> dict[str, Any]:
+        with _hooked(trainer_hook):
+            res = pretrain("meta_pt", problem, s, seed, progress=False)
+        return {"metric": "task-weight / relevance AUROC", "lower_is_better": False,
+                "value": float(roc_auc_score(problem.relevance, res.weights))}
+
+    return s, run
+
+
+TASKS = {"rotation": _rotation, "noisy": _noisy, "ppi": _ppi}
 TOL = {"rotation": 0.5, "noisy": 0.2, "ppi": 0.2}
 
 
@@ -198,18 +223,23 @@ def _hooked(hook):
 
 def part_a(name: str, seed: int, meta_steps: int, tol: float | None, budget: int | None
            ) -> dict:
-    cfg, task, make, _ = TASKS[name](seed, meta_steps)
+    cfg, run = TASKS[name](seed, meta_steps)
     tol = TOL[name] if tol is None else tol
-    tr = make()
-    warmup = getattr(cfg, "warmup", 0)
-    base = tr.solver
-    kw = getattr(base, "keywords", {})
-    alpha = float(kw.get("alpha", cfg.pt_lr))
-    budget = budget or int(kw.get("iterations", 3))
-    side = SideSolves(base, tol, alpha, budget, cap=2000, maxiter=200)
-    tr.solver = side
+    found: dict[str, Any] = {}
+
+    def install(tr):  # the task's own trainer, its solver wrapped by the side solves
+        if not tr.meta:
+            return
+        kw = getattr(tr.solver, "keywords", {})
+        found["alpha"] = float(kw.get("alpha", cfg.pt_lr))
+        found["budget"] = budget or int(kw.get("iterations", 3))
+        tr.solver = found["side"] = SideSolves(tr.solver, tol, found["alpha"], found["budget"],
+                                               cap=2000, maxiter=200)
+
     t0 = time.time()
-    tr.run(meta_steps, task.pt_batch, task.ft_batch, warmup=warmup, progress=False)
+    run(install)  # the task's run, cold starts (its metric is part B's "cold")
+    side = found["side"]
+    alpha, budget, warmup = found["alpha"], found["budget"], getattr(cfg, "warmup", 0)
     rows = side.rows
     tot = {k: sum(r[k] for r in rows) for k in ("minres_cold_hvps", "minres_warm_hvps",
                                                   "neumann_cold_hvps_same_res",
@@ -222,24 +252,32 @@ def part_a(name: str, seed: int, meta_steps: int, tol: float | None, budget: int
 
 
 def part_b(name: str, seed: int, meta_steps: int | None) -> dict:
-    *_, run = TASKS[name](seed, meta_steps)
+    _, run = TASKS[name](seed, meta_steps)
+
+    built: list = []
 
     def warm(tr):
         tr.warm_start = True
+        built.append(tr)
 
     out = {}
     for label, hook in (("cold", None), ("warm", warm)):
         t0 = time.time()
         out[label] = run(hook)
         out[label]["seconds"] = time.time() - t0
+    flags = [m["warm_started"] for tr in built for m in tr.history if "warm_started" in m]
+    out["warm"]["warm_started_fraction"] = sum(flags) / max(1, len(flags))
+    out["warm"]["solver"] = repr(getattr(built[0].solver, "keywords", built[0].solver))
     return {"task": name, "seed": seed, **out}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default="rotation,noisy")
+    ap.add_argument("--tasks", default="rotation,noisy,ppi")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--meta-steps", type=int, default=60)
+    ap.add_argument("--meta-steps", type=int, default=60, help="part A's run length")
+    ap.add_argument("--metric-steps", type=int, default=None,
+                    help="part B's run length (default: the task config's)")
     ap.add_argument("--tol", type=float, default=None, help="MINRES tolerance (default: TOL)")
     ap.add_argument("--budget", type=int, default=None, help="Neumann terms (default: task's)")
     ap.add_argument("--parts", default="a,b")
@@ -255,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "load_average": os.getloadavg()[0], "a": [], "b": []}
     from tqdm.auto import tqdm
 
-    jobs = [(p, t, s) for p in a.parts.split(",") for t in a.tasks.split(",") for s in seeds]
+    jobs = [(p, t, s) for p in a.parts.split(",") for t in a.tasks.split(",")
+            for s in (seeds[:1] if p == "a" else seeds)]
     for part, name, seed in tqdm(jobs, desc="warm-start study"):
         if part == "a":
             r = part_a(name, seed, a.meta_steps, a.tol, a.budget)
@@ -263,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"HVPs warm; Neumann: {r['neumann_ratio']:.2f}x; {r['resets']} resets",
                   flush=True)
         else:
-            r = part_b(name, seed, a.meta_steps)
+            r = part_b(name, seed, a.metric_steps)
             print(f"{name} seed {seed}: {r['cold']['metric']} cold {r['cold']['value']:.4g}, "
                   f"warm {r['warm']['value']:.4g}", flush=True)
         result[part].append(r)
