@@ -86,12 +86,21 @@ class MetaPretrainer:
     callable ``trainer -> tree`` supplies any other diagonal.
 
     ``warm_start=True`` (AmIGO, Arbel & Mairal 2022) starts each meta step's solve at the
-    previous meta step's solution (``x0=`` of ``hg.cg`` / ``hg.neumann``): theta_PT and phi move
-    little between meta steps, so H^{-1} b does too. A stale start is worse than none (its
-    residual ``||b - H x0||`` exceeds a cold start's ``||b||``), which happens when the
-    right-hand side turned (a new FT batch, a big phi or theta step); the solve therefore starts
-    from 0 whenever ``||b - b_prev|| >= warm_start_reset * ||b||`` (decided on the device). The
-    metric ``warm_started`` says which it was; the start is checkpointed for exact resume.
+    previous meta step's solution (``x0=`` of ``hg.cg`` / ``hg.neumann``; its own matvec). A
+    stale start is worse than none (its residual ``||b - H x0||`` exceeds a cold start's
+    ``||b||``), which happens when the right-hand side turned (a new FT batch, a big phi or
+    theta step); the solve therefore starts from 0 whenever ``||b - b_prev|| >=
+    warm_start_reset * ||b||`` (decided on the device). The metric ``warm_started`` says which
+    it was; the start is checkpointed for exact resume. Off by default, because on online PT
+    (far from a minimum, indefinite Hessian) it changes what a truncated series computes: warm
+    Neumann steps add up to one long series, i.e. toward the full H^{-1} b, and away from the
+    short J-step response that works as Algorithm 1's meta direction. Measured on the tasks
+    (studies/warm_start.py): the Neumann residual a warm step reaches costs a cold series
+    25.6x (rotation), 1.7x (noisy labels), 10.8x (PPI) more HVPs, but the task metrics fell
+    (noisy clean/noisy AUROC 0.99 -> 0.55-0.62, PPI relevance AUROC 0.86-1.00 -> 0.61-0.80);
+    MINRES/CG to a tolerance gained nothing (0.91-0.96x), the systems change too much between
+    meta steps. Use it where the inner problem is near a strict minimum and the solver runs to
+    a tolerance (AmIGO's setting: the answer is then the same within the tolerance).
 
     ``products="finite_difference"`` forms every second-order product of the meta step from
     first-order gradients (see :func:`hypergrad.pretraining_hypergrad`): for models with no

@@ -187,7 +187,7 @@ def _ppi(seed: int, meta_steps: int | None):
     from tasks.ppi.synthetic import read_meta, write_synthetic
 
     s = get_config("synthetic", meta_steps=meta_steps)
-    root = write_synthetic(ROOT / "studies" / "results" / "ppi_data", s.synthetic)
+    root = write_synthetic(ROOT / "runs" / "ppi_synthetic_data", s.synthetic)  # ignored by git
     problem = make_problem(load_ppi(root), s, read_meta(root)["relevance"])
     def run(trainer_hook=None) -> dict[str, Any]:
         with _hooked(trainer_hook):

@@ -553,3 +553,30 @@ def test_a_subclass_whose_pt_step_returns_a_float_still_runs():
     ref.run(2, pt_batch, ft_batch, progress=False)
     hist = Old(**_kwargs(make)).run(2, pt_batch, ft_batch, progress=False)
     assert _numbers(hist) == _numbers(ref.history)
+
+
+def test_warm_started_neumann_accumulates_to_the_exact_solve_on_a_fixed_spd_system():
+    """AmIGO's premise: with the system fixed, each warm 2-term Neumann solve continues the
+    series, so the residual falls geometrically while a cold 2-term solve stays put."""
+    from hypergrad.meta_loop import _warm_solve
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    H = Q @ torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)) @ Q.T
+    b = {"x": torch.randn(5, generator=g, dtype=torch.float64)}
+
+    def mv(v):
+        return {"x": H @ v["x"]}
+
+    solver = functools.partial(hg.neumann, iterations=2, alpha=0.15, exact_residual=True)
+    warm, residuals = None, []
+    for _ in range(80):  # residual (1 - 0.15)^(2 k): 5e-12 after 80 solves
+        seen = {}
+        res = _warm_solve(solver, warm, 1.0, seen, mv, b)
+        warm = seen
+        residuals.append(float(res.residual_norm))
+    cold = float(solver(mv, b).residual_norm)
+    assert residuals[0] == pytest.approx(cold)
+    assert residuals[-1] < 1e-6 < cold
+    exact = torch.linalg.solve(H, b["x"])
+    torch.testing.assert_close(warm["x"]["x"], exact, rtol=1e-5, atol=1e-6)
