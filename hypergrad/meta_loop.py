@@ -211,7 +211,7 @@ class MetaPretrainer:
         if self.ift_preconditioner == "adam":
             solver = functools.partial(
                 solver, preconditioner=adam_preconditioner(self.pt_opt, self.pt_params))
-        elif self.ift_preconditioner is not None:
+        elif callable(self.ift_preconditioner):
             solver = functools.partial(solver, preconditioner=self.ift_preconditioner(self))
         if not self.warm_start:
             return solver
