@@ -27,7 +27,7 @@ import torch
 
 import hypergrad as hg
 
-from . import first_order, memory, timing
+from . import first_order, memory, metapt, timing
 from . import methods as M
 from .experimental import flat_cg
 from .problems import make_problem
@@ -484,6 +484,7 @@ def render_results(out: Path) -> None:
                      ("DATE", time.strftime("%Y-%m-%d")), ("SECONDS", f"{data['seconds']:.0f}"),
                      ("MODE", "--full" if data["config"].get("full") else "quick")):
         text = text.replace("{{" + key + "}}", val)
+    text = text.rstrip("\n") + "\n\n" + metapt.section(dest) + "\n"
     (HERE / "RESULTS.md").write_text(text)
 
 

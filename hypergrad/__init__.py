@@ -19,7 +19,7 @@ from .implicit import (
     implicit_grad,
     implicit_solution,
 )
-from .meta_loop import MetaPretrainer
+from .meta_loop import CheckpointError, MetaPretrainer
 from .modules import FunctionalModule
 from .pretraining import PretrainingHypergrad, pretraining_hypergrad
 from .products import HessianOperator, hvp, make_hvp, mixed_vjp
@@ -83,6 +83,7 @@ __all__ = [
     "pretraining_hypergrad",
     "PretrainingHypergrad",
     "MetaPretrainer",
+    "CheckpointError",
 ]
 
 __version__ = "0.1.0"

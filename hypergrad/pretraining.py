@@ -36,10 +36,10 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _checks, tree
-from .implicit import implicit_solution
+from .implicit import _implicit_solution_fast
 from .solvers import SolveResult, neumann
 from .tree import Tree
-from .unroll import gradient_step, unroll
+from .unroll import _unroll, gradient_step
 
 __all__ = ["pretraining_hypergrad", "PretrainingHypergrad", "default_solver"]
 
@@ -71,6 +71,7 @@ def pretraining_hypergrad(
     solver: Callable[..., SolveResult] | None = None,
     on_failure: str = "ignore",
     stationarity_tol: float | None = None,
+    products: str = "exact",
 ) -> PretrainingHypergrad:
     """One hypergradient of Algorithm 1 (Raghu et al. 2021).
 
@@ -80,7 +81,9 @@ def pretraining_hypergrad(
         val_loss: ``L_FT(enc_params, ft_head)`` on the FT-val batch (the meta-objective).
         pt_params: the current PT solution theta_PT (encoder and PT head): the IFT is taken
             over all of it.
-        ft_head: the FT head psi_FT. hparams: the meta-parameters phi.
+        ft_head: the FT head psi_FT.
+        hparams: the meta-parameters phi. ``pt_params``, ``ft_head`` and ``hparams`` hold
+            floating tensors of one dtype and device (nothing is cast).
         encoder: maps ``pt_params`` to the part the FT model uses (default: all of it).
         ft_steps: K, the number of differentiable FT steps (0 = no FT Jacobian).
         ft_lr: step size of the FT unroll (plain gradient descent).
@@ -88,34 +91,139 @@ def pretraining_hypergrad(
             theta_PT, so the hypergradient flows through the features); else encoder and head.
         solver: inverse-Hessian solver for the IFT; default ``neumann(iterations=5,
             alpha="auto")``. The online loop uses the PT step size as ``alpha`` instead.
-        on_failure, stationarity_tol: as in :func:`hypergrad.implicit_grad`. Online PT is never at
-            a stationary point, so the defaults neither check nor warn; read ``info`` instead.
+        on_failure: as in :func:`hypergrad.implicit_grad`. Online PT is never at a stationary
+            point, so the default neither warns nor raises; read ``info`` instead.
+        stationarity_tol: as in :func:`hypergrad.implicit_grad`; the default ``None`` skips
+            the stationarity check (and its Hessian-vector product).
+        products: ``"exact"`` (double backward) or ``"finite_difference"``: every second-order
+            product, in the IFT solve and in the K-step FT unroll's backward, from central
+            differences of first-order gradients (:class:`hypergrad.FiniteDifferenceOperator`),
+            so Algorithm 1 runs on models with no double backward (fused attention kernels,
+            compiled losses). The FT unroll then runs its adjoint recursion explicitly.
+
+    Inputs are validated here, once, under these names; the library calls inside trust them.
+    Host reads: one at the entry (finiteness of the three trees) and one in the IFT backward
+    (its health check; ``info["health"]`` holds the solve's numbers as Python floats).
     """
+    validate(pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
+             ft_steps=ft_steps, ft_lr=ft_lr, head_only=head_only, solver=solver,
+             on_failure=on_failure, stationarity_tol=stationarity_tol, products=products)
+    return _pretraining_hypergrad(
+        pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
+        ft_steps=ft_steps, ft_lr=float(ft_lr), head_only=head_only, solver=solver,
+        on_failure=on_failure, stationarity_tol=stationarity_tol, products=products)
+
+
+_POLICIES = ("warn", "raise", "ignore")
+PRODUCTS = ("exact", "finite_difference")
+
+
+def validate(
+    pt_loss: Any, ft_loss: Any, val_loss: Any, pt_params: Any, ft_head: Any, hparams: Any, *,
+    encoder: Any = None, ft_steps: Any = 1, ft_lr: Any = 1e-2, head_only: Any = True,
+    solver: Any = None, on_failure: Any = "ignore", stationarity_tol: Any = None,
+    products: Any = "exact", finite: bool = True,
+) -> None:
+    """The checks of :func:`pretraining_hypergrad`'s entry (internal; also used by
+    :class:`hypergrad.MetaPretrainer`), each naming the argument as the caller spelled it.
+    ``finite=True`` adds one finiteness check of all three trees (one host read)."""
     for f, name in ((pt_loss, "pt_loss"), (ft_loss, "ft_loss"), (val_loss, "val_loss")):
         _checks.callable_(f, name)
     if encoder is not None:
         _checks.callable_(encoder, "encoder")
-    ft_steps = _checks.nonneg_int(ft_steps, "ft_steps")
-    _checks.tensor_tree(ft_head, "ft_head")
-    _checks.tensor_tree(hparams, "hparams")
+    if solver is not None:
+        _checks.callable_(solver, "solver")
+    _checks.nonneg_int(ft_steps, "ft_steps")
+    _checks.positive_number(ft_lr, "ft_lr")
+    if not isinstance(head_only, bool):
+        raise TypeError(f"`head_only` must be True or False, got {head_only!r}")
+    if on_failure not in _POLICIES:
+        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
+    if stationarity_tol is not None:
+        _checks.nonneg_number(stationarity_tol, "stationarity_tol")
+    if not isinstance(products, str) or products not in PRODUCTS:
+        raise ValueError(f"`products` must be one of {PRODUCTS}, got {products!r}")
+    trees = {"pt_params": pt_params, "ft_head": ft_head, "hparams": hparams}
+    flat = {name: _checks.tensor_tree(t, name) for name, t in trees.items()}
+    ref = flat["pt_params"][0]
+    for name, leaves in flat.items():
+        for i, x in enumerate(leaves):
+            if x.dtype != ref.dtype or x.device != ref.device:
+                raise TypeError(
+                    f"`{name}` leaf {_leaf_name(trees[name], i)} is {x.dtype} on {x.device} but "
+                    f"`pt_params` leaf {_leaf_name(pt_params, 0)} is {ref.dtype} on {ref.device}; "
+                    f"cast `{name}` (e.g. with .to({ref.dtype})): hypergrad never casts silently"
+                )
+    if finite:
+        all_leaves = [x for leaves in flat.values() for x in leaves]
+        ok = torch.stack([torch.isfinite(x.detach()).all() for x in all_leaves])
+        if not bool(ok.all()):  # the one host read of the entry
+            k = int((~ok).nonzero()[0, 0])
+            for name, leaves in flat.items():
+                if k < len(leaves):
+                    raise ValueError(
+                        f"`{name}` leaf {_leaf_name(trees[name], k)} (shape "
+                        f"{tuple(leaves[k].shape)}) contains NaN or inf; a hypergradient at "
+                        "non-finite values is meaningless"
+                    )
+                k -= len(leaves)
+
+
+def _leaf_name(t: Tree, i: int) -> str:
+    """``'w'`` for a dict key, else the leaf index."""
+    if isinstance(t, dict) and all(not isinstance(v, (dict, list, tuple)) for v in t.values()):
+        return repr(list(t)[i])
+    return str(i)
+
+
+def _named(loss: Callable[[Tree, Tree], torch.Tensor], name: str):
+    """``loss`` whose value is checked to be a scalar under the caller's name (no host read)."""
+    def checked(a: Tree, b: Tree) -> torch.Tensor:
+        return _checks.scalar_loss(loss(a, b), name)
+
+    return checked
+
+
+def _pretraining_hypergrad(
+    pt_loss: Callable[[Tree, Tree], torch.Tensor],
+    ft_loss: Callable[[Tree, Tree], torch.Tensor],
+    val_loss: Callable[[Tree, Tree], torch.Tensor],
+    pt_params: Tree,
+    ft_head: Tree,
+    hparams: Tree,
+    *,
+    encoder: Callable[[Tree], Tree] | None,
+    ft_steps: int,
+    ft_lr: float,
+    head_only: bool,
+    solver: Callable[..., SolveResult] | None,
+    on_failure: str,
+    stationarity_tol: float | None,
+    products: str = "exact",
+) -> PretrainingHypergrad:
+    """:func:`pretraining_hypergrad` on inputs already validated: no checks, and no host read
+    but the IFT backward's one health read."""
     h = tree.detach(hparams, requires_grad=True)
     info: dict[str, Any] = {}
     # theta_PT as a function of phi through the IFT (values unchanged, backward = Eq. 3).
-    theta = implicit_solution(
-        pt_loss, tree.detach(pt_params), h, solver=solver or default_solver,
-        on_failure=on_failure, stationarity_tol=stationarity_tol, info=info,
+    theta = _implicit_solution_fast(
+        _named(pt_loss, "pt_loss"), tree.detach(pt_params), h, solver=solver or default_solver,
+        on_failure=on_failure, stationarity_tol=stationarity_tol, info=info, products=products,
     )
     enc = encoder(theta) if encoder is not None else theta
     head0 = tree.detach(ft_head)
-    if head_only:
+    ft = _named(ft_loss, "ft_loss")
+    if products == "finite_difference":
+        enc_k, head_k = _first_order_unroll(ft, enc, head0, ft_steps, ft_lr, head_only)
+    elif head_only:
         # theta_FT(k+1) = theta_FT(k) for the encoder; psi(k+1) = psi(k) - lr dL_FT/dpsi.
         # The encoder enters the step as a constant of the unroll ("hparams" of the step).
-        step = gradient_step(lambda head, e: ft_loss(e, head), ft_lr)
-        head_k = unroll(step, head0, enc, ft_steps)
+        step = gradient_step(lambda head, e: ft(e, head), ft_lr)
+        head_k = _unroll(step, head0, enc, ft_steps, check_finite=False)  # checked at the end
         enc_k = enc
     else:
-        step = gradient_step(lambda s, _: ft_loss(s[0], s[1]), ft_lr)
-        enc_k, head_k = unroll(step, (enc, head0), (), ft_steps)
+        step = gradient_step(lambda s, _: ft(s[0], s[1]), ft_lr)
+        enc_k, head_k = _unroll(step, (enc, head0), (), ft_steps, check_finite=False)
     with torch.enable_grad():
         val = _checks.scalar_loss(val_loss(enc_k, head_k), "val_loss")
         h_flat = tree.leaves(h)
@@ -129,3 +237,91 @@ def pretraining_hypergrad(
         tree.flatten(h)[1],
     )
     return PretrainingHypergrad(hyper, tree.detach(head_k), val.detach(), info)
+
+
+class _FirstOrderUnroll(torch.autograd.Function):
+    """The K plain-GD FT steps of :func:`pretraining_hypergrad` whose backward takes no double
+    backward: the adjoint recursion of the unroll with finite-difference products
+    (:class:`hypergrad.FiniteDifferenceOperator`). Head only, with ``u = dL/dpsi_K``:
+
+        for k = K-1 .. 0:  g_enc -= lr u^T d2 L_FT / d psi d enc (psi_k);
+                           u <- u - lr d2 L_FT / d psi2 (psi_k) u,
+
+    and ``u`` is then dL/dpsi_0; encoder and head together, the state s = (enc, psi) and
+    ``u <- u - lr d2 L_FT / ds2 (s_k) u``. Each product is two first-order gradients."""
+
+    @staticmethod
+    def forward(ctx, cfg: dict[str, Any], *tensors: torch.Tensor):  # type: ignore[override]
+        n, ft, lr = cfg["n_enc"], cfg["ft"], cfg["lr"]
+        enc = tree.unflatten([t.detach() for t in tensors[:n]], cfg["enc_spec"])
+        head = [t.detach() for t in tensors[n:]]
+        states = []
+        if cfg["head_only"]:
+            for _ in range(cfg["steps"]):
+                states.append(head)
+                head = _gd_step(lambda h: ft(enc, tree.unflatten(h, cfg["head_spec"])), head, lr)
+            out = head
+        else:
+            s = tree.leaves(enc) + head
+            split = functools.partial(_split, cfg)
+            for _ in range(cfg["steps"]):
+                states.append(s)
+                s = _gd_step(lambda x: ft(*split(x)), s, lr)
+            out = s
+        ctx.cfg, ctx.states, ctx.enc = cfg, states, enc
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        from .finite_difference import FiniteDifferenceOperator
+
+        cfg, ft, lr, n = ctx.cfg, ctx.cfg["ft"], ctx.cfg["lr"], ctx.cfg["n_enc"]
+        u = list(grads)
+        if cfg["head_only"]:
+            g_enc = [torch.zeros_like(x) for x in tree.leaves(ctx.enc)]
+            for head in reversed(ctx.states):
+                op = FiniteDifferenceOperator(
+                    lambda h, e: ft(e, h), tree.unflatten(head, cfg["head_spec"]), ctx.enc, (),
+                    name="ft_loss")
+                u_tree = tree.unflatten(u, cfg["head_spec"])
+                g_enc = [g - lr * m for g, m in zip(g_enc, tree.leaves(op.mixed_vjp(u_tree)))]
+                u = [a - lr * b for a, b in zip(u, tree.leaves(op(u_tree)))]
+            return (None, *g_enc, *u)
+        for s in reversed(ctx.states):
+            op = FiniteDifferenceOperator(lambda x: ft(*_split(cfg, x)), s, None, (),
+                                          name="ft_loss")
+            u = [a - lr * b for a, b in zip(u, op(u))]
+        return (None, *u[:n], *u[n:])
+
+
+def _split(cfg: dict[str, Any], leaves: list[torch.Tensor]) -> tuple[Tree, Tree]:
+    n = cfg["n_enc"]
+    return (tree.unflatten(leaves[:n], cfg["enc_spec"]),
+            tree.unflatten(leaves[n:], cfg["head_spec"]))
+
+
+def _gd_step(loss: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tensor],
+             lr: float) -> list[torch.Tensor]:
+    """``x - lr d loss / dx`` with a first-order gradient (no graph kept)."""
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_(True) for t in x]
+        value = loss(xs)
+        gs = (torch.autograd.grad(value, xs, allow_unused=True) if value.requires_grad
+              else [None] * len(xs))
+    return [(t - lr * g if g is not None else t).detach() for t, g in zip(xs, gs)]
+
+
+def _first_order_unroll(ft: Callable[[Tree, Tree], torch.Tensor], enc: Tree, head: Tree,
+                        steps: int, lr: float, head_only: bool) -> tuple[Tree, Tree]:
+    """(encoder, head) after ``steps`` FT steps, differentiable in ``enc`` and ``head`` with
+    first-order gradients only (see :class:`_FirstOrderUnroll`)."""
+    if steps == 0:
+        return enc, head
+    e_flat, e_spec = tree.flatten(enc)
+    h_flat, h_spec = tree.flatten(head)
+    cfg = {"ft": ft, "lr": lr, "steps": steps, "head_only": head_only, "n_enc": len(e_flat),
+           "enc_spec": e_spec, "head_spec": h_spec}
+    out = list(_FirstOrderUnroll.apply(cfg, *e_flat, *h_flat))
+    if head_only:
+        return enc, tree.unflatten(out, h_spec)
+    return tree.unflatten(out[: len(e_flat)], e_spec), tree.unflatten(out[len(e_flat):], h_spec)

@@ -130,7 +130,7 @@ def test_diverging_ift_solve_fails_loudly_after_checkpointing(tmp_path):
     tr.solver = functools.partial(hg.neumann, iterations=50, alpha=1e6)  # alpha >> 2/lambda_max
     with pytest.raises(hg.HypergradientError, match="diverged.*alpha"):
         tr.run(2, pt_batch, ft_batch, checkpoint=tmp_path / "c.pt", progress=False)
-    assert torch.load(tmp_path / "c.pt", weights_only=False)["meta_steps_done"] == 1
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["meta_steps_done"] == 1
 
 
 def test_residual_slightly_above_one_warns_but_trains():
@@ -242,3 +242,341 @@ def test_ift_preconditioner_needs_a_solver_that_takes_one():
         hg.MetaPretrainer(**{**_kwargs(make), "ift_preconditioner": "rmsprop"})
     # the default solver (Neumann, alpha = PT lr) takes one
     hg.MetaPretrainer(**{**_kwargs(make), "ift_preconditioner": "adam"})
+
+
+# --- checkpoints: weights_only loading and one clear error ----------------------------------
+class _Payload:
+    """Unpickling this object would create ``marker`` (a stand-in for arbitrary code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _ckpt(tmp_path, make, pt_batch, ft_batch):
+    path = tmp_path / "run.pt"
+    make().run(2, pt_batch, ft_batch, checkpoint=path, checkpoint_every=1, progress=False)
+    return path
+
+
+def test_a_planted_pickle_payload_does_not_run_on_resume(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    path = _ckpt(tmp_path, make, pt_batch, ft_batch)
+    marker = tmp_path / "pwned"
+    sd = torch.load(path, weights_only=True)
+    sd["history"].append({"note": _Payload(marker)})
+    torch.save(sd, path)
+    torch.load(path, weights_only=False)  # the payload is live: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(hg.CheckpointError, match="run.pt.*start fresh") as e:
+        make().run(4, pt_batch, ft_batch, checkpoint=path, progress=False)
+    assert not marker.exists()
+    assert e.value.__suppress_context__  # one message, not a chained traceback
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_dict"])
+def test_a_damaged_checkpoint_gives_one_clear_error(tmp_path, damage):
+    make, pt_batch, ft_batch = _setup()
+    path = _ckpt(tmp_path, make, pt_batch, ft_batch)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save([1, 2, 3], path)
+    with pytest.raises(hg.CheckpointError) as e:
+        make().run(4, pt_batch, ft_batch, checkpoint=path, progress=False)
+    msg = str(e.value)
+    assert str(path) in msg and "start fresh" in msg and "\n" not in msg
+    assert e.value.__cause__ is None
+    assert e.value.__context__ is None or e.value.__suppress_context__
+
+
+def test_a_checkpoint_of_another_trainer_is_named(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    path = _ckpt(tmp_path, make, pt_batch, ft_batch)
+    other = hg.MetaPretrainer(**{**_kwargs(make), "pt_params": {"other": torch.zeros(3)},
+                                 "encoder": None, "ft_loss": lambda e, hd, b: e["other"].sum()})
+    with pytest.raises(hg.CheckpointError, match="does not fit this trainer.*start fresh"):
+        other.run(4, pt_batch, ft_batch, checkpoint=path, progress=False)
+
+
+# --- warm-up ---------------------------------------------------------------------------------
+def _state(tr):
+    return [x.detach().clone() for name in ("pt_params", "ft_head", "hparams")
+            for x in hg.tree.leaves(getattr(tr, name))]
+
+
+def _same(a, b):
+    for x, y in zip(_state(a), _state(b)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _numbers(hist):
+    return [{k: v for k, v in m.items() if "time" not in k and k != "warmup"} for m in hist]
+
+
+def test_warmup_is_plain_pt_iterations_then_meta_steps_bit_for_bit():
+    make, pt_batch, ft_batch = _setup(dropout=True)
+    N, M = 3, 4
+    torch.manual_seed(0)
+    tr = make()
+    seen = []
+    hist = tr.run(M, pt_batch, ft_batch, warmup=N, progress=False,
+                  callback=lambda j, m: seen.append((j, tr.in_warmup, m["warmup"])))
+    # the reference: the same steps written out by hand
+    torch.manual_seed(0)
+    ref = make()
+    for j in range(N + M):
+        for _ in range(ref.P):
+            b = pt_batch(ref.pt_steps_done)
+            ref.pt_step(b)
+        if j >= N:
+            ref.meta_step(b, *ft_batch(j))
+    _same(tr, ref)
+    assert (tr.outer_steps_done, tr.meta_steps_done, tr.pt_steps_done) == (N + M, M, 3 * (N + M))
+    assert [m["warmup"] for m in hist] == [True] * N + [False] * M
+    assert all("hypergrad_norm" not in m for m in hist[:N])
+    assert all("hypergrad_norm" in m for m in hist[N:])
+    assert seen == [(j, j < N, j < N) for j in range(N + M)]
+    assert not tr.in_warmup
+
+
+def test_warmup_reproduces_the_old_two_call_recipe():
+    """What tasks did before ``warmup=``: run(N) with meta off, then run(N + M) with meta on."""
+    make, pt_batch, ft_batch = _setup(dropout=True)
+    torch.manual_seed(0)
+    new = make()
+    new.run(4, pt_batch, ft_batch, warmup=2, progress=False)
+    torch.manual_seed(0)
+    old = make()
+    old.meta = False
+    old.run(2, pt_batch, ft_batch, progress=False)
+    old.meta = True
+    old.run(6, pt_batch, ft_batch, progress=False)
+    _same(new, old)
+    assert _numbers(new.history) == _numbers(old.history)
+
+
+@pytest.mark.parametrize("kill_at", [1, 4])  # during the warm-up, and after it
+def test_a_run_killed_in_or_after_warmup_resumes_exactly(tmp_path, kill_at):
+    make, pt_batch, ft_batch = _setup(dropout=True)
+    torch.manual_seed(0)
+    full = make()
+    full.run(3, pt_batch, ft_batch, warmup=3, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die(j, m):
+        if j == kill_at:
+            raise Killed
+
+    ckpt = tmp_path / "run.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        make().run(3, pt_batch, ft_batch, warmup=3, checkpoint=ckpt, checkpoint_every=1,
+                   progress=False, callback=die)
+    assert torch.load(ckpt, weights_only=True)["outer_steps_done"] == kill_at
+    torch.manual_seed(123)
+    resumed = make()
+    hist = resumed.run(3, pt_batch, ft_batch, warmup=3, checkpoint=ckpt, progress=False)
+    _same(full, resumed)
+    assert _numbers(hist) == _numbers(full.history)
+    assert [m["warmup"] for m in hist] == [True] * 3 + [False] * 3
+    with pytest.raises(hg.CheckpointError, match="warmup=3.*warmup=2"):
+        make().run(3, pt_batch, ft_batch, warmup=2, checkpoint=ckpt, progress=False)
+
+
+def test_warmup_with_meta_off_is_plain_pt_throughout():
+    make, pt_batch, ft_batch = _setup()
+    tr = make()
+    tr.meta = False
+    hist = tr.run(2, pt_batch, ft_batch, warmup=1, progress=False)
+    assert tr.outer_steps_done == 3 and tr.meta_steps_done == 0 and tr.pt_steps_done == 9
+    assert [m["warmup"] for m in hist] == [True, False, False]
+
+
+def test_a_subclass_sees_in_warmup_during_warmup_pt_steps():
+    make, pt_batch, ft_batch = _setup()
+    flags = []
+
+    class Spy(hg.MetaPretrainer):
+        def pt_step(self, batch):
+            flags.append(self.in_warmup)
+            return super().pt_step(batch)
+
+    Spy(**_kwargs(make)).run(1, pt_batch, ft_batch, warmup=1, progress=False)
+    assert flags == [True] * 3 + [False] * 3
+
+
+def test_bad_warmup_is_named():
+    make, pt_batch, ft_batch = _setup()
+    with pytest.raises(ValueError, match="`warmup`"):
+        make().run(1, pt_batch, ft_batch, warmup=-1, progress=False)
+
+
+# --- warm starts (AmIGO) ---------------------------------------------------------------------
+def _spy_cg(calls):
+    def solver(matvec, b, x0=None):
+        calls.append({"b": hg.tree.detach(b), "x0": None if x0 is None else hg.tree.detach(x0)})
+        res = hg.cg(matvec, b, x0=x0, tol=1e-10, maxiter=50)
+        calls[-1]["x"] = hg.tree.detach(res.solution)
+        return res
+
+    return solver
+
+
+def test_warm_start_begins_each_solve_at_the_previous_solution():
+    make, pt_batch, ft_batch = _setup()
+    calls = []
+    tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": _spy_cg(calls), "warm_start": True})
+    tr.ift_solver()(lambda v: v, {k: torch.ones_like(v) for k, v in tr.pt_params.items()})
+    assert calls.pop()["x0"] is None and tr._warm is None  # no side effect
+    hist = tr.run(3, pt_batch, ft_batch, progress=False)
+    assert calls[0]["x0"] is None
+    assert [m["warm_started"] for m in hist] == [0.0, 1.0, 1.0]
+    for prev, cur in zip(calls, calls[1:]):
+        for k in prev["x"]:
+            torch.testing.assert_close(cur["x0"][k], prev["x"][k], rtol=0, atol=0)
+    # ift_solver() hands out the same warm start without recording anything
+    n = len(calls)
+    diag = tr.ift_solver()
+    diag(lambda v: v, calls[-1]["b"])
+    torch.testing.assert_close(calls[-1]["x0"]["enc"], calls[n - 1]["x"]["enc"], rtol=0, atol=0)
+    assert tr._warm["x"]["enc"].equal(calls[n - 1]["x"]["enc"])
+
+
+def test_warm_start_resets_when_the_right_hand_side_moved_too_far():
+    make, pt_batch, ft_batch = _setup()
+    calls = []
+    tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": _spy_cg(calls), "warm_start": True,
+                              "warm_start_reset": 1e-9})  # any move of b is too far
+    tr.run(3, pt_batch, ft_batch, progress=False)
+    for c in calls[1:]:
+        assert all(bool((v == 0).all()) for v in c["x0"].values())
+    assert [m["warm_started"] for m in tr.history] == [0.0, 0.0, 0.0]
+
+
+def test_warm_start_gives_the_same_hypergradients_up_to_the_solver_tolerance():
+    make, pt_batch, ft_batch = _setup()
+    hist = {}
+    for warm in (False, True):
+        tr = hg.MetaPretrainer(**{**_kwargs(make), "solver": _spy_cg([]), "warm_start": warm})
+        hist[warm] = tr.run(4, pt_batch, ft_batch, progress=False)
+    for a, b in zip(hist[False], hist[True]):
+        assert a["hypergrad_norm"] == pytest.approx(b["hypergrad_norm"], rel=1e-6)
+
+
+def test_warm_start_resumes_exactly(tmp_path):
+    make, pt_batch, ft_batch = _setup()
+    kw = {**_kwargs(make), "solver": functools.partial(hg.cg, maxiter=3), "warm_start": True}
+    full = hg.MetaPretrainer(**kw)
+    full.run(5, pt_batch, ft_batch, progress=False)
+    ckpt = tmp_path / "w.pt"
+    hg.MetaPretrainer(**kw).run(2, pt_batch, ft_batch, checkpoint=ckpt, progress=False)
+    resumed = hg.MetaPretrainer(**kw)
+    resumed.run(5, pt_batch, ft_batch, checkpoint=ckpt, progress=False)
+    _same(full, resumed)
+    assert _numbers(full.history) == _numbers(resumed.history)
+
+
+def test_warm_start_needs_a_solver_with_x0():
+    make, _, _ = _setup()
+    with pytest.raises(ValueError, match="`warm_start=True` needs a solver with an `x0`"):
+        hg.MetaPretrainer(**{**_kwargs(make), "solver": lambda mv, b: hg.cg(mv, b),
+                             "warm_start": True})
+    with pytest.raises(TypeError, match="`warm_start`"):
+        hg.MetaPretrainer(**{**_kwargs(make), "warm_start": "yes"})
+
+
+# --- host synchronisations (GPU readiness, counted on the CPU) -------------------------------
+def _count_reads(fn):
+    """Tensor -> Python conversions (each a device->host sync on a GPU) made while ``fn`` runs,
+    by file; torch.optim's own (Adam's step counter lives on the CPU) are not counted."""
+    import collections
+    import os
+
+    sites = collections.Counter()
+    names = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def patched(name):
+        def read(self, *a, **k):
+            f = __import__("sys")._getframe(1).f_code.co_filename
+            if f"torch{os.sep}optim" not in f:
+                sites[os.path.basename(f)] += 1
+            return originals[name](self, *a, **k)
+        return read
+
+    for n in names:
+        setattr(torch.Tensor, n, patched(n))
+    try:
+        fn()
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+    return sites
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_meta_step_reads_the_device_twice_and_a_pt_step_never(warm):
+    """The meta step's own metrics (and the last PT loss) in one read; the IFT backward's health
+    check in one more (core). Target 1: needs core to let the caller fold its health signals
+    into the meta step's read."""
+    make, pt_batch, ft_batch = _setup()
+    tr = hg.MetaPretrainer(**{**_kwargs(make), "warm_start": warm})
+    tr.run(1, pt_batch, ft_batch, progress=False)
+    assert sum(_count_reads(lambda: tr.pt_step(pt_batch(0))).values()) == 0
+    sites = _count_reads(lambda: tr.run(3, pt_batch, ft_batch, progress=False))
+    assert sites == {"meta_loop.py": 2, "_checks.py": 2}, sites  # 2 outer iterations
+    plain = make()
+    plain.meta = False
+    sites = _count_reads(lambda: plain.run(2, pt_batch, ft_batch, progress=False))
+    assert sites == {"meta_loop.py": 2}, sites  # one PT-loss read per outer iteration
+
+
+def test_a_subclass_whose_pt_step_returns_a_float_still_runs():
+    make, pt_batch, ft_batch = _setup()
+
+    class Old(hg.MetaPretrainer):
+        def pt_step(self, batch):
+            return float(super().pt_step(batch))
+
+    ref = make()
+    ref.run(2, pt_batch, ft_batch, progress=False)
+    hist = Old(**_kwargs(make)).run(2, pt_batch, ft_batch, progress=False)
+    assert _numbers(hist) == _numbers(ref.history)
+
+
+def test_warm_started_neumann_accumulates_to_the_exact_solve_on_a_fixed_spd_system():
+    """AmIGO's premise: with the system fixed, each warm 2-term Neumann solve continues the
+    series, so the residual falls geometrically while a cold 2-term solve stays put."""
+    from hypergrad.meta_loop import _warm_solve
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    H = Q @ torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)) @ Q.T
+    b = {"x": torch.randn(5, generator=g, dtype=torch.float64)}
+
+    def mv(v):
+        return {"x": H @ v["x"]}
+
+    solver = functools.partial(hg.neumann, iterations=2, alpha=0.15, exact_residual=True)
+    warm, residuals = None, []
+    for _ in range(80):  # residual (1 - 0.15)^(2 k): 5e-12 after 80 solves
+        seen = {}
+        res = _warm_solve(solver, warm, 1.0, seen, mv, b)
+        warm = seen
+        residuals.append(float(res.residual_norm))
+    cold = float(solver(mv, b).residual_norm)
+    assert residuals[0] == pytest.approx(cold)
+    assert residuals[-1] < 1e-6 < cold
+    exact = torch.linalg.solve(H, b["x"])
+    torch.testing.assert_close(warm["x"]["x"], exact, rtol=1e-5, atol=1e-6)

@@ -105,15 +105,6 @@ def test_wheel_installs_into_a_fresh_venv_and_imports(tmp_path):
     assert f"smoke ok {hypergrad.__version__}" in smoke.stdout
 
 
-# Other helpers are editing hypergrad/ now; their files carry the errors listed in the reason.
-# Remove the mark once `mypy` (configured in pyproject.toml) reports none.
-@pytest.mark.xfail(
-    reason="mypy on hypergrad/ at main e4dbc1f: 36 errors: fixed_point.py 6, forward.py 5, "
-    "solvers/krylov.py 5, solvers/neumann.py 5, implicit.py 4, transformable.py 4, "
-    "distributed/sync_batchnorm.py 4, meta_loop.py 1, tree.py 1, unroll.py 1 "
-    "(owners: forms, solvers, core, metastep)",
-    strict=False,
-)
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy not installed")
 def test_mypy_is_clean_on_the_library():
     import tempfile

@@ -124,7 +124,12 @@ def test_does_not_touch_inputs_or_grads():
     "kwargs, match",
     [
         ({"ft_steps": -1}, "ft_steps"),
-        ({"ft_lr": 0.0}, "lr"),
+        ({"ft_lr": 0.0}, "`ft_lr`"),
+        ({"ft_lr": float("nan")}, "`ft_lr`"),
+        ({"head_only": "yes"}, "`head_only`"),
+        ({"solver": 3}, "`solver`"),
+        ({"on_failure": "loud"}, "`on_failure`"),
+        ({"stationarity_tol": -1.0}, "`stationarity_tol`"),
         ({"encoder": 3}, "encoder"),
     ],
 )
@@ -138,3 +143,170 @@ def test_non_callable_losses_are_named():
     _, ft_loss, val_loss, p, head, h = _problem(seed=8)
     with pytest.raises(TypeError, match="pt_loss"):
         hg.pretraining_hypergrad(None, ft_loss, val_loss, p, head, h)
+
+
+def _call(**overrides):
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=9)
+    args = dict(pt_loss=pt_loss, ft_loss=ft_loss, val_loss=val_loss, pt_params=p, ft_head=head,
+                hparams=h)
+    args.update(overrides)
+    return hg.pretraining_hypergrad(args.pop("pt_loss"), args.pop("ft_loss"),
+                                    args.pop("val_loss"), args.pop("pt_params"),
+                                    args.pop("ft_head"), args.pop("hparams"),
+                                    encoder=lambda t: {"w": t["w"]}, **args)
+
+
+@pytest.mark.parametrize("which", ["pt_params", "ft_head", "hparams"])
+def test_errors_name_the_trees_as_the_caller_spelled_them(which):
+    _, _, _, p, head, h = _problem(seed=9)
+    tree = {"pt_params": p, "ft_head": head, "hparams": h}[which]
+    with pytest.raises(ValueError, match=f"`{which}` must be a non-empty"):
+        _call(**{which: {}})
+    nan = {k: v.clone() for k, v in tree.items()}
+    key = list(nan)[-1]
+    nan[key] = nan[key] * float("nan")
+    with pytest.raises(ValueError, match=f"`{which}` leaf '{key}'.*NaN or inf"):
+        _call(**{which: nan})
+    ints = {k: v.to(torch.int64) for k, v in tree.items()}
+    with pytest.raises(TypeError, match=f"`{which}` must hold floating-point"):
+        _call(**{which: ints})
+
+
+@pytest.mark.parametrize("which", ["ft_head", "hparams"])
+def test_a_float32_tree_with_float64_params_is_refused_not_promoted(which):
+    _, _, _, p, head, h = _problem(seed=9)
+    tree = {"ft_head": head, "hparams": h}[which]
+    f32 = {k: v.float() for k, v in tree.items()}
+    with pytest.raises(TypeError, match=f"`{which}` leaf .* torch.float32 .* `pt_params` leaf "
+                                        "'w' is torch.float64.*cast"):
+        _call(**{which: f32})
+
+
+def test_non_scalar_losses_are_named():
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=9)
+    for name, bad in (("pt_loss", lambda a, b: pt_loss(a, b) * torch.ones(2, dtype=D)),
+                      ("ft_loss", lambda a, b: ft_loss(a, b) * torch.ones(2, dtype=D)),
+                      ("val_loss", lambda a, b: val_loss(a, b) * torch.ones(2, dtype=D))):
+        with pytest.raises(ValueError, match=f"`{name}` must return a scalar"):
+            _call(**{name: bad}).hypergrad["phi"].sum()
+
+
+# --- the first-order FT unroll (products="finite_difference") --------------------------------
+class _SigmoidNoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("derivative for _SigmoidNoBackward is not implemented")
+
+
+class _OnceSoftplus(torch.autograd.Function):
+    """softplus whose backward has no derivative (like SDPA's fused CPU kernel)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.softplus(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * _SigmoidNoBackward.apply(x)
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+@pytest.mark.parametrize("K", [1, 3])
+def test_first_order_unroll_matches_the_exact_unroll_without_double_backward(head_only, K):
+    from hypergrad.pretraining import _first_order_unroll
+
+    g = torch.Generator().manual_seed(K)
+    X, Xv = torch.randn(30, 4, generator=g, dtype=D), torch.randn(20, 4, generator=g, dtype=D)
+    y, yv = torch.randn(30, generator=g, dtype=D), torch.randn(20, generator=g, dtype=D)
+
+    def loss(Xs, ys, act):
+        return lambda e, hd: ((act(Xs @ e["w"]) * hd["s"] + hd["c"] - ys) ** 2).mean()
+
+    enc = {"w": torch.randn(4, generator=g, dtype=D).requires_grad_(True)}
+    head = {"s": torch.tensor(0.7, dtype=D, requires_grad=True),
+            "c": torch.tensor(0.1, dtype=D, requires_grad=True)}
+    smooth = torch.nn.functional.softplus
+    if head_only:
+        step = hg.gradient_step(lambda hd, e: loss(X, y, smooth)(e, hd), 0.3)
+        ek, hk = enc, hg.unroll(step, head, enc, K)
+    else:
+        step = hg.gradient_step(lambda s, _: loss(X, y, smooth)(*s), 0.3)
+        ek, hk = hg.unroll(step, (enc, head), (), K)
+    inputs = [enc["w"], head["s"], head["c"]]
+    exact = torch.autograd.grad(loss(Xv, yv, smooth)(ek, hk), inputs)
+    once = _OnceSoftplus.apply
+    ek2, hk2 = _first_order_unroll(loss(X, y, once), enc, head, K, 0.3, head_only)
+    fd = torch.autograd.grad(loss(Xv, yv, once)(ek2, hk2), inputs)
+    for a, b in zip(exact, fd):
+        assert float((a - b).norm() / a.norm()) < 1e-6
+    if not head_only:  # the exact unroll needs d/dw of the encoder's backward: it cannot
+        step = hg.gradient_step(lambda s, _: loss(X, y, once)(*s), 0.3)
+        with pytest.raises(RuntimeError, match="not implemented"):
+            torch.autograd.grad(loss(Xv, yv, once)(*hg.unroll(step, (enc, head), (), K)),
+                                inputs)
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+def test_finite_difference_products_give_the_exact_hypergradient_to_fd_accuracy(head_only):
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=21)
+    kw = dict(encoder=lambda t: {"w": t["w"]}, ft_steps=2, ft_lr=0.3, head_only=head_only,
+              solver=functools.partial(hg.cg, tol=1e-12, maxiter=100))
+    exact = hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h, **kw)
+    fd = hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h,
+                                  products="finite_difference", **kw)
+    assert testing.compare(fd.hypergrad["phi"], exact.hypergrad["phi"]).rel_error < 1e-6
+    for k in head:
+        torch.testing.assert_close(fd.ft_head[k], exact.ft_head[k])
+
+
+def test_finite_difference_products_need_no_double_backward():
+    """An encoder whose backward has no derivative: the exact path cannot, FD can, and it
+    agrees with the exact hypergradient of the same model built from differentiable ops."""
+    g = torch.Generator().manual_seed(3)
+    X, Xf, Xv = (torch.randn(n, 4, generator=g, dtype=D) for n in (40, 30, 20))
+    Y, yf, yv = (torch.randn(n, generator=g, dtype=D) for n in (40, 30, 20))
+
+    def losses(act):
+        def pt(p, h):
+            return ((act(X @ p["w"]) * p["a"] - Y) ** 2).mean() + 0.5 * (
+                h["phi"].exp() * p["w"] ** 2).sum()
+
+        def ft(Xs, ys):
+            return lambda e, hd: ((act(Xs @ e["w"]) * hd["s"] + hd["c"] - ys) ** 2).mean()
+
+        return pt, ft(Xf, yf), ft(Xv, yv)
+
+    p = {"w": 0.3 * torch.randn(4, generator=g, dtype=D), "a": torch.tensor(0.8, dtype=D)}
+    head = {"s": torch.tensor(0.7, dtype=D), "c": torch.tensor(0.1, dtype=D)}
+    h = {"phi": torch.zeros(4, dtype=D)}
+    kw = dict(encoder=lambda t: {"w": t["w"]}, ft_steps=1, ft_lr=0.3, head_only=False,
+              solver=functools.partial(hg.neumann, iterations=5, alpha=0.1))
+    ref = hg.pretraining_hypergrad(*losses(torch.nn.functional.softplus), p, head, h, **kw)
+    once = losses(_OnceSoftplus.apply)
+    with pytest.raises((RuntimeError, hg.DoubleBackwardError)):
+        hg.pretraining_hypergrad(*once, p, head, h, **kw)
+    fd = hg.pretraining_hypergrad(*once, p, head, h, products="finite_difference", **kw)
+    assert testing.compare(fd.hypergrad["phi"], ref.hypergrad["phi"]).rel_error < 1e-6
+
+
+def test_meta_pretrainer_takes_products():
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=22)
+    with pytest.raises(ValueError, match="`products`"):
+        hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h, products="fd")
+    tr = {m: hg.MetaPretrainer(pt_loss=lambda a, b, _: pt_loss(a, b),
+                               ft_loss=lambda e, hd, which: (ft_loss if which else val_loss)(e, hd),
+                               pt_params=p, ft_head=head, hparams=h,
+                               encoder=lambda t: {"w": t["w"]}, products=m, P=1, K=1, ft_lr=0.1)
+          for m in ("exact", "finite_difference")}
+    hist = {m: t.run(2, lambda i: None, lambda j: (1, 0), progress=False) for m, t in tr.items()}
+    for a, b in zip(hist["exact"], hist["finite_difference"]):
+        assert a["hypergrad_norm"] == pytest.approx(b["hypergrad_norm"], rel=1e-5)
+    with pytest.raises(ValueError, match="`products`"):
+        hg.MetaPretrainer(pt_loss=lambda a, b, _: pt_loss(a, b), ft_loss=lambda *a: 0,
+                          pt_params=p, ft_head=head, hparams=h, products="approx")
