@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -289,23 +290,149 @@ def report_failure(reasons: Sequence[str], on_failure: str, stacklevel: int) -> 
 
 
 _NO_DOUBLE_BACKWARD = ("derivative for", "not implemented")
+# torch.compile (AOTAutograd) and @once_differentiable functions refuse a second backward
+_REFUSED = ("double backward", "differentiate twice")
+# the module every AOTAutograd compilation goes through (torch.func imports only its helpers)
+_AOT_ENTRY = "torch._functorch.aot_autograd"
+
+
+# the first-order way out, for reverse-mode IFT products (the default) and the others
+FD_FIX = ('Use products="finite_difference" (first-order gradients only; hg.fd_hvp, '
+          "hg.fd_mixed_vjp, hg.FiniteDifferenceOperator for single products)")
+FORWARD_FIX = ("Forward-mode and unrolled derivatives have no first-order variant: for a "
+               'hypergradient use hg.implicit_grad(..., products="finite_difference") '
+               "(first-order gradients only)")
+
+
+def _way_out(name: str, cause: str, fix: str) -> str:
+    return (f"a second-order product of `{name}` needs a double backward that {cause}. {fix}, "
+            "or make that part twice differentiable (e.g. for attention: "
+            "torch.nn.attention.sdpa_kernel(SDPBackend.MATH); for torch.compile: keep the "
+            "loss eager)")
 
 
 @contextlib.contextmanager
-def second_order(name: str) -> Iterator[None]:
+def second_order(name: str, fix: str = FD_FIX) -> Iterator[None]:
     """Turn torch's "derivative for ... is not implemented" (an op with no double backward,
-    e.g. the default CPU kernel of ``F.scaled_dot_product_attention``) into hypergrad's
-    :class:`DoubleBackwardError` that names the way out (chained from torch's error)."""
+    e.g. the default CPU kernel of ``F.scaled_dot_product_attention``), AOTAutograd's "does not
+    currently support double backward" and ``@once_differentiable``'s "differentiate twice"
+    into hypergrad's :class:`DoubleBackwardError` that names the way out, ``fix`` (chained from
+    torch's error)."""
     try:
         yield
     except RuntimeError as e:
         text = str(e)
-        if all(s in text for s in _NO_DOUBLE_BACKWARD) or "double backward" in text:
-            raise DoubleBackwardError(
-                f"a second-order product of `{name}` needs a double backward that one of its "
-                f"operations does not implement (torch: {text.splitlines()[0]}). Use "
-                'products="finite_difference" (first-order gradients only), or switch that '
-                "operation to a twice-differentiable kernel (e.g. for attention: "
-                "torch.nn.attention.sdpa_kernel(SDPBackend.MATH))"
-            ) from e
+        if all(s in text for s in _NO_DOUBLE_BACKWARD) or any(s in text for s in _REFUSED):
+            raise DoubleBackwardError(_way_out(
+                name, f"one of its operations does not implement (torch: {text.splitlines()[0]})",
+                fix)) from e
         raise
+
+
+def _compiled_double_backward(node: Any) -> bool:
+    """Whether ``node`` is the backward of AOTAutograd's compiled backward (the node a
+    ``torch.compile``-d region leaves in a gradient built with ``create_graph=True``)."""
+    cls = getattr(node, "_forward_cls", None)
+    if cls is None:
+        return False
+    name = getattr(cls, "__name__", "")
+    return name == "CompiledFunctionBackward" or (hasattr(cls, "_aot_id")
+                                                   and name.endswith("Backward"))
+
+
+def _once_differentiable_code() -> Any:
+    """The code object every ``@once_differentiable`` backward shares (torch's wrapper)."""
+    from torch.autograd.function import once_differentiable
+
+    return once_differentiable(lambda ctx, *args: None).__code__
+
+
+_ONCE = _once_differentiable_code()
+
+
+def _is_once_differentiable(node: Any) -> bool:
+    cls = getattr(node, "_forward_cls", None)
+    return getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE
+
+
+def check_once_differentiable(value: torch.Tensor, params: Sequence[torch.Tensor], name: str,
+                              fix: str = FD_FIX, limit: int = 200_000) -> None:
+    """Raise :class:`DoubleBackwardError` if the graph of the loss ``value`` has an
+    ``@once_differentiable`` function on a path to ``params``.
+
+    Its backward runs under ``no_grad``; torch links its output to an error node only when
+    the incoming gradient requires grad, so where it does not (the function applied last, or
+    scaled by constants) the first-order gradient silently loses its dependence on everything
+    behind the function and exact second-order products read as zeros there. One walk of the
+    loss graph (a microsecond or so per node); a second one, to see whether such a function
+    reaches ``params``, only when one was found."""
+    if value.grad_fn is None:
+        return
+    found: list[Any] = []
+    seen: set[Any] = set()
+    stack = [value.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_once_differentiable(node):
+            found.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    if not found:
+        return
+    targets = {id(x) for x in params}
+    reach: dict[Any, bool] = {}
+    todo: list[tuple[Any, bool]] = [(value.grad_fn, False)]
+    while todo:  # post-order: whether each node reaches a leaf of params
+        node, done = todo.pop()
+        if done:
+            variable = getattr(node, "variable", None)
+            reach[node] = (isinstance(variable, torch.Tensor) and id(variable) in targets) or any(
+                reach.get(nxt, False) for nxt, _ in node.next_functions if nxt is not None)
+            continue
+        if node in reach:
+            continue
+        todo.append((node, True))
+        todo.extend((nxt, False) for nxt, _ in node.next_functions
+                    if nxt is not None and nxt not in reach)
+    bad = [node for node in found if reach.get(node)]
+    if bad:
+        raise DoubleBackwardError(_way_out(
+            name, f"{bad[0].name()}, an @once_differentiable function on the path to "
+            "`params`, does not have (torch would silently drop its second derivatives, "
+            "reading as zeros)", fix))
+
+
+def check_double_backward(grads: Sequence[torch.Tensor | None], name: str,
+                          stop: Sequence[torch.Tensor] = (), fix: str = FD_FIX,
+                          limit: int = 200_000) -> None:
+    """Raise :class:`DoubleBackwardError` if the graph of the first-order gradients ``grads``
+    (built with ``create_graph=True``) runs through a ``torch.compile``-d region.
+
+    AOTAutograd gives a compiled region a first-order backward only. Differentiating a gradient
+    through it raises when the region's node is linked to what is differentiated, but that node
+    is linked only to the tensors the region saved, not to its inputs: a derivative with
+    respect to anything else (the hyperparameters of a mixed product, often the parameters too)
+    reaches no node, and torch returns no gradient, read as zero. So the graph is searched, not
+    the result (a gradient that genuinely does not depend on an input is zero, correctly).
+    ``stop``: tensors whose history is not searched (the inputs of one step of an unroll).
+    Free until something has been compiled through AOTAutograd in this process (torch.compile's
+    default backends, ``aot_function``): its entry module is imported then, and only then is
+    the graph searched (a Python walk, about a microsecond per node)."""
+    if _AOT_ENTRY not in sys.modules:
+        return  # nothing can have been compiled through AOTAutograd
+    seen: set[torch.autograd.graph.Node] = {x.grad_fn for x in stop
+                                            if isinstance(x, torch.Tensor) and x.grad_fn}
+    stack = [g.grad_fn for g in grads if isinstance(g, torch.Tensor) and g.grad_fn is not None]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _compiled_double_backward(node):
+            raise DoubleBackwardError(_way_out(
+                name, "torch does not implement through a torch.compile-d region (AOTAutograd "
+                "compiles a first-order backward only: exact products through it would raise "
+                "or silently miss every term through the region, reading as zeros)", fix))
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)

@@ -53,7 +53,8 @@ does not suit a transformer whose curvature lives in the float32 ops autocast le
 (LayerNorm, softmax): there the bf16 step is far too large (product error ~1) and the float32
 one (``eps=hg.default_fd_step(torch.float32)``) gives 2.6e-3. For such models compute the
 hypergradient outside autocast (float32 forward, two float32 gradients per product) or pass the
-step explicitly. benchmarks/first_order.py measures all of these.
+step explicitly (``fd_eps=`` of ``implicit_grad`` / ``implicit_solution``, ``eps=`` here).
+benchmarks/first_order.py measures all of these.
 
 Example:
     >>> import torch, hypergrad as hg
@@ -138,34 +139,71 @@ class FiniteDifferenceOperator:
         eps: float | None = None,
     ):
         _checks.callable_(fn, name)
-        p_flat = _checks.tensor_tree(params, "params")
-        _checks.finite(params, "params")
+        _checks.tensor_tree(params, "params")
+        named: list[tuple[Any, str]] = [(params, "params")]
+        if hparams is not None:
+            _checks.tensor_tree(hparams, "hparams")
+            named.append((hparams, "hparams"))
+        _checks.finite_trees(*named)  # one host read for both
+        if eps is not None:
+            eps = _checks.positive_number(eps, "eps")
+        self._setup(fn, params, hparams, args, name, eps, checked=True, inspect=False)
+
+    @classmethod
+    def _internal(cls, fn: Callable[..., torch.Tensor], params: Tree, hparams: Tree | None,
+                  args: Any = (), *, name: str = "fn", eps: float | None = None,
+                  inspect: bool = False, summarize: bool = False) -> FiniteDifferenceOperator:
+        """An operator for internal callers that validated their inputs (``eps`` included):
+        no checks, no host read, no per-product check of ``v``. Two records give an IFT call
+        its health signals without a separate forward or gradient:
+
+        - ``inspect``: the first gradient evaluation records its graph with respect to
+          ``params`` and ``hparams`` both and walks it once: ``_params_reached`` (whether
+          ``fn`` reaches ``params`` through autograd), ``_captured`` (tensors requiring grad
+          it reaches that are neither): the checks ``HessianOperator`` gets from its graph.
+        - ``summarize``: the first product along ``params`` summarises the mean of its two
+          gradients, ``g(θ) + O(δ²)``: ``_grad_norm`` (0-dim) and ``_grad_finite`` (one flag
+          per leaf), kept instead of the gradient itself (no parameter-sized tree held).
+
+        ``_first_value`` is the loss value of the first evaluation (detached), always."""
+        op = cls.__new__(cls)
+        op._setup(fn, params, hparams, args, name, eps, checked=False, inspect=inspect)
+        op._summarize = summarize
+        return op
+
+    def _setup(self, fn: Callable[..., torch.Tensor], params: Tree, hparams: Tree | None,
+               args: Any, name: str, eps: float | None, checked: bool, inspect: bool) -> None:
+        p_flat, self._spec = tree.flatten(params)
         self._fn, self._name = fn, name
-        self._spec = tree.flatten(params)[1]
         self._params_ref = params
+        self._validate_v = checked
         self._p = [x.detach() for x in p_flat]
         self._args = [tree.detach(a) for a in args]
         self._h: list[torch.Tensor] | None = None
         self._h_spec = None
         if hparams is not None:
-            h_flat = _checks.tensor_tree(hparams, "hparams")
-            _checks.finite(hparams, "hparams")
+            h_flat, self._h_spec = tree.flatten(hparams)
             self._h = [x.detach() for x in h_flat]
-            self._h_spec = tree.flatten(hparams)[1]
         ref = self._p[0]
         cast = _autocast_dtype(ref.device.type)
         self.compute_dtype = ref.dtype
         if cast is not None and torch.finfo(cast).eps > torch.finfo(ref.dtype).eps:
             self.compute_dtype = cast
-        if eps is None:
-            eps = default_fd_step(self.compute_dtype)
-        self.eps = _checks.positive_number(eps, "eps")
+        self.eps = default_fd_step(self.compute_dtype) if eps is None else float(eps)
         # the norm of every perturbation ε v: δ = eps * max(1, ||θ||) (a 0-dim tensor, no sync)
         theta_norm = tree.norm(self._p).to(ref.dtype)
         self.step = self.eps * torch.clamp(theta_norm, min=1.0)
         self._checked = False
         self._value: torch.Tensor | None = None
         self._grad: Tree | None = None
+        # internal records (see _internal)
+        self._inspect = inspect
+        self._summarize = False
+        self._params_reached: bool | None = None
+        self._captured: list[torch.Tensor] = []
+        self._first_value: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
+        self._grad_finite: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ first-order pieces
     def _call(self, p: list[torch.Tensor], h: list[torch.Tensor] | None) -> torch.Tensor:
@@ -180,21 +218,37 @@ class FiniteDifferenceOperator:
 
     def _gradient(self, p: list[torch.Tensor], wrt_hparams: bool) -> list[torch.Tensor]:
         """``d fn / d params`` (or ``/ d hparams``) at ``p``: one first-order backward."""
+        inspect = self._inspect and self._params_reached is None
         with torch.enable_grad():
+            p_in = [x.detach().requires_grad_(inspect or not wrt_hparams) for x in p]
+            h_in = self._h
+            if h_in is not None and (inspect or wrt_hparams):
+                h_in = [x.detach().requires_grad_(True) for x in h_in]
             if wrt_hparams:
-                assert self._h is not None
-                inputs = [x.detach().requires_grad_(True) for x in self._h]
-                value = self._call([x.detach() for x in p], inputs)
+                assert h_in is not None
+                inputs = h_in
             else:
-                inputs = [x.detach().requires_grad_(True) for x in p]
-                value = self._call(inputs, self._h)
+                inputs = p_in
+            value = self._call(p_in, h_in)
+            if self._first_value is None:
+                self._first_value = value.detach()
+            if inspect:  # the one walk of the graph (see _internal)
+                reached = _checks.captured_leaves(value, [])
+                own = p_in + (h_in or [])
+                self._params_reached = any(any(x is r for r in reached) for x in p_in)
+                self._captured = [x for x in reached if not any(x is o for o in own)]
             if not value.requires_grad:
                 return [torch.zeros_like(x) for x in inputs]
             gs = torch.autograd.grad(value, inputs, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs)]
 
-    def _central(self, v: Tree, wrt_hparams: bool) -> list[torch.Tensor]:
-        v_flat = _checks.like(v, "v", self._params_ref, "params")
+    def _central(self, v: Tree, wrt_hparams: bool, mean: bool = False
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The central difference along ``v``, and with ``mean`` also the mean of its two
+        gradients, ``[g(θ + εv) + g(θ - εv)] / 2 = g(θ) + O(δ²)`` (for free: no extra
+        gradient)."""
+        v_flat = (_checks.like(v, "v", self._params_ref, "params") if self._validate_v
+                  else tree.leaves(v))
         v_norm = tree.norm(v_flat)
         # ε = δ / ||v||; v = 0 gives θ ± 0 and a zero product (no division by zero, no sync)
         eps = self.step / torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
@@ -208,16 +262,41 @@ class FiniteDifferenceOperator:
         minus = self._gradient(point, wrt_hparams)
         del point
         inv = 0.5 / eps
-        out = []
+        out: list[torch.Tensor] = []
+        avg: list[torch.Tensor] | None = [] if mean else None
         for i in range(len(plus)):  # leaf by leaf, freeing both gradients as we go (peak memory)
             diff = plus[i] - minus[i]
+            if avg is not None:  # out of place: a gradient may be an expanded view
+                avg.append((plus[i] + minus[i]).mul_(0.5))
             plus[i] = minus[i] = None  # type: ignore[call-overload]
             out.append(diff.mul_(inv))
+        return out, avg
+
+    def _product(self, v: Tree) -> list[torch.Tensor]:
+        """``H v`` leaves; the first such product summarises its gradient mean for the
+        internal health check (see :meth:`_internal`)."""
+        keep = self._summarize and self._grad_norm is None
+        out, avg = self._central(v, wrt_hparams=False, mean=keep)
+        if avg is not None:
+            self._summarize_gradient(avg)
         return out
+
+    def _summarize_gradient(self, g: list[torch.Tensor]) -> None:
+        self._grad_norm = tree.norm(g)
+        self._grad_finite = torch.stack([torch.isfinite(x).all() for x in g])
+
+    def _product_and_gradient(self, v: Tree) -> tuple[Tree, list[torch.Tensor]]:
+        """``(H v, g(θ) + O(δ²))`` from one product (two gradients): the stationarity check.
+        Its gradient replaces the summary of the first product (the same point, and the
+        ``g`` the check is judged on)."""
+        out, avg = self._central(v, wrt_hparams=False, mean=True)
+        assert avg is not None
+        self._summarize_gradient(avg)
+        return tree.unflatten(out, self._spec), avg
 
     # ------------------------------------------------------------------ the operator
     def __call__(self, v: Tree) -> Tree:
-        return tree.unflatten(self._central(v, wrt_hparams=False), self._spec)
+        return tree.unflatten(self._product(v), self._spec)
 
     def mixed_vjp(self, v: Tree) -> Tree:
         if self._h is None:
@@ -225,7 +304,7 @@ class FiniteDifferenceOperator:
                 "`mixed_vjp` needs `hparams`: build the operator with hparams "
                 "(FiniteDifferenceOperator(fn, params, hparams, ()))"
             )
-        return tree.unflatten(self._central(v, wrt_hparams=True), self._h_spec)
+        return tree.unflatten(self._central(v, wrt_hparams=True)[0], self._h_spec)
 
     @property
     def grad(self) -> Tree:

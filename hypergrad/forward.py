@@ -66,16 +66,42 @@ def _zeros_for(x: torch.Tensor, k: int | None) -> torch.Tensor:
     return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
+# torch's errors for a backward that vmap (is_grads_batched) cannot batch: no batching rule,
+# .item() / data-dependent shapes / random ops under vmap
+_NO_BATCHING = ("vmap", "batching rule", "batched grad")
+
+
+class _Batching:
+    """Whether batched backward passes (``is_grads_batched``) work, remembered for one call: after
+    the first one fails with a "cannot batch" error, every later product goes row by row at
+    once instead of failing again."""
+
+    def __init__(self) -> None:
+        self.works = True
+
+
+def _cannot_batch(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in _NO_BATCHING)
+
+
 def _grad(
     outputs: Sequence[torch.Tensor | None],
     inputs: Sequence[torch.Tensor],
     cotangents: Sequence[torch.Tensor],
     k: int | None,
     create_graph: bool = False,
+    *,
+    name: str,
+    batching: _Batching,
 ) -> list[torch.Tensor]:
     """``sum_o d<o, c_o>/d inputs``, batched over a leading dimension of the cotangents when
     ``k`` is an int (one backward per row, vectorised by ``is_grads_batched``); zeros where an
-    input is unused. ``outputs`` entries that are ``None`` or constant contribute nothing."""
+    input is unused. ``outputs`` entries that are ``None`` or constant contribute nothing.
+
+    A second-order backward that torch does not implement raises ``DoubleBackwardError``
+    naming ``name``. A batched backward that vmap cannot batch runs one row at a time, and
+    ``batching`` remembers it for the rest of the call; any other error is raised."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents)
              if o is not None and o.requires_grad]
     if not pairs:
@@ -85,20 +111,25 @@ def _grad(
         cots, batched = [c[0] for c in cots], False
     else:
         batched = k is not None
-    gs: Sequence[torch.Tensor | None]  # None: an input the outputs do not use
-    with torch.enable_grad():
-        try:
-            gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
-                                     create_graph=create_graph, allow_unused=True,
-                                     is_grads_batched=batched)
-        except RuntimeError:
-            if not batched:
-                raise
-            # an op without a vmap rule for its backward: one backward per row instead
+    gs: Sequence[torch.Tensor | None] | None = None  # None entries: inputs the outputs do not use
+    with torch.enable_grad(), _checks.second_order(name, _checks.FORWARD_FIX):
+        if batched and batching.works:
+            try:
+                gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
+                                         create_graph=create_graph, allow_unused=True,
+                                         is_grads_batched=True)
+            except RuntimeError as e:
+                if not _cannot_batch(e):
+                    raise
+                batching.works = False  # an op with no batching rule: rows from now on
+        if gs is None and batched:
             rows = [torch.autograd.grad(outs, list(inputs), [c[i] for c in cots],
                                         retain_graph=True, create_graph=create_graph,
                                         allow_unused=True) for i in range(len(cots[0]))]
             gs = [None if r[0] is None else torch.stack(list(r)) for r in zip(*rows)]
+        elif gs is None:
+            gs = torch.autograd.grad(outs, list(inputs), cots, retain_graph=True,
+                                     create_graph=create_graph, allow_unused=True)
     if k is not None and k == 1:
         gs = [None if g is None else g.unsqueeze(0) for g in gs]
     return [_zeros_for(x, k) if g is None else g for x, g in zip(inputs, gs)]
@@ -119,25 +150,31 @@ class _InnerLinearization:
                 inner_loss(tree.unflatten(self.p, self.p_spec),
                            tree.unflatten(self.h, self.h_spec)), "inner_loss")
             if value.requires_grad:
-                gs = torch.autograd.grad(value, self.p + self.h, create_graph=True,
-                                         allow_unused=True)
+                with _checks.second_order("inner_loss", _checks.FORWARD_FIX):
+                    gs = torch.autograd.grad(value, self.p + self.h, create_graph=True,
+                                             allow_unused=True)
             else:
                 gs = [None] * (len(self.p) + len(self.h))
             self.captured = _checks.captured_leaves(value, self.p + self.h)
+            # a compiled region or a once-differentiable function: raise, not zeros
+            _checks.check_once_differentiable(value, self.p + self.h, "inner_loss",
+                                              fix=_checks.FORWARD_FIX)
+        _checks.check_double_backward(gs, "inner_loss", fix=_checks.FORWARD_FIX)
+        self.batching = _Batching()  # one per call: remembers a backward vmap cannot batch
         self.g_p = list(gs[: len(self.p)])
         self.g_h = list(gs[len(self.p):])
         self.grad = [torch.zeros_like(x) if g is None else g.detach()
                      for x, g in zip(self.p, self.g_p)]
 
     def hvp(self, v: list[torch.Tensor], k: int | None = None) -> list[torch.Tensor]:
-        return _grad(self.g_p, self.p, v, k)
+        return _grad(self.g_p, self.p, v, k, name="inner_loss", batching=self.batching)
 
     def mixed_jvp(self, u: list[torch.Tensor], k: int | None = None) -> list[torch.Tensor]:
         """``M u = d/dparams <df/dhparams, u>`` (symmetry of second derivatives)."""
-        return _grad(self.g_h, self.p, u, k)
+        return _grad(self.g_h, self.p, u, k, name="inner_loss", batching=self.batching)
 
     def mixed_vjp(self, w: list[torch.Tensor], k: int | None = None) -> list[torch.Tensor]:
-        return _grad(self.g_p, self.h, w, k)
+        return _grad(self.g_p, self.h, w, k, name="inner_loss", batching=self.batching)
 
     def matvec(self, k: int | None = None) -> Callable[[Tree], Tree]:
         spec = self.p_spec
@@ -366,13 +403,15 @@ def _tangent_leaf_ok(x: Any) -> bool:
 
 
 def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
-              h_tan: list[torch.Tensor], k: int, t: int, spec: Any, check: bool = False
-              ) -> tuple[Tree, list[torch.Tensor]]:
+              h_tan: list[torch.Tensor], k: int, t: int, spec: Any, batching: _Batching,
+              check: bool = False) -> tuple[Tree, list[torch.Tensor]]:
     """One step and its Jacobian-vector products (internal: inputs already validated).
 
     ``J z = d/dw <J^T w, z>``: the step is recorded once, its vector-Jacobian product is built
     with a graph (linear in the dummy cotangent ``w``), and one batched backward through that
-    graph gives all ``k`` products."""
+    graph gives all ``k`` products. A step whose second-order products torch cannot take (an
+    op with no double backward, a gradient through a ``torch.compile``-d loss) raises
+    ``DoubleBackwardError``."""
     s_flat = tree.leaves(state)
     s_in = [x.detach().requires_grad_(True) if _tangent_leaf_ok(x) else x for x in s_flat]
     h_in = [x.detach().requires_grad_(True) for x in tree.leaves(hparams)]
@@ -392,14 +431,18 @@ def _step_jvp(step: Step, state: Tree, hparams: Tree, s_tan: list[torch.Tensor],
                 _checks.report_failure(
                     [_captured_reason("step", found, "the state nor `hparams`")], "warn",
                     stacklevel=4)
+        # a gradient taken inside the step through a compiled region: its derivative is lost
+        _checks.check_double_backward([out_flat[i] for i in live], "step", stop=diff_in,
+                                      fix=_checks.FORWARD_FIX)
         ws = [torch.zeros_like(out_flat[i], requires_grad=True) for i in live]
         vjps: Sequence[torch.Tensor | None]  # None: an input the step does not use
         if live:
-            vjps = torch.autograd.grad([out_flat[i] for i in live], diff_in, ws,
-                                       create_graph=True, allow_unused=True)
+            with _checks.second_order("step", _checks.FORWARD_FIX):
+                vjps = torch.autograd.grad([out_flat[i] for i in live], diff_in, ws,
+                                           create_graph=True, allow_unused=True)
         else:
             vjps = [None] * len(diff_in)
-    jz = _grad(list(vjps), ws, tangents_in, k) if live else []
+    jz = _grad(list(vjps), ws, tangents_in, k, name="step", batching=batching) if live else []
     new_tan = [_zeros_for(o, k) for o in out_flat]
     for i, z in zip(live, jz):
         new_tan[i] = z.detach()
@@ -465,7 +508,8 @@ def step_jvp(
                          f"(one row per direction), got {k} and {k_h}")
     spec = tree.flatten(state)[1]
     new_state, new_tan = _step_jvp(step, state, hparams, tree.leaves(state_tangents),
-                                   tree.leaves(hparams_tangents), k, t, spec, check=True)
+                                   tree.leaves(hparams_tangents), k, t, spec, _Batching(),
+                                   check=True)
     return new_state, tree.unflatten(new_tan, spec)
 
 
@@ -549,8 +593,9 @@ def forward_hypergrad(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="forward_hypergrad", leave=False)
+    batching = _Batching()  # one for the whole trajectory
     for t in it:
-        state, Z = _step_jvp(step, state, hparams, Z, U, n, t, spec, check=(t == 0))
+        state, Z = _step_jvp(step, state, hparams, Z, U, n, t, spec, batching, check=(t == 0))
     # dL/dh = direct + sum over state leaves of <dL/dstate_leaf, Z_leaf[row]> for every row
     st = [x.detach().requires_grad_(True) if _tangent_leaf_ok(x) else x
           for x in tree.leaves(state)]

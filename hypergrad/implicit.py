@@ -56,7 +56,7 @@ Loss = Callable[[Tree, Tree], torch.Tensor]
 _PRODUCTS = ("exact", "finite_difference")
 # solver statistics read with the health check (the keys SolveResult.stats documents)
 _STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
-          "residual_estimate")
+          "residual_estimate", "terms")
 # the damping suggested for a singular / too ill-conditioned Hessian, relative to the largest
 # curvature the solver saw: the damped system then has condition number <= 1e3
 _DAMPING_FRACTION = 1e-3
@@ -72,62 +72,84 @@ def _reject_functorch(params: Tree, hparams: Tree) -> None:
 
 
 class _FiniteDifference:
-    """``hypergrad.FiniteDifferenceOperator`` with the health hooks the IFT reads: the same
-    signals (NaN/inf in params, hparams, the loss value and its gradient) as
-    ``HessianOperator``, from first-order gradients only."""
+    """The finite-difference products of the IFT (``hypergrad.FiniteDifferenceOperator``,
+    built without re-validation) with the health hooks ``HessianOperator`` has, from the
+    gradients the products take anyway: no extra gradient and no extra host read.
 
-    def __init__(self, inner_loss: Loss, params: Tree, hparams: Tree, public: bool) -> None:
-        self._fd = FiniteDifferenceOperator(inner_loss, params, hparams, (), name="inner_loss")
+    - ``public``: the first gradient evaluation (a matvec, or the mixed product when the
+      solver spends none) also records the graph with respect to ``params`` and walks it:
+      an ``inner_loss`` with no autograd path to ``params`` raises, and tensors it captures
+      are reported (:meth:`captured`), without a separate forward.
+    - The inner gradient behind the health check (finite?) and ``info["inner_grad_norm"]`` is
+      the mean of the two gradients of the first product along ``params``, ``g(θ) + O(δ²)``
+      (of the stationarity product when that runs); absent when no product along ``params``
+      was taken (a solver that spends none, such as ``hg.sama``, with
+      ``stationarity_tol=None``). The loss value checked for NaN/inf is that of the first
+      evaluation, at ``params ± δ v``."""
+
+    def __init__(self, inner_loss: Loss, params: Tree, hparams: Tree, public: bool,
+                 eps: float | None) -> None:
+        self._fd = FiniteDifferenceOperator._internal(
+            inner_loss, params, hparams, (), name="inner_loss", eps=eps, inspect=public,
+            summarize=True)
         self._p, self._h = tree.leaves(params), tree.leaves(hparams)
-        self._captured: list[torch.Tensor] = []
-        if public:  # one forward: the autograd path to params, and tensors it captures
-            p = tree.detach(params, requires_grad=True)
-            h = tree.detach(hparams, requires_grad=True)
-            with torch.enable_grad():
-                value = _checks.scalar_loss(inner_loss(p, h), "inner_loss")
-            own = tree.leaves(p) + tree.leaves(h)
-            reached = _checks.captured_leaves(value, [])
-            if not any(any(x is r for r in reached) for x in tree.leaves(p)):
-                raise _no_path_error("inner_loss")
-            self._captured = [x for x in reached if not any(x is o for o in own)]
+        self._public = public
+
+    def _check_path(self) -> None:
+        if self._public and self._fd._params_reached is False:
+            raise _no_path_error("inner_loss")
 
     def __call__(self, v: Tree) -> Tree:
-        return self._fd(v)
+        out = self._fd(v)
+        self._check_path()
+        return out
 
     def mixed_vjp(self, v: Tree) -> Tree:
-        return self._fd.mixed_vjp(v)
+        out = self._fd.mixed_vjp(v)
+        self._check_path()
+        return out
 
-    @property
-    def grad(self) -> Tree:
-        return self._fd.grad
+    def gradient_and_product(self, v: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Leaves of ``(g(θ) + O(δ²), H v)`` from one product: two gradients, not three."""
+        hv, g = self._fd._product_and_gradient(v)
+        self._check_path()
+        return g, tree.leaves(hv)
 
-    @property
-    def value(self) -> torch.Tensor:
-        return self._fd.value
+    def inner_grad_norm(self) -> torch.Tensor | None:
+        return self._fd._grad_norm
 
     def _add_health(self, health: _checks.Health) -> None:
         health.add_finite("params", self._p)
         health.add_finite("hparams", self._h)
-        grad = tree.leaves(self.grad)  # computes the value too (one gradient, on first use)
-        health.add_finite("loss", [self.value])
-        health.add_finite("loss_grad", grad)
+        if self._fd._first_value is not None:
+            health.add_finite("loss", [self._fd._first_value])
+        health.add("loss_grad", self._fd._grad_finite)  # one flag per leaf (or nothing)
 
     def _raise_nonfinite(self, health: _checks.Health) -> None:
         _raise_nonfinite(health, "inner_loss", self._p, self._h)
 
     def captured(self) -> list[torch.Tensor]:
-        return self._captured
+        return self._fd._captured
 
 
-def _operator(inner_loss: Loss, params: Tree, hparams: Tree, products: str, public: bool):
+def _operator(inner_loss: Loss, params: Tree, hparams: Tree, products: str, public: bool,
+              fd_eps: float | None = None):
     """The inner Hessian's products: exact (double backward) or finite differences."""
     if products == "finite_difference":
-        return _FiniteDifference(inner_loss, params, hparams, public)
+        return _FiniteDifference(inner_loss, params, hparams, public, fd_eps)
     return HessianOperator._internal(inner_loss, params, hparams, name="inner_loss")
 
 
+def _inner_grad_norm(op: Any) -> torch.Tensor | None:
+    """The inner gradient's norm as far as the operator knows it without an extra gradient
+    (exact: its own gradient; finite differences: see :class:`_FiniteDifference`)."""
+    if isinstance(op, _FiniteDifference):
+        return op.inner_grad_norm()
+    return tree.norm(op.grad)
+
+
 def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_failure: Any,
-                 stationarity_tol: Any, products: Any) -> None:
+                 stationarity_tol: Any, products: Any, fd_eps: Any = None) -> None:
     """The settings checks of implicit_grad and implicit_solution (Python only)."""
     _reject_functorch(params, hparams)
     _checks.callable_(inner_loss, "inner_loss")
@@ -137,6 +159,13 @@ def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_f
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
     if not isinstance(products, str) or products not in _PRODUCTS:
         raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
+    if fd_eps is not None:
+        _checks.positive_number(fd_eps, "fd_eps")
+        if products != "finite_difference":
+            raise ValueError(
+                '`fd_eps` is the step of finite-difference products: pass it with '
+                f'products="finite_difference" (got products={products!r}), or drop it'
+            )
 
 
 def _check_trees(params: Tree, hparams: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -200,7 +229,11 @@ def _stationarity_ratio(g: Tree, hp: Tree) -> torch.Tensor:
 
 
 def _stationarity(op: Any, params: Tree) -> torch.Tensor:
-    """:func:`_stationarity_ratio` at ``params``: one extra matvec."""
+    """:func:`_stationarity_ratio` at ``params``: one extra matvec (with finite differences the
+    same two gradients give the inner gradient too)."""
+    if isinstance(op, _FiniteDifference):
+        g, hp = op.gradient_and_product(tree.detach(params))
+        return _stationarity_ratio(g, hp)
     return _stationarity_ratio(op.grad, op(tree.detach(params)))
 
 
@@ -216,7 +249,7 @@ def _add_solve_health(health: _checks.Health, op: Any, res: SolveResult,
         value = (res.stats or {}).get(key)
         if isinstance(value, (torch.Tensor, bool, int, float)):
             health.add("stat_" + key, value)
-    health.add("inner_grad_norm", tree.norm(op.grad))
+    health.add("inner_grad_norm", _inner_grad_norm(op))  # nothing when unknown
     health.add("stationarity", stationarity)
 
 
@@ -224,7 +257,7 @@ def _solver_name(solver: Callable[..., SolveResult]) -> str:
     fn = getattr(solver, "func", solver)  # functools.partial
     name = getattr(fn, "__name__", "")
     return f"hg.{name}" if name in ("cg", "neumann", "minres", "gmres", "normal_cg",
-                                     "nystrom") else "your solver"
+                                     "nystrom", "sama") else "your solver"
 
 
 def _damping_advice(solver: Callable[..., SolveResult], lo: float | None,
@@ -243,11 +276,36 @@ def _damping_advice(solver: Callable[..., SolveResult], lo: float | None,
     return text + " (damping solves (H + damping I) w = b: a biased but well-posed IFT)"
 
 
+def _start_only(h: _checks.Health) -> bool:
+    """Whether the solver's residual is an estimate that describes its starting point, not the
+    returned solution: ``stats["residual_estimate"]`` with a one-term series (``stats["terms"]
+    == 1``: hg.sama, hg.neumann(iterations=1)), or, for a solver that does not report
+    ``terms``, no matvec spent at all. Such a solve is an approximation by design."""
+    if not h.get("stat_residual_estimate", 0.0):
+        return False
+    terms = h.get("stat_terms")
+    return terms == 1 if terms is not None else h["iterations"] == 0
+
+
+def _by_design_reason(h: _checks.Health, solver: Callable[..., SolveResult]) -> str:
+    name = _solver_name(solver)
+    measure = ("residual=True" if name == "hg.sama" else
+               "exact_residual=True" if name == "hg.neumann" else "an exact residual")
+    return (
+        f"the solver's residual ({h['residual_norm']:.1e}) is an estimate, that of its starting "
+        f"point, not of the returned solution: {name} with one term spends no product on the "
+        "solve, an approximation of H^-1 b by design (x = alpha D b), so its accuracy is not "
+        f"measured; pass {measure} to measure it (one matvec), or on_failure='ignore' to accept "
+        "the approximation"
+    )
+
+
 def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
                    eps: float) -> tuple[list[str], dict[str, bool]]:
     """Why the solve cannot be trusted, each with the fix that addresses it."""
     residual, iters = h["residual_norm"], int(h["iterations"])
     converged = bool(h["converged"]) and math.isfinite(residual)
+    by_design = _start_only(h)
     lo, hi = h.get("stat_min_rayleigh"), h.get("stat_max_rayleigh")
     nonpos = bool(h.get("stat_nonpositive_curvature", 0.0))
     known = lo is not None and hi is not None and math.isfinite(hi) and hi > 0
@@ -255,8 +313,8 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
     flat = known and math.isfinite(lo) and abs(lo) <= hi * math.sqrt(eps)
     negative = nonpos and not flat
     # no progress at all: the run ended no better than the zero guess (or worse)
-    no_progress = not converged and not residual < 1.0
-    stagnated = bool(h.get("stat_stagnated", no_progress)) and not converged
+    no_progress = not converged and not residual < 1.0 and not by_design
+    stagnated = bool(h.get("stat_stagnated", no_progress)) and not converged and not by_design
     reasons = []
     broken = h.first_nonfinite("solution") is not None
     if broken:
@@ -275,7 +333,9 @@ def _solve_reasons(h: _checks.Health, solver: Callable[..., SolveResult],
             "inner_loss; optimise it further, use hg.minres for a saddle, or add damping "
             f"> {abs(lo):.1e} to make H + damping I positive definite"
         )
-    if not converged and not negative and not broken:
+    if not converged and not negative and not broken and by_design:
+        reasons.append(_by_design_reason(h, solver))
+    elif not converged and not negative and not broken:
         where = f"relative residual {residual:.1e} after {iters} products"
         alpha = h.get("stat_alpha")
         if alpha is not None and not residual <= 1.0 and not flat:
@@ -311,9 +371,9 @@ def _diagnose(h: _checks.Health, op: Any, res: SolveResult,
               stationarity: torch.Tensor | None, stationarity_tol: float | None,
               solver: Callable[..., SolveResult]) -> dict[str, Any]:
     """``info`` from the one read: premise checks and the solve, with advice."""
-    eps = torch.finfo(op.value.dtype).eps
+    eps = torch.finfo(op._p[0].dtype).eps
     reasons, flags = _solve_reasons(h, solver, eps)
-    info: dict[str, Any] = {"solve": res, "inner_grad_norm": tree.norm(op.grad)}
+    info: dict[str, Any] = {"solve": res, "inner_grad_norm": _inner_grad_norm(op)}
     info["nonpositive_curvature"] = bool(h.get("stat_nonpositive_curvature", 0.0))
     info.update(flags)
     if stationarity is not None:
@@ -391,10 +451,8 @@ def _ift(op: Any, params: Tree, rhs: Tree, solver: Callable[..., SolveResult],
 def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
                    solver: Callable[..., SolveResult], on_failure: str,
                    stationarity_tol: float | None, products: str, public: bool,
-                   stacklevel: int) -> tuple[Tree, dict[str, Any]]:
-    op = _operator(inner_loss, params, hparams, products, public)
-    if public:
-        _warn_captured(op, stacklevel)
+                   stacklevel: int, fd_eps: float | None = None) -> tuple[Tree, dict[str, Any]]:
+    op = _operator(inner_loss, params, hparams, products, public, fd_eps)
     L, dL_dp, dL_dh, p_spec, h_spec = _outer_grads(outer_loss, params, hparams)
 
     def add(health: _checks.Health) -> None:
@@ -416,6 +474,8 @@ def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tr
 
     hyper, info = _ift(op, params, tree.unflatten(dL_dp, p_spec), solver, stationarity_tol,
                        add, check, lambda mixed: [a - b for a, b in zip(dL_dh, mixed)])
+    if public:  # after the products: finite differences find captured tensors in their first
+        _warn_captured(op, stacklevel)
     _checks.report_failure(info["reasons"], on_failure, stacklevel)
     return tree.unflatten(hyper, h_spec), info
 
@@ -431,6 +491,7 @@ def implicit_grad(
     on_failure: str = "warn",
     stationarity_tol: float | None = 1e-3,
     products: str = "exact",
+    fd_eps: float | None = None,
 ) -> Tree | tuple[Tree, dict[str, Any]]:
     """Hypergradient ``dL(params*(hparams), hparams) / d hparams`` by the IFT at ``params``.
 
@@ -454,6 +515,10 @@ def implicit_grad(
             ``"finite_difference"`` (central differences of first-order gradients,
             ``hypergrad.FiniteDifferenceOperator``: for models with no double backward,
             compiled losses; error O(sqrt(eps)) relative, see its docstring).
+        fd_eps: the relative step ``eps`` of the finite-difference products (only with
+            ``products="finite_difference"``); default ``hg.default_fd_step`` of the params'
+            dtype, or of the autocast dtype inside ``torch.autocast``. A transformer under
+            bf16 autocast wants ``fd_eps=hg.default_fd_step(torch.float32)``.
 
     Raises ``ValueError`` naming where NaN/inf appeared (``params``, ``hparams``, the inner
     loss value or gradient, the outer loss or its gradient) and when ``inner_loss`` has no
@@ -463,28 +528,21 @@ def implicit_grad(
 
     Cost: one gradient graph of ``f``, the solver's matvecs, one mixed product, one gradient
     of ``L``, one matvec for the stationarity check, and one host read for the health check
-    (plus whatever the solver reads to decide when to stop).
+    (plus whatever the solver reads to decide when to stop). With finite differences each
+    product is two gradients of ``f`` and nothing else is spent on ``f``: the health check
+    reads the gradients the products take (``info["inner_grad_norm"]`` is then the mean of
+    the first product's two gradients, ``g(θ) + O(δ²)``, or None when no product along
+    ``params`` was taken: a solver that spends none, such as ``hg.sama``, with
+    ``stationarity_tol=None``).
     """
-    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
+    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products,
+                 fd_eps)
     _checks.callable_(outer_loss, "outer_loss")
     _check_trees(params, hparams)
     g, info = _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
                              on_failure=on_failure, stationarity_tol=stationarity_tol,
-                             products=products, public=True, stacklevel=4)
+                             products=products, public=True, stacklevel=4, fd_eps=fd_eps)
     return (g, info) if return_info else g
-
-
-def _implicit_grad_fast(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
-                        solver: Callable[..., SolveResult], on_failure: str = "ignore",
-                        stationarity_tol: float | None = None,
-                        products: str = "exact") -> tuple[Tree, dict[str, Any]]:
-    """:func:`implicit_grad` for internal callers that validated their inputs (``params`` and
-    ``hparams`` non-empty floating tensor pytrees of one dtype/device, callables, policy):
-    no entry checks and no scan for captured tensors; the one health read stays (errors for
-    NaN/inf are still named). Returns ``(hypergrad, info)``."""
-    return _implicit_grad(inner_loss, outer_loss, params, hparams, solver=solver,
-                          on_failure=on_failure, stationarity_tol=stationarity_tol,
-                          products=products, public=False, stacklevel=3)
 
 
 # The vector-Jacobian product of a solution node: (solution leaves, hparams leaves, incoming
@@ -537,15 +595,13 @@ def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
 def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
                     solver: Callable[..., SolveResult], on_failure: str,
                     stationarity_tol: float | None, info: dict[str, Any] | None,
-                    products: str, public: bool) -> Tree:
+                    products: str, public: bool, fd_eps: float | None) -> Tree:
     p_spec, h_spec = tree.flatten(params)[1], tree.flatten(hparams)[1]
 
     def vjp(p_flat: list[torch.Tensor], h_flat: list[torch.Tensor],
             v: list[torch.Tensor]) -> list[torch.Tensor]:
         p = tree.unflatten(p_flat, p_spec)
-        op = _operator(inner_loss, p, tree.unflatten(h_flat, h_spec), products, public)
-        if public:
-            _warn_captured(op, stacklevel=3)
+        op = _operator(inner_loss, p, tree.unflatten(h_flat, h_spec), products, public, fd_eps)
 
         def add(health: _checks.Health) -> None:
             health.add_finite("incoming", v)
@@ -561,6 +617,8 @@ def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
 
         hyper, diagnosis = _ift(op, p, tree.unflatten(v, p_spec), solver, stationarity_tol,
                                 add, check, lambda mixed: [-m for m in mixed])
+        if public:
+            _warn_captured(op, stacklevel=3)
         if info is not None:
             info.clear()
             info.update(diagnosis)
@@ -580,6 +638,7 @@ def implicit_solution(
     stationarity_tol: float | None = 1e-3,
     info: dict[str, Any] | None = None,
     products: str = "exact",
+    fd_eps: float | None = None,
 ) -> Tree:
     """``params``' values as a differentiable function of ``hparams`` (an IFT autograd node).
 
@@ -588,8 +647,8 @@ def implicit_solution(
     into ``hparams``. So the result composes with anything downstream (an unrolled
     fine-tuning, a validation loss) and ``loss.backward()`` fills ``hparams``' ``.grad``.
     No gradient flows into ``params`` themselves. Pass a dict as ``info`` to receive the
-    diagnostics of the backward's solve (see :func:`implicit_grad`). ``products`` as in
-    :func:`implicit_grad`.
+    diagnostics of the backward's solve (see :func:`implicit_grad`). ``products`` and
+    ``fd_eps`` as in :func:`implicit_grad`.
 
     Checks: the forward validates ``params`` and ``hparams`` (one host read for NaN/inf); the
     backward reads its health signals once, as :func:`implicit_grad` does.
@@ -601,7 +660,8 @@ def implicit_solution(
         >>> (p_star ** 2).sum().backward(); h.grad
         tensor([6.])
     """
-    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products)
+    _check_entry(inner_loss, params, hparams, solver, on_failure, stationarity_tol, products,
+                 fd_eps)
     p_flat, h_flat = _check_trees(params, hparams)
     _check_node_entry("implicit_solution", "implicit_grad", info, h_flat)
     health = _checks.Health()
@@ -613,18 +673,20 @@ def implicit_solution(
     health.raise_nonfinite("hparams", h_flat)
     return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
                            stationarity_tol=stationarity_tol, info=info, products=products,
-                           public=True)
+                           public=True, fd_eps=fd_eps)
 
 
 def _implicit_solution_fast(inner_loss: Loss, params: Tree, hparams: Tree, *,
                             solver: Callable[..., SolveResult], on_failure: str = "ignore",
                             stationarity_tol: float | None = None,
                             info: dict[str, Any] | None = None,
-                            products: str = "exact") -> Tree:
+                            products: str = "exact",
+                            fd_eps: float | None = None) -> Tree:
     """:func:`implicit_solution` for internal callers that validated their inputs (``params``
     and ``hparams`` non-empty floating tensor pytrees of one dtype/device, finite, some of
-    ``hparams`` requiring grad; callables and policy checked): no host read in the forward, no
-    scan for captured tensors in the backward; the backward's one health read stays."""
+    ``hparams`` requiring grad; callables, policy, ``products`` and ``fd_eps`` checked): no
+    host read in the forward, no scan for captured tensors in the backward; the backward's one
+    health read stays."""
     return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
                            stationarity_tol=stationarity_tol, info=info, products=products,
-                           public=False)
+                           public=False, fd_eps=fd_eps)

@@ -77,7 +77,9 @@ class HessianOperator:
     Building it validates ``params`` / ``hparams`` and checks that the loss value and its
     gradient are finite (one host read); each product then checks only the structure, shapes
     and dtype of ``v`` (no host read). Raises ``hypergrad.DoubleBackwardError`` when the
-    loss has an operation with no double backward (use finite-difference products then).
+    loss has an operation with no double backward, or runs through a ``torch.compile``-d
+    region (whose exact products would otherwise read as zeros): use finite-difference
+    products then (:class:`hypergrad.FiniteDifferenceOperator`).
     """
 
     def __init__(
@@ -135,6 +137,8 @@ class HessianOperator:
                 gs = torch.autograd.grad(value, self._p, create_graph=True, allow_unused=True)
         if all(g is None for g in gs):
             raise _no_path_error(name)
+        _checks.check_double_backward(gs, name)  # a compiled region: raise, never zeros
+        _checks.check_once_differentiable(value, self._p, name)
         self._loss = value  # with its graph: for the check of captured tensors
         self.value = value.detach()
         self._g = [torch.zeros_like(x) if g is None else g for x, g in zip(self._p, gs)]
@@ -184,7 +188,8 @@ class HessianOperator:
 def _raise_nonfinite(health: _checks.Health, name: str, p: list[torch.Tensor],
                      h: list[torch.Tensor] | None) -> None:
     """The checks of :meth:`HessianOperator._raise_nonfinite` on the keys ``params``,
-    ``hparams``, ``loss`` and ``loss_grad`` (shared with the finite-difference products)."""
+    ``hparams``, ``loss`` and ``loss_grad`` (shared with the finite-difference products, which
+    evaluate the loss and its gradient within their step of ``params``)."""
     health.raise_nonfinite("params", p)
     if h is not None:
         health.raise_nonfinite("hparams", h)
@@ -262,6 +267,8 @@ def mixed_vjp(
     """``v^T d2 fn(params, hparams) / (d params d hparams)``, a pytree like ``hparams``.
 
     Hyperparameters that ``fn`` does not use get zeros (not an error). Checked like :func:`hvp`.
+    A ``torch.compile``-d ``fn`` has no double backward: ``DoubleBackwardError`` (use
+    :func:`hypergrad.fd_mixed_vjp`).
 
     Example:
         >>> import torch, hypergrad as hg

@@ -296,6 +296,9 @@ def _param_grads(inner_loss: Callable, params: Tree, hparams: Tree, create: bool
         p = [x if x.requires_grad else x.detach().requires_grad_(True) for x in flat]
         loss = _checks.scalar_loss(inner_loss(tree.unflatten(p, spec), hparams), "inner_loss")
         grads = _loss_grads(loss, p, create)
+    if create:  # differentiating the step later differentiates this gradient: no compiled region
+        _checks.check_double_backward(grads, "inner_loss", stop=p + tree.leaves(hparams),
+                                      fix=_checks.FORWARD_FIX)
     return p, grads, spec
 
 
@@ -303,7 +306,10 @@ def gradient_step(inner_loss: Callable[[Tree, Tree], torch.Tensor], lr: float) -
     """The step ``params - lr * d inner_loss(params, hparams) / d params`` (differentiable).
 
     The step keeps the graph (``create_graph=True``) only when its inputs are part of one, so
-    the same step runs cheaply in the truncated part of an :func:`unroll`.
+    the same step runs cheaply in the truncated part of an :func:`unroll`. Differentiating it
+    needs a double backward: a ``torch.compile``-d ``inner_loss`` raises
+    :class:`hypergrad.DoubleBackwardError` when the step is recorded (torch would raise, or drop
+    the hyperparameters' path silently, at the backward).
     """
     _checks.callable_(inner_loss, "inner_loss")
     lr = _checks.positive_number(lr, "lr")

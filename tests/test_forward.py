@@ -363,21 +363,106 @@ def test_forward_hypergrad_bad_input_names_the_argument():
                     tree.map(lambda x: torch.zeros(1, *x.shape), h))
 
 
-def test_batched_backward_falls_back_to_a_loop(monkeypatch):
-    """An op without a vmap rule makes ``is_grads_batched`` raise: the rows are then done one
-    backward at a time, with the same result."""
-    f, solution, h = _quadratic(5, 3, seed=2)
-    ref = hg.implicit_jacobian(f, solution(h), h, solver=CG)
+def _counting_grad(monkeypatch, batched_error: str | None):
+    """Patch ``torch.autograd.grad`` to count batched and plain calls; batched calls raise
+    ``RuntimeError(batched_error)`` when it is given."""
     real = torch.autograd.grad
+    calls = {"batched": 0, "plain": 0}
 
-    def no_vmap(*args, **kwargs):
+    def grad(*args, **kwargs):
         if kwargs.get("is_grads_batched"):
-            raise RuntimeError("Batching rule not implemented for aten::something")
+            calls["batched"] += 1
+            if batched_error is not None:
+                raise RuntimeError(batched_error)
+        else:
+            calls["plain"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
-    got = hg.implicit_jacobian(f, solution(h), h, solver=CG)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    return calls
+
+
+def test_batched_backward_falls_back_to_a_loop_once_per_call(monkeypatch):
+    """An op without a vmap rule makes ``is_grads_batched`` raise: the rows are then done one
+    backward at a time, with the same result, and the call remembers it: one failed batched
+    attempt per call, not one per product."""
+    f, solution, h = _quadratic(5, 3, seed=2)
+    ref, info = hg.implicit_jacobian(f, solution(h), h, solver=CG, mode="forward",
+                                     return_info=True)
+    products = int(info["solves"][0].iterations) + 1  # the solver's, and M E
+    calls = _counting_grad(monkeypatch, "Batching rule not implemented for aten::something")
+    got = hg.implicit_jacobian(f, solution(h), h, solver=CG, mode="forward")
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    assert calls["batched"] == 1
+    assert products > 3  # so one failed attempt per product would have shown
+    # forward_hypergrad: one attempt for the whole trajectory
+    fi, val, p0, hp = _inner_problem()
+    step = hg.gradient_step(fi, lr=0.1)
+    calls["batched"] = 0
+    hg.forward_hypergrad(step, p0, hp, 4, val)
+    assert calls["batched"] == 1
+
+
+def test_batched_backward_reraises_errors_that_are_not_about_batching(monkeypatch):
+    f, solution, h = _quadratic(5, 3, seed=2)
+    calls = _counting_grad(monkeypatch, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        hg.implicit_jacobian(f, solution(h), h, solver=CG, mode="forward")
+    assert calls["batched"] == 1  # raised at once: no row-by-row retry hiding it
+
+
+def test_an_op_with_no_batching_rule_in_the_double_backward():
+    """A real one: a custom autograd.Function whose backward reads a value (``.item()``),
+    which vmap cannot batch. The result equals the batched one of the same function without
+    the read."""
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, read):
+            ctx.read = read
+            return 2.0 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            if ctx.read:
+                float(g.sum().item())  # vmap: "calling .item() on a Tensor" under batching
+            return 2.0 * g, None
+
+    f, solution, h = _quadratic(5, 3, seed=2)
+
+    def make(read):
+        return lambda p, hh: f(p, hh) + 0.1 * (Scale.apply(p, read) ** 2).sum()
+
+    p = solution(h)
+    ref = hg.implicit_jacobian(make(False), p, h, solver=CG, stationarity_tol=None)
+    got = hg.implicit_jacobian(make(True), p, h, solver=CG, stationarity_tol=None)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_without_double_backward_gets_hypergrads_own_error():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 3, generator=gen)
+
+    def inner(p, hh):  # the default CPU kernel of SDPA has no double backward
+        q = x @ p
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return (out ** 2).mean() + (hh * p ** 2).sum()
+
+    p = torch.randn(3, 3, generator=gen)
+    h = torch.full((3, 3), 0.1)
+    val = lambda p, hh: (p ** 2).sum()  # noqa: E731
+    step = hg.gradient_step(inner, lr=0.1)
+    calls = {
+        "implicit_jvp": lambda: hg.implicit_jvp(inner, p, h, torch.ones_like(h)),
+        "implicit_jacobian": lambda: hg.implicit_jacobian(inner, p, h),
+        "forward_hypergrad": lambda: hg.forward_hypergrad(step, p, h, 2, val),
+        "step_jvp": lambda: hg.step_jvp(step, p, h, torch.zeros(1, 3, 3),
+                                        torch.ones(1, 3, 3)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(hg.DoubleBackwardError, match="implicit_grad") as e:
+            call()
+        assert "derivative for" in str(e.value.__cause__), name  # chained from torch's
 
 
 def test_captured_tensors_that_require_grad_are_reported():

@@ -753,3 +753,169 @@ def test_finite_difference_products_keep_the_checks():
     g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
                          solver=TIGHT_CG, **kw)
     assert rel_error(g, prob.hypergrad) < 1e-7
+
+
+# ---- a solve that is an approximation by design (sama, one-term Neumann) ----------------------
+
+
+@pytest.mark.parametrize("solver", [
+    hg.sama,
+    functools.partial(hg.sama, alpha=0.1),
+    functools.partial(hg.neumann, iterations=1, alpha=0.1),
+    functools.partial(hg.neumann, iterations=1),  # alpha="auto": 20 power iterations, no term
+], ids=["sama", "sama-alpha", "neumann-1", "neumann-1-auto"])
+def test_a_solve_that_spends_nothing_by_design_is_not_told_to_iterate_or_damp(solver):
+    """Its residual (1, that of the zero start) is an estimate that says nothing about the
+    solution: no "more iterations will not help", no damping, no stagnation; the warning says
+    the residual is an estimate and how to measure it."""
+    prob = problems.problem("quadratic")
+    (_, info), ws = caught(lambda: hg.implicit_grad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=solver,
+        return_info=True))
+    assert len(ws) == 1, [str(x.message) for x in ws]
+    message = str(ws[0].message)
+    assert "is an estimate" in message and "approximation of H^-1 b by design" in message
+    assert "residual=True" in message  # how to measure it (exact_residual=True for neumann)
+    for wrong in ("iterations", "damping", "singular", "ill-conditioned", "alpha="):
+        assert wrong not in message, wrong
+    assert info["stagnated"] is False and info["singular"] is False
+    assert info["health"]["residual_estimate"] == 1.0 and info["health"]["terms"] == 1.0
+    assert info["trusted"] is False  # not measured, so not vouched for
+    _, ws = caught(lambda: hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params,
+                                            prob.hparams, solver=solver, on_failure="ignore"))
+    assert ws == []
+
+
+def test_a_measured_or_longer_series_keeps_its_advice():
+    """The exception is exactly the one-term estimate: with residual=True the residual is
+    measured (here the series diverges: lower alpha); with 3 terms the estimate is of 2 terms
+    (not converged: more iterations)."""
+    prob = problems.problem("quadratic")
+    lam = float(torch.linalg.eigvalsh(prob.extras["A"]).max())
+    for solver, advice in ((functools.partial(hg.sama, alpha=3.0 / lam, residual=True), "alpha"),
+                           (functools.partial(hg.neumann, iterations=3, alpha=0.5 / lam),
+                            "increase the solver's iterations")):
+        _, ws = caught(lambda s=solver: hg.implicit_grad(
+            prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver=s))
+        assert len(ws) == 1 and advice in str(ws[0].message)
+        assert "by design" not in str(ws[0].message)
+
+
+# ---- finite-difference products: no extra gradient, no extra host read (item 4) ----------------
+
+
+def _counted(fn):
+    calls = [0]
+
+    def counted(p, h):
+        calls[0] += 1
+        return fn(p, h)
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("stationarity_tol", [None, 1e-3])
+def test_finite_differences_spend_on_the_inner_loss_only_their_products(stationarity_tol):
+    """Each product is two gradients of ``f`` and the health check reads those: SAMA (no
+    solve, one mixed product) costs 2 gradients of ``f``, plus 2 for the stationarity product;
+    a solver with k matvecs adds 2 k. (Before: a separate forward for the path check and a
+    gradient for the health check, 1.4 gradients more.)"""
+    prob = problems.problem("ridge")
+    inner, calls = _counted(prob.inner_loss)
+    extra = 0 if stationarity_tol is None else 2
+    hg.implicit_grad(inner, prob.outer_loss, prob.params, prob.hparams, solver=hg.sama,
+                     products="finite_difference", on_failure="ignore",
+                     stationarity_tol=stationarity_tol)
+    assert calls[0] == 2 + extra
+    calls[0] = 0
+    solver = functools.partial(hg.neumann, iterations=6, alpha=0.1)  # 5 matvecs
+    hg.implicit_grad(inner, prob.outer_loss, prob.params, prob.hparams, solver=solver,
+                     products="finite_difference", on_failure="ignore",
+                     stationarity_tol=stationarity_tol)
+    assert calls[0] == 2 * 5 + 2 + extra
+
+
+def test_finite_difference_health_signals_match_the_exact_ones_away_from_the_optimum():
+    """The inner gradient (norm and stationarity) now comes from the mean of a product's two
+    gradients, ``g(θ) + O(δ²)``: equal to the exact values to FD accuracy."""
+    prob = problems.problem("logistic")
+    params = hg.tree.map(lambda x: x + 0.05, prob.params)  # not stationary
+    kw = {"solver": functools.partial(hg.cg, maxiter=50), "on_failure": "ignore",
+          "return_info": True}
+    _, exact = hg.implicit_grad(prob.inner_loss, prob.outer_loss, params, prob.hparams, **kw)
+    _, fd = hg.implicit_grad(prob.inner_loss, prob.outer_loss, params, prob.hparams,
+                             products="finite_difference", **kw)
+    assert float(exact["inner_grad_norm"]) > 1e-3
+    for key in ("inner_grad_norm", "stationarity"):
+        assert float(fd[key]) == pytest.approx(float(exact[key]), rel=1e-6), key
+    assert fd["reasons"][-1] == exact["reasons"][-1]  # the same stationarity warning
+    # without a product along params (sama, stationarity_tol=None) there is no estimate
+    _, none = hg.implicit_grad(prob.inner_loss, prob.outer_loss, params, prob.hparams,
+                               solver=hg.sama, products="finite_difference",
+                               stationarity_tol=None, on_failure="ignore", return_info=True)
+    assert none["inner_grad_norm"] is None and "inner_grad_norm" not in none["health"]
+
+
+def test_finite_differences_without_a_matvec_keep_the_path_and_capture_checks():
+    """SAMA spends no matvec: the one walk of the graph happens in the mixed product."""
+    prob = problems.problem("ridge")
+    kw = {"solver": hg.sama, "products": "finite_difference", "on_failure": "ignore"}
+    with pytest.raises(ValueError, match="does not depend on `params`"):
+        hg.implicit_grad(lambda w, h: prob.inner_loss(w.detach(), h), prob.outer_loss,
+                         prob.params, prob.hparams, **kw)
+    scale = torch.ones((), requires_grad=True)
+    _, ws = caught(lambda: hg.implicit_grad(lambda w, h: scale * prob.inner_loss(w, h),
+                                            prob.outer_loss, prob.params, prob.hparams, **kw))
+    assert len(ws) == 1 and "uses 1 tensor(s)" in str(ws[0].message)
+    hq = prob.hparams.clone().requires_grad_(True)
+    w = hg.implicit_solution(lambda w, h: scale * prob.inner_loss(w, h), prob.params, hq, **kw)
+    _, ws = caught(lambda: prob.outer_loss(w, hq).backward())
+    assert len(ws) == 1 and "uses 1 tensor(s)" in str(ws[0].message)
+
+
+# ---- fd_eps: the step of finite-difference products (item 5) -----------------------------------
+
+
+def test_fd_eps_sets_the_step_of_the_products():
+    """On a quartic inner loss the products' truncation error is O(eps^2): halving fd_eps
+    quarters the hypergradient's error (rounding is negligible at these steps in float64)."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=gen)
+    A = A @ A.T / 5 + torch.eye(5)
+    t = torch.randn(5, generator=gen)
+
+    def inner(p, h):
+        return 0.5 * p @ A @ p + 0.25 * (h * (p - t) ** 4).sum() - p.sum()
+
+    outer = lambda p, h: (p ** 2).sum()  # noqa: E731
+    h = torch.rand(5, generator=gen) + 0.5
+    p = torch.zeros(5)
+    for _ in range(50):  # Newton to the optimum
+        p = p - torch.linalg.solve(torch.func.hessian(inner)(p, h), torch.func.grad(inner)(p, h))
+    solver = functools.partial(hg.cg, tol=1e-14, maxiter=100)
+    ref = hg.implicit_grad(inner, outer, p, h, solver=solver)
+    errors = [rel_error(hg.implicit_grad(inner, outer, p, h, solver=solver, on_failure="ignore",
+                                         products="finite_difference", fd_eps=eps), ref)
+              for eps in (4e-3, 2e-3)]
+    assert errors[0] > 1e-7  # the truncation term, well above rounding
+    assert errors[0] / errors[1] == pytest.approx(4.0, rel=0.05)
+    default = hg.implicit_grad(inner, outer, p, h, solver=solver, products="finite_difference",
+                               on_failure="ignore")
+    assert rel_error(default, ref) < 1e-7
+    hq = h.clone().requires_grad_(True)
+    outer(hg.implicit_solution(inner, p, hq, solver=solver, on_failure="ignore",
+                               products="finite_difference", fd_eps=4e-3), hq).backward()
+    assert rel_error(hq.grad, ref) == pytest.approx(errors[0], rel=1e-6)
+
+
+def test_fd_eps_bad_input_names_it():
+    prob = problems.problem("ridge")
+    args = (prob.inner_loss, prob.outer_loss, prob.params, prob.hparams)
+    with pytest.raises(ValueError, match="`fd_eps` must be a finite number > 0"):
+        hg.implicit_grad(*args, products="finite_difference", fd_eps=-1e-3)
+    with pytest.raises(ValueError, match='`fd_eps` .* products="finite_difference"'):
+        hg.implicit_grad(*args, fd_eps=1e-3)
+    with pytest.raises(ValueError, match="`fd_eps`"):
+        hg.implicit_solution(prob.inner_loss, prob.params,
+                             prob.hparams.clone().requires_grad_(True), fd_eps=0.0,
+                             products="finite_difference")

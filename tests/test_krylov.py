@@ -188,6 +188,8 @@ def test_stochastic_hvp_mean_over_batches_matches_full_batch():
     (lambda b: hg.nystrom(lambda v: v, b, rho=0.0), "rho"),
     (lambda b: hg.nystrom(lambda v: v, b, sketch="svd"), "sketch"),
     (lambda b: hg.minres(lambda v: {"zz": v}, b), "matvec"),
+    (lambda b: hg.normal_cg(lambda v: v, b, rmatvec=lambda v: {"zz": v["a"]}),
+     r"`rmatvec` must map a pytree like `b`"),
 ])
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -207,3 +207,38 @@ def test_a_loss_detached_from_params_raises_but_a_linear_one_has_zero_hessian():
     with pytest.raises(ValueError, match="does not depend on `params`"):
         hg.mixed_vjp(lambda p, h: (h * p.detach()).sum(), p, torch.ones(2), torch.ones(2))
     assert torch.equal(hg.hvp(lambda p: (3.0 * p).sum(), p, torch.ones(2)), torch.zeros(2))
+
+
+def test_a_once_differentiable_function_raises_instead_of_zeros():
+    """``@once_differentiable`` runs its backward under no_grad and links the result to an
+    error node only when the incoming gradient requires grad: applied last (here: scaled by
+    the constant h), torch's exact products silently read as zeros. hypergrad finds the
+    function on the path to params in the loss graph and raises; applied inside (squared),
+    torch's own "differentiate twice" error gets the same way out."""
+    from torch.autograd.function import once_differentiable
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x ** 3
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * g
+
+    p, h, v = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]), torch.ones(2)
+    for f in (lambda p, h: (h * Cube.apply(p)).sum(),
+              lambda p, h: (h * Cube.apply(p) ** 2).sum()):
+        for call in (lambda f=f: hg.hvp(lambda q: f(q, h), p, v),
+                     lambda f=f: hg.mixed_vjp(f, p, h, v),
+                     lambda f=f: hg.implicit_jvp(f, p, h, v, stationarity_tol=None)):
+            with pytest.raises(hg.DoubleBackwardError, match="once_differentiable"):
+                call()
+    f = lambda p, h: (h * Cube.apply(p)).sum()  # noqa: E731
+    torch.testing.assert_close(hg.fd_hvp(lambda q: f(q, h), p, v), 6 * h * p)  # first order
+    # a once-differentiable function that does not reach params changes nothing
+    g = lambda p, h: (h * p ** 3).sum() + Cube.apply(h).sum()  # noqa: E731
+    torch.testing.assert_close(hg.mixed_vjp(g, p, h, v), 3 * p ** 2)

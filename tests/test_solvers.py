@@ -168,6 +168,21 @@ def neumann_by_hand(A, b, alpha, J):
     return x
 
 
+@pytest.mark.parametrize("solve", [
+    lambda b: hg.neumann(lambda v: 2 * v, b, iterations=3, alpha=0.1),
+    lambda b: hg.neumann(lambda v: 2 * v, b, iterations=3),  # alpha="auto"
+    lambda b: hg.sama(lambda v: v, b),
+], ids=["neumann", "neumann-auto", "sama"])
+def test_every_tensor_of_the_result_lives_on_bs_device(solve):
+    """``iterations`` too (it was made on the CPU): the read-free solvers run on the "meta"
+    device, which has no values, so any tensor made elsewhere shows up."""
+    res = solve(torch.ones(3, device="meta"))
+    for name, t in (("iterations", res.iterations), ("residual_norm", res.residual_norm),
+                    ("converged", res.converged), ("solution", res.solution)):
+        assert t.device.type == "meta", name
+    assert res.iterations.dtype == torch.int64 and res.iterations.shape == ()
+
+
 @pytest.mark.parametrize("J", [0, 1, 2, 5, 40])
 def test_neumann_is_the_truncated_series_with_exact_residual(J):
     """J terms cost J - 1 matvecs; the free residual is that of the (J-1)-term sum (flagged an

@@ -85,6 +85,45 @@ def test_implicit_grad_reads_once_with_a_solver_that_reads_nothing():
 
 
 @pytest.mark.parametrize("solver", [
+    functools.partial(richardson, iterations=200, alpha=0.1),
+    hg.sama,
+], ids=["richardson", "sama"])
+@pytest.mark.parametrize("stationarity_tol", [1e-3, None])
+def test_implicit_grad_with_finite_differences_reads_once_like_the_exact_path(
+        solver, stationarity_tol):
+    """The FD operator is built without re-validation (it used to read params and hparams once
+    each) and its health signals are the products' own gradients: the one health read."""
+    prob = _problem()
+    with count_syncs() as calls:
+        g = hg.implicit_grad(prob.inner_loss, prob.outer_loss, prob.params, prob.hparams,
+                             solver=solver, products="finite_difference", on_failure="ignore",
+                             stationarity_tol=stationarity_tol)
+    assert calls == ["tolist"]
+    if solver is not hg.sama:
+        assert testing.compare(g, prob.hypergrad).rel_error < 1e-6
+    h = hg.tree.detach(prob.hparams, requires_grad=True)
+    p = hg.implicit_solution(prob.inner_loss, prob.params, h, solver=solver,
+                             products="finite_difference", on_failure="ignore",
+                             stationarity_tol=stationarity_tol)
+    loss = prob.outer_loss(p, h)
+    with count_syncs() as backward:
+        loss.backward()
+    assert backward == ["tolist"]
+
+
+def test_adam_preconditioner_reads_the_step_counts_once():
+    ws = [torch.ones(3, requires_grad=True) for _ in range(4)]
+    opt = torch.optim.Adam(ws, lr=0.1)
+    sum((w * (i + 1)).sum() for i, w in enumerate(ws)).backward()
+    opt.step()
+    with count_syncs() as calls:
+        d = hg.adam_preconditioner(opt, {str(i): w for i, w in enumerate(ws)})
+    assert calls == ["tolist"]  # one per leaf before
+    for i in range(4):  # v_hat = g^2 after one step: D = 1 / (|g| + eps)
+        torch.testing.assert_close(d[str(i)], torch.full((3,), 1.0 / (i + 1 + 1e-8)))
+
+
+@pytest.mark.parametrize("solver", [
     functools.partial(hg.neumann, iterations=5, alpha=0.05),
     functools.partial(hg.cg, maxiter=20),
 ], ids=["neumann-fixed-alpha", "cg"])

@@ -26,8 +26,9 @@ class SolveResult(NamedTuple):
     """What a solve produced and how it went.
 
     solution: the approximate ``x`` (a pytree like ``b``).
-    iterations: matrix-vector products spent on the result (0-dim int tensor); each solver's
-        docstring says exactly what it counts.
+    iterations: matrix-vector products spent on the result (0-dim int64 tensor on ``b``'s
+        device, like every tensor of the result; ``int(...)`` of it is a device read on a GPU);
+        each solver's docstring says exactly what it counts.
     residual_norm: ``||b - (H + damping I) x|| / ||b||`` of the returned solution (0-dim tensor;
         0 for ``b = 0``; inf if the iteration blew up, nan if ``b`` holds NaN/inf), to within
         10% or rounding, unless ``stats["residual_estimate"]`` is True.
@@ -64,6 +65,10 @@ class SolveResult(NamedTuple):
           spent to compute the true residual because the rounding bound of the recurrence could
           not certify it (see :func:`_needs_true_residual`).
         - ``alpha``, ``lambda_max`` (neumann): the step, and the power iteration's estimate.
+        - ``terms`` (Python int; neumann, sama): the number ``J`` of series terms in the
+          solution. With ``residual_estimate`` the residual is that of ``J - 1`` terms, so for
+          ``J = 1`` it is the starting point's (1 for ``x0 = 0``): it says nothing about the
+          returned solution, an approximation by design.
     """
 
     solution: Tree
@@ -111,6 +116,17 @@ def default_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** 0.5
 
 
+def _count(n: int, ref: torch.Tensor) -> torch.Tensor:
+    """``SolveResult.iterations``: ``n`` as a 0-dim int64 tensor on ``ref``'s device, made by a
+    fill (no host-to-device copy, which on a GPU would wait for the queued kernels)."""
+    return torch.full((), n, dtype=torch.int64, device=ref.device)
+
+
+def _scalar(x: float, ref: torch.Tensor) -> torch.Tensor:
+    """A Python number as a 0-dim tensor of ``ref``'s dtype and device, by a fill (no copy)."""
+    return torch.full((), x, dtype=ref.dtype, device=ref.device)
+
+
 def _resolve_tol(tol: float | None, dtype: torch.dtype) -> float:
     return default_tol(dtype) if tol is None else _checks.nonneg_number(tol, "tol")
 
@@ -121,22 +137,23 @@ def _validate_b(b: Tree) -> torch.Tensor:
     return _checks.tensor_tree(b, "b")[0]
 
 
-def _check_matvec_output(hv: Tree, b: Tree) -> None:
+def _check_matvec_output(hv: Tree, b: Tree, name: str = "matvec") -> None:
     try:
-        tree.check_same_structure(b, hv, names=("b", "matvec(b)"))
+        tree.check_same_structure(b, hv, names=("b", f"{name}(b)"))
     except ValueError as e:
-        raise ValueError(f"`matvec` must map a pytree like `b` to one like `b`: {e}") from None
+        raise ValueError(f"`{name}` must map a pytree like `b` to one like `b`: {e}") from None
 
 
-def _checked_once(matvec: Matvec, b: Tree) -> Matvec:
+def _checked_once(matvec: Matvec, b: Tree, name: str = "matvec") -> Matvec:
     """``matvec`` whose first output is checked to be a pytree like ``b``, before any
-    arithmetic on it (Python only, no host read); later calls pass straight through."""
+    arithmetic on it (Python only, no host read); later calls pass straight through. ``name``
+    is the argument named in the error (``rmatvec`` for normal_cg's transpose)."""
     checked: list[bool] = []
 
     def once(v: Tree) -> Tree:
         hv = matvec(v)
         if not checked:
-            _check_matvec_output(hv, b)
+            _check_matvec_output(hv, b, name)
             checked.append(True)
         return hv
 

@@ -22,6 +22,7 @@ from ._common import (
     Matvec,
     SolveResult,
     _checked_once,
+    _count,
     _damped,
     _flat_matvec,
     _host,
@@ -159,7 +160,7 @@ def _cg(A: Callable[[Tree], Tree], b: Tree, x0: Tree | None, maxiter: int, tol: 
     floor_hit = (recurrence <= tol) & ~converged
     return SolveResult(
         x,
-        torch.tensor(pre + steps + int(checked)),
+        _count(pre + steps + int(checked), b_norm),
         residual,
         converged,
         {

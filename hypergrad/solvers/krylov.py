@@ -36,10 +36,12 @@ from ._common import (
     Matvec,
     SolveResult,
     _checked_once,
+    _count,
     _damped,
     _host,
     _needs_true_residual,
     _relative,
+    _scalar,
     _stagnated,
     _true_residual,
     _validate,
@@ -205,13 +207,12 @@ def minres(
     residual = _true_residual(A, b, x, b_norm) if checked else estimate
     converged = residual <= tol
     if got[4]:  # not symmetric: T is no projection of A; the Lanczos vectors' quotients are
-        min_ray = torch.tensor(min(alfas), dtype=dtype, device=device)
-        max_ray = torch.tensor(max(alfas), dtype=dtype, device=device)
+        min_ray, max_ray = _scalar(min(alfas), zero), _scalar(max(alfas), zero)
     else:
         min_ray, max_ray = _ritz_extremes(alfas, betas, dtype, device)
     return SolveResult(
         x,
-        torch.tensor(spent + it + int(checked)),
+        _count(spent + it + int(checked), zero),
         residual,
         converged,
         {
@@ -343,7 +344,7 @@ def gmres(
     converged = residual <= tol
     return SolveResult(
         x,
-        torch.tensor(spent + int(checked)),
+        _count(spent + int(checked), b_norm),
         residual,
         converged,
         {
@@ -374,7 +375,7 @@ def normal_cg(
         At = A
     else:
         _checks.callable_(rmatvec, "rmatvec")
-        At = _damped(rmatvec, damping)
+        At = _damped(_checked_once(rmatvec, b, "rmatvec"), damping)
     rhs = At(b)
     # the inner CG's tolerance is on the normal equations; the reported one is on A x = b
     inner = _cg(lambda v: At(A(v)), rhs, None, maxiter, tol * 1e-2, 1)

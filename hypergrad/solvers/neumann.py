@@ -24,6 +24,7 @@ from ._common import (
     Matvec,
     SolveResult,
     _checked_once,
+    _count,
     _damped,
     _relative,
     _resolve_tol,
@@ -100,7 +101,9 @@ def neumann(
     the returned x; with a preconditioner that holds in the ``D^1/2``-weighted norm only, and for
     an indefinite ``A`` or a larger ``alpha`` it is not a bound at all. ``exact_residual=True``
     spends the extra matvec and reports the exact residual (``residual_estimate = False``).
-    ``J = 0`` returns ``x0`` (or 0) with its exact residual.
+    ``J = 0`` returns ``x0`` (or 0) with its exact residual. ``stats["terms"]`` is ``J``: with
+    ``J = 1`` the free residual is that of the starting point (``r0``), which says nothing about
+    the returned one-term solution (an approximation by design, e.g. ``hg.sama``).
 
     ``iterations`` of the result counts every matvec: ``power_iterations`` (with
     ``alpha="auto"``) + 1 for ``x0`` (if given) + ``J - 1`` for the series (0 if ``J = 0``)
@@ -200,7 +203,8 @@ def neumann(
     dx = tree.scale(acc if d is None else tree.map(torch.mul, d, acc), step)
     solution = dx if x0 is None else tree.add(x0, dx)
     stats["residual_estimate"] = estimate
-    return SolveResult(solution, torch.tensor(spent), residual, residual <= tol, stats)
+    stats["terms"] = J
+    return SolveResult(solution, _count(spent, b_norm), residual, residual <= tol, stats)
 
 
 def _positive_diagonal(d: Tree, b: Tree) -> Tree:

@@ -42,7 +42,14 @@ import torch
 
 from .. import _checks, tree
 from ..tree import Tree
-from ._common import SolveResult, _check_matvec_output, _relative, _resolve_tol, _validate_b
+from ._common import (
+    SolveResult,
+    _check_matvec_output,
+    _count,
+    _relative,
+    _resolve_tol,
+    _validate_b,
+)
 
 __all__ = ["nystrom"]
 
@@ -110,6 +117,6 @@ def nystrom(
     solution = unravel(x)
     hx = tree.ravel(matvec(solution))[0]
     residual = _relative(torch.linalg.vector_norm(bv - hx), torch.linalg.vector_norm(bv))
-    return SolveResult(solution, torch.tensor(k + 1), residual, residual <= tol,
+    return SolveResult(solution, _count(k + 1, residual), residual, residual <= tol,
                        {"rank": k, "rho": rho, "shift": nu, "residual_estimate": False,
                         "nonpositive_curvature": d.min() <= 0})

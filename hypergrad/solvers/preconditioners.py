@@ -35,25 +35,45 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Tree) -> Tree:
     (Neumann ``alpha = lr``) to get Adam's per-coordinate step size."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer)}")
+    flat, spec = tree.flatten(params)
     _checks.tensor_tree(params, "params")
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-
-    def diag(p: torch.Tensor) -> torch.Tensor:
+    for p in flat:
         if id(p) not in groups:
             raise ValueError(
                 f"`params` holds a tensor of shape {tuple(p.shape)} that `optimizer` does not "
                 "optimize; pass the parameters the optimizer was built with"
             )
-        g, st = groups[id(p)], optimizer.state.get(p, {})
+        g = groups[id(p)]
         if "betas" not in g or "eps" not in g:
             raise ValueError(
                 f"`optimizer` must be Adam-like (param group with 'betas' and 'eps'), got "
                 f"{type(optimizer).__name__}"
             )
-        if "exp_avg_sq" not in st:
-            return torch.ones_like(p.detach())
-        step = float(st["step"])
-        v_hat = st["exp_avg_sq"] / (1 - g["betas"][1] ** step)
-        return 1.0 / (v_hat.sqrt() + g["eps"])
+    states = [optimizer.state.get(p, {}) for p in flat]
+    stepped = [i for i, st in enumerate(states) if "exp_avg_sq" in st]
+    steps = _read_counts([states[i]["step"] for i in stepped])
+    out = [torch.ones_like(p.detach()) for p in flat]  # not stepped yet: plain gradient descent
+    for i, step in zip(stepped, steps):
+        g = groups[id(flat[i])]
+        v_hat = states[i]["exp_avg_sq"] / (1 - g["betas"][1] ** step)
+        out[i] = 1.0 / (v_hat.sqrt() + g["eps"])
+    return tree.unflatten(out, spec)
 
-    return tree.map(diag, params)
+
+def _read_counts(counts: list) -> list[float]:
+    """The optimizer's step counts as Python floats: tensors in torch.optim's state (on the
+    parameters' device with ``capturable=True`` / ``fused=True``) are read in one transfer per
+    device, not one ``float()`` per leaf."""
+    values: dict[int, float] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i, c in enumerate(counts):
+        if isinstance(c, torch.Tensor):
+            by_device.setdefault(c.device, []).append(i)
+        else:
+            values[i] = float(c)
+    for device, idx in by_device.items():
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        got = torch.stack([counts[i].detach().reshape(()).to(dtype) for i in idx]).tolist()
+        values.update(zip(idx, got))
+    return [values[i] for i in range(len(counts))]
