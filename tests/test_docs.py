@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import importlib
+import inspect
 import io
 import os
 import pkgutil
@@ -109,6 +110,42 @@ def test_site_builds_strictly_with_every_page(site):
     api = (site / "api" / "implicit.html").read_text()
     assert 'id="hypergrad.implicit.implicit_grad"' in api  # generated from the docstrings
     assert (site / "search" / "search_index.json").is_file()
+
+
+def _public_names() -> list[tuple[str, str]]:
+    """(namespace, name) for hypergrad.__all__ and the __all__ of its public subpackages."""
+    out = []
+    for name in hypergrad.__all__:
+        out.append(("hypergrad", name))
+        obj = getattr(hypergrad, name)
+        if inspect.ismodule(obj):
+            out += [(obj.__name__, sub) for sub in obj.__all__]
+    return out
+
+
+def test_api_pages_cover_every_public_name(site):
+    """Every public name has a generated entry (an anchor under its module) in the API
+    reference, and every top-level one is listed in the overview's table."""
+    anchors: set[str] = set()
+    for html in (site / "api").glob("*.html"):
+        anchors |= set(re.findall(r'id="(hypergrad[\w.]*)"', html.read_text()))
+    overview = (DOCS / "api" / "index.md").read_text()
+    missing, unlisted = [], []
+    for namespace, name in _public_names():
+        obj = getattr(importlib.import_module(namespace), name)
+        if inspect.ismodule(obj):
+            found = obj.__name__ in anchors
+        else:  # documented where it is defined, or under the namespace that exports it
+            home = getattr(obj, "__module__", None) or namespace
+            found = any(a.endswith(f".{name}") and (a.startswith(f"{namespace}.")
+                                                    or a.startswith(f"{home}."))
+                        for a in anchors)
+        if not found:
+            missing.append(f"{namespace}.{name}")
+        if namespace == "hypergrad" and not re.search(rf"`(hypergrad\.)?{name}\b", overview):
+            unlisted.append(name)
+    assert not missing, f"no API entry for {missing}: add it to a docs/api page (or a docstring)"
+    assert not unlisted, f"not in the table of docs/api/index.md: {unlisted}"
 
 
 def test_results_are_rendered_from_the_files_not_copies(site):
