@@ -5,6 +5,9 @@
   become nested quotes and whose ``# comments`` become headings).
 - Display equations written as an indented run right under a prose line (no blank line
   between, which markdown folds into the paragraph) become ``text`` blocks.
+- An ``Args:`` item that documents a second parameter in its own text (``params: the
+  inner optimum. hparams: pytree of ...``) is split in two, so that parameter gets its row
+  in the rendered table (only names of the signature that have no item of their own).
 - Sphinx roles (``:func:`make_hvp```, ``:class:`SolveResult```) become cross-references to
   the object's canonical path, looked up from the module whose docstring holds them, then from
   the top-level package; a name found nowhere stays plain code.
@@ -19,6 +22,7 @@ import griffe
 
 _EXAMPLE = re.compile(r"^(?P<indent>[ \t]*)Example(?:\s*\((?P<what>[^)]*)\))?:[ \t]*$", re.M)
 _SECTION_OR_ITEM = re.compile(r"^(?:[\w][\s\w-]*:\s*$|\w+:\s|\w+ \([^)]*\):)")
+_ARGS = re.compile(r"^Args:[ \t]*\n(?P<body>(?:(?:[ \t]+.*)?\n)*?)(?=\S|\Z)", re.M)
 _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj):`~?(?P<name>[\w.]+)`")
 
 
@@ -42,6 +46,26 @@ def _display_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+def _split_args(text: str, params: list[str]) -> str:
+    """Give each signature parameter named inside another Args item (``. name: ``) its own."""
+    m = _ARGS.search(text + "\n")
+    if m is None:
+        return text
+    body = m.group("body")
+    own = set(re.findall(r"^ {4}(\w+)\s*(?:\([^)]*\))?:", body, re.M))
+    for name in params:
+        if name not in own:
+            body = re.sub(rf"(?<=\.) ({name}): ", r"\n    \1: ", body, count=1)
+    return text[: m.start("body")] + body + text[m.end("body") :]
+
+
+def _signature(obj: griffe.Object) -> list[str]:
+    if obj.is_function:
+        return [p.name for p in obj.parameters]
+    init = obj.members.get("__init__") if obj.is_class else None
+    return [p.name for p in init.parameters] if init is not None and init.is_function else []
+
+
 class DocstringAdapter(griffe.Extension):
     def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
         doc = obj.docstring
@@ -53,7 +77,8 @@ class DocstringAdapter(griffe.Extension):
             what = m.group("what")
             return head + (f"\n{m.group('indent')}    {what[0].upper()}{what[1:]}:" if what else "")
 
-        doc.value = _display_blocks(_EXAMPLE.sub(example, doc.value))
+        text = _split_args(doc.value, _signature(obj))
+        doc.value = _display_blocks(_EXAMPLE.sub(example, text))
 
     def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
         """Roles are resolved once the whole package is loaded (aliases need their targets)."""

@@ -1,6 +1,6 @@
 """hypergrad: composable hypergradient primitives for PyTorch (torch.func pytrees).
 
-See README.md for the quickstart and the API table.
+See README.md for the quickstart and docs/api/index.md for a table of every public name.
 """
 
 from . import distributed, testing, tree

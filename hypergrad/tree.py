@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 Tree = Any  # a pytree of tensors
+"""A pytree of tensors: a tensor, or nested dicts, lists and tuples of them."""
 
 __all__ = [
     "Tree",
@@ -51,10 +52,12 @@ def flatten(t: Tree) -> tuple[list[Any], Any]:
 
 
 def unflatten(leaves_: list[Any], spec: Any) -> Tree:
+    """The tree of structure ``spec`` (from :func:`flatten`) holding ``leaves_``."""
     return pytree.tree_unflatten(leaves_, spec)
 
 
 def leaves(t: Tree) -> list[Any]:
+    """The leaves of ``t`` in flattening order."""
     return pytree.tree_leaves(t)
 
 
@@ -105,16 +108,19 @@ def _zip_checked(a: Tree, b: Tree, names: tuple[str, str]) -> tuple[list[Any], l
 
 
 def add(a: Tree, b: Tree) -> Tree:
+    """``a + b`` leaf by leaf; the structures must match."""
     fa, fb, spec = _zip_checked(a, b, ("a", "b"))
     return pytree.tree_unflatten([x + y for x, y in zip(fa, fb)], spec)
 
 
 def sub(a: Tree, b: Tree) -> Tree:
+    """``a - b`` leaf by leaf; the structures must match."""
     fa, fb, spec = _zip_checked(a, b, ("a", "b"))
     return pytree.tree_unflatten([x - y for x, y in zip(fa, fb)], spec)
 
 
 def scale(a: Tree, s: float | torch.Tensor) -> Tree:
+    """``s * a`` for a scalar ``s`` (a number or a 0-dim tensor)."""
     return map(lambda x: x * s, a)
 
 
@@ -143,6 +149,7 @@ def norm(a: Tree) -> torch.Tensor:
 
 
 def zeros_like(a: Tree) -> Tree:
+    """A tree of zeros shaped like ``a``."""
     return map(torch.zeros_like, a)
 
 
@@ -174,6 +181,7 @@ def all_finite(a: Tree) -> bool:
 
 
 def numel(a: Tree) -> int:
+    """The total number of elements of the tensor leaves of ``a``."""
     return sum(x.numel() for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor))
 
 

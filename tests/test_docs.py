@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import importlib
+import inspect
 import io
 import os
 import pkgutil
@@ -111,6 +112,42 @@ def test_site_builds_strictly_with_every_page(site):
     assert (site / "search" / "search_index.json").is_file()
 
 
+def _public_names() -> list[tuple[str, str]]:
+    """(namespace, name) for hypergrad.__all__ and the __all__ of its public subpackages."""
+    out = []
+    for name in hypergrad.__all__:
+        out.append(("hypergrad", name))
+        obj = getattr(hypergrad, name)
+        if inspect.ismodule(obj):
+            out += [(obj.__name__, sub) for sub in obj.__all__]
+    return out
+
+
+def test_api_pages_cover_every_public_name(site):
+    """Every public name has a generated entry (an anchor under its module) in the API
+    reference, and every top-level one is listed in the overview's table."""
+    anchors: set[str] = set()
+    for html in (site / "api").glob("*.html"):
+        anchors |= set(re.findall(r'id="(hypergrad[\w.]*)"', html.read_text()))
+    overview = (DOCS / "api" / "index.md").read_text()
+    missing, unlisted = [], []
+    for namespace, name in _public_names():
+        obj = getattr(importlib.import_module(namespace), name)
+        if inspect.ismodule(obj):
+            found = obj.__name__ in anchors
+        else:  # documented where it is defined, or under the namespace that exports it
+            home = getattr(obj, "__module__", None) or namespace
+            found = any(a.endswith(f".{name}") and (a.startswith(f"{namespace}.")
+                                                    or a.startswith(f"{home}."))
+                        for a in anchors)
+        if not found:
+            missing.append(f"{namespace}.{name}")
+        if namespace == "hypergrad" and not re.search(rf"`(hypergrad\.)?{name}\b", overview):
+            unlisted.append(name)
+    assert not missing, f"no API entry for {missing}: add it to a docs/api page (or a docstring)"
+    assert not unlisted, f"not in the table of docs/api/index.md: {unlisted}"
+
+
 def test_results_are_rendered_from_the_files_not_copies(site):
     """The benchmarks page and the solver tables show what benchmarks/RESULTS.md says now."""
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
@@ -121,6 +158,64 @@ def test_results_are_rendered_from_the_files_not_copies(site):
     for png in re.findall(r"\]\((results/[^)]+\.png)\)", results):
         assert (site / "benchmarks" / png).is_file(), png
     assert (site / "benchmarks" / "results" / "solver_study.png").is_file()
+
+
+def _table(results: str, header_start: str) -> list[list[str]]:
+    """The rows (cells) of the first markdown table in ``results`` whose header starts so."""
+    lines = results.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _in_range(values: list[float], lo: float, hi: float, ndigits: int = 1) -> bool:
+    """The range ``lo-hi``, as quoted to ``ndigits``, is exactly that of ``values``."""
+    rounded = [round(v, ndigits) for v in values]
+    return min(rounded) == lo and max(rounded) == hi
+
+
+def test_numbers_quoted_in_the_pages_match_benchmarks_results():
+    """Hand-written pages quote a few measured numbers; when benchmarks/RESULTS.md is
+    regenerated and they change, this fails until the pages say the new numbers."""
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    page = {name: (DOCS / name).read_text() for name in
+            ("concepts.md", "first-order.md", "distributed.md", "api/index.md")}
+
+    jac = {r[0]: r for r in _table(results, "| hparams | mode (auto) | implicit_jacobian s")}
+    assert jac["1 (scalar)"][6] == "667x" and "667x faster" in page["concepts.md"]
+    assert jac["64 (feature)"][6] == "34x" and "34x for 64" in page["concepts.md"]
+
+    fwd = _table(results, "| T | k | forward time / grad")
+    unroll_mib = {(r[0], r[1]): r[6] for r in fwd}
+    assert f"{unroll_mib[('1000', '1')]} MiB at T = 1000" in page["concepts.md"]
+    for k, quoted in (("1", (1.5, 1.8, 1)), ("5", (2.9, 3.8, 1)), ("50", (17, 29, 0))):
+        ratios = [float(r[4]) for r in fwd if r[1] == k]
+        ratios += [float(x) for x in re.findall(rf"adam T=\d+ k={k}: forward / unroll = (\d+\.\d+)",
+                                                 results)]
+        assert _in_range(ratios, *quoted), (k, ratios)
+        text = f"{quoted[0]:g}-{quoted[1]:g}x"  # as the page writes it
+        assert text in page["concepts.md"], text
+
+    matvec = [float(r[4]) for r in _table(results, "| group | problem | method | setting")
+              if r[2] == "make_hvp matvec"]
+    assert _in_range(matvec, 0.8, 1.6), matvec
+    assert "0.8-1.6x" in page["concepts.md"] and "0.8-1.6x" in page["api/index.md"]
+
+    fo = {r[0]: r for r in _table(results, "| problem | params | FD product / grad")}
+    paired = [float(re.search(r"paired median ([\d.]+)", r[2]).group(1)) for r in fo.values()]
+    assert _in_range(paired, 2.1, 2.4), paired
+    assert "costs 2.1-2.4 gradients" in page["first-order.md"]
+    assert "1.0000000, 1.4e-06" in fo["transformer"][8] and "to 1.4e-6" in page["first-order.md"]
+    sama = [float(r[5]) for r in fo.values()]
+    assert _in_range(sama, 0.06, 0.19, 2), sama
+    assert "0.06-0.19x the time" in page["first-order.md"]
+
+    mib = re.search(r"\| 2 \| [\d.]+ \| [\d.]+ \| (\d{3}\.\d+) \|", results).group(1)
+    assert round(float(mib)) == 174 and "174 MiB" in page["distributed.md"]
 
 
 def test_site_loads_nothing_from_the_internet(site):

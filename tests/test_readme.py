@@ -34,3 +34,21 @@ def test_readme_setup_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
     test_cmd = re.search(r"Run the tests.*?```bash\n(.*?)\n```", text, re.S).group(1)
     assert test_cmd in ci
+
+
+def test_readme_links_point_at_files_that_exist():
+    """The README is mostly links into the docs and examples: each relative one must resolve
+    (and its #anchor, for a markdown page, name a heading there)."""
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert len(links) >= 10
+    for link in links:
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = README.parent / path
+        assert target.exists(), link
+        if anchor and target.suffix == ".md":
+            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+                     for h in re.findall(r"^#+\s+(.*)$", target.read_text(), re.M)}
+            assert anchor in slugs, link

@@ -20,10 +20,12 @@ __all__ = ["init", "synced", "data_parallel", "is_main", "world_size", "rank", "
 
 
 def world_size() -> int:
+    """The number of processes in the default group (1 outside torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank in the default group (0 outside torch.distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
