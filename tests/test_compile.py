@@ -168,7 +168,7 @@ def test_second_order_forms_reject_a_compiled_loss():
 
 def test_a_compiled_fixed_point_map_works_first_order_only():
     """fixed_point_grad / fixed_point_solution take only vector-Jacobian products of the map:
-    a compiled map gives the eager hypergradient (the README's compile table)."""
+    a compiled map gives the eager hypergradient (the compile table in docs/first-order.md)."""
     g = torch.Generator().manual_seed(0)
     W = 0.3 * torch.randn(6, 6, generator=g, dtype=torch.float64) / 6 ** 0.5
     h = torch.randn(6, generator=g, dtype=torch.float64)
