@@ -13,7 +13,8 @@ from tasks.ppi.config import METHODS, get_config
 from tasks.ppi.cotrain import _pcgrad
 from tasks.ppi.data import load_ppi
 from tasks.ppi.finetune import finetune, macro, make_problem
-from tasks.ppi.methods import _stream, pretrain
+from tasks.ppi.methods import pretrain
+from tasks.ppi.net import stream
 from tasks.ppi.synthetic import SyntheticConfig, generate, read_meta, write_synthetic
 
 
@@ -93,7 +94,7 @@ def test_pcgrad_removes_conflicts():
 
 def test_batch_stream_is_a_function_of_the_index():
     idx = torch.arange(10, 30)
-    a, b = _stream(idx, 8, seed=3), _stream(idx, 8, seed=3)
+    a, b = stream(idx, 8, seed=3), stream(idx, 8, seed=3)
     assert all(torch.equal(a(i), b(i)) for i in (5, 0, 7, 1))
     epoch0 = torch.cat([a(0), a(1)])
     assert len(set(epoch0.tolist())) == 16
