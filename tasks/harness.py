@@ -125,7 +125,8 @@ def _parse_value(key: str, raw: str, current: Any, annotation: Any) -> Any:
                 raise ValueError
             return value
         if kind is tuple:
-            return tuple(float(v) for v in raw.split(",") if v.strip())
+            as_int = bool(current) and all(isinstance(v, int) for v in current)
+            return tuple((int if as_int else float)(v) for v in raw.split(",") if v.strip())
     except ValueError:
         raise bad({int: "an integer", float: "a finite number", tuple: "comma-separated numbers"}
                   [kind]) from None

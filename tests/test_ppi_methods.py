@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.ppi.cli import main
+from tasks.cli import main
 from tasks.ppi.config import METHODS, get_config
 from tasks.ppi.cotrain import _pcgrad
 from tasks.ppi.data import load_ppi
@@ -102,7 +102,7 @@ def test_batch_stream_is_a_function_of_the_index():
 
 def test_cli_runs_all_methods_both_protocols_and_resumes(tmp_path):
     out = tmp_path / "out"
-    argv = ["--method", "all", "--access", "both", "--seeds", "1", "--synthetic",
+    argv = ["ppi", "--method", "all", "--access", "both", "--seeds", "1", "--synthetic",
             "--config", "smoke", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     table = json.loads((out / "results.json").read_text())
@@ -118,8 +118,10 @@ def test_cli_runs_all_methods_both_protocols_and_resumes(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
 
 
-def test_cli_errors_name_the_argument(tmp_path):
-    with pytest.raises(SystemExit, match="--method"):
-        main(["--method", "nope", "--synthetic", "--config", "smoke", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
-        main(["--data-dir", str(tmp_path / "missing_dir"), "--out", str(tmp_path / "o")])
+def test_cli_errors_name_the_argument(tmp_path, capsys):
+    assert main(["ppi", "--method", "nope", "--config", "smoke", "--out", str(tmp_path)]) == 2
+    assert "--method: unknown ['nope']" in capsys.readouterr().err
+    assert main(["ppi", "--data-dir", str(tmp_path / "missing_dir"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "missing_dir: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -21,6 +21,7 @@ import torch
 import hypergrad as hg
 from hypergrad import distributed as hd
 from tasks.common import atomic_save
+from tasks.harness import load_file
 
 from .config import Settings
 from .data import GraphBatch, GraphStore
@@ -60,16 +61,17 @@ def cotrain(
     """CoTrain (alternating), CoTrain+PCGrad (both batches per step, projected) or
     IFT-CoTrain (alternating, PT task weights by IFT every ``ift_every`` steps)."""
     if ckpt is not None and ckpt.exists():
-        sd = torch.load(ckpt, weights_only=False)
+        sd = load_file(ckpt, map_location=problem.store.device)
         return PTResult(sd["encoder"], sd["weights"], sd["info"])
     store = problem.store
     tasks = problem.meta_tasks(fold)
-    net = Net(s, store.num_pt_tasks, len(tasks), seed)
+    net = Net(s, store.num_pt_tasks, len(tasks), seed, device=store.device)
+    tasks = tasks.to(store.device)
     params = {k: v.requires_grad_(True) for k, v in {**net.params, **{
         f"ft_head.{k}": v for k, v in net.ft_head.items()}}.items()}
     shared = [k for k in params if k.startswith("enc.")]
     opt = torch.optim.Adam(params.values(), lr=s.pt_lr)
-    phi = {"logit": torch.zeros(store.num_pt_tasks, requires_grad=True)}
+    phi = {"logit": torch.zeros(store.num_pt_tasks, device=store.device, requires_grad=True)}
     meta_opt = meta_optimizer(s)(list(phi.values()))
     pt_loss_w, ft_loss = weighted_pt_loss(net), ft_loss_fn(net, tasks)
 

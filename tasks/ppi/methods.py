@@ -15,7 +15,6 @@ products must not change state); FT recalibrates them on the FT inputs.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,36 +46,6 @@ def _meta_pretrain(
         "val_loss": [h.get("val_loss") for h in hist][-10:] if meta else None,
     }
     return PTResult(strip_encoder(trainer.pt_params), weights if meta else None, info)
-
-
-def time_meta_vs_plain(problem: Problem, s: Settings, outer: int = 20, rounds: int = 3,
-                       seed: int = 0) -> dict[str, float]:
-    """CPU time per PT step and per meta step: ``MetaPretrainer(meta=False)`` vs ``meta=True``
-    on the same problem, interleaved in ``rounds`` chunks of ``outer`` outer iterations (CPU
-    process time, robust to other processes on a shared machine; wall time also reported)."""
-    plain, pb, fb = build_trainer(problem, s, seed, None, meta=False)
-    meta, mpb, mfb = build_trainer(problem, s, seed, None, meta=True)
-    cpu = {"plain": 0.0, "meta": 0.0}
-    wall = {"plain": 0.0, "meta": 0.0}
-    plain.run(1, pb, fb, progress=False)  # warm-up
-    meta.run(1, mpb, mfb, progress=False)
-    for r in range(1, rounds + 1):
-        for name, (tr, p_fn, f_fn) in (("plain", (plain, pb, fb)), ("meta", (meta, mpb, mfb))):
-            c0, w0 = time.process_time(), time.perf_counter()
-            tr.run(1 + r * outer, p_fn, f_fn, progress=False)
-            cpu[name] += time.process_time() - c0
-            wall[name] += time.perf_counter() - w0
-    n_outer = rounds * outer
-    pt_step = cpu["plain"] / (n_outer * s.P)
-    return {
-        "pt_step_cpu_s": pt_step,
-        "meta_step_cpu_s": (cpu["meta"] - cpu["plain"]) / n_outer,
-        "meta_step_over_pt_step": (cpu["meta"] - cpu["plain"]) / n_outer / pt_step,
-        "meta_pt_over_plain_pt": cpu["meta"] / cpu["plain"],
-        "meta_pt_over_plain_pt_wall": wall["meta"] / wall["plain"],
-        "outer_iterations": n_outer,
-        "P": s.P,
-    }
 
 
 def pretrain(

@@ -45,9 +45,9 @@ class PTResult:
 class Net:
     """Encoder template (for functional_call), its fixed BN buffers, and initial parameters."""
 
-    def __init__(self, s: Settings, n_pt: int, n_ft: int, seed: int, sync_bn: bool = False
-                 ) -> None:
-        torch.manual_seed(seed)
+    def __init__(self, s: Settings, n_pt: int, n_ft: int, seed: int, sync_bn: bool = False,
+                 device: torch.device | str = "cpu") -> None:
+        torch.manual_seed(seed)  # initialised on the CPU (the same numbers anywhere), then moved
         self.enc = GINEncoder(s.gin).train()
         if sync_bn:  # data parallel: statistics of the global batch (same parameter names)
             hd.convert_sync_batchnorm(self.enc)
@@ -58,6 +58,10 @@ class Net:
         self.params.update({f"pt_head.{k}": v.detach().clone() for k, v in
                             pt_head.named_parameters()})
         self.ft_head: Params = {k: v.detach().clone() for k, v in ft_head.named_parameters()}
+        self.enc.to(device)
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        self.ft_head = {k: v.to(device) for k, v in self.ft_head.items()}
 
     def encode(self, params: Params, batch: GraphBatch) -> torch.Tensor:
         """Graph representations; BatchNorm in train mode on cloned (discarded) buffers."""
@@ -153,7 +157,9 @@ def build_trainer(
     """The MetaPretrainer of Graph Sup PT (meta=False) / Meta-PT and its batch functions."""
     store = problem.store
     tasks = problem.meta_tasks(fold)
-    net = Net(s, store.num_pt_tasks, len(tasks), seed, sync_bn=hd.world_size() > 1)
+    net = Net(s, store.num_pt_tasks, len(tasks), seed, sync_bn=hd.world_size() > 1,
+              device=store.device)
+    tasks = tasks.to(store.device)
     pt_stream = stream(problem.split.pretrain, s.batch_size, seed)
     mbs = s.meta_batch_size or s.batch_size
     mtr = stream(problem.meta_train, mbs, seed + 1)
@@ -164,7 +170,8 @@ def build_trainer(
         ft_loss=hd.data_parallel(ft_loss_fn(net, tasks)),
         pt_params=net.params,
         ft_head=net.ft_head,
-        hparams={"logit": torch.zeros(store.num_pt_tasks) if init_logit is None else init_logit},
+        hparams={"logit": torch.zeros(store.num_pt_tasks, device=store.device)
+                 if init_logit is None else init_logit.to(store.device)},
         encoder=encoder_only,
         pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=s.pt_lr),
         meta_optimizer=meta_optimizer(s),
