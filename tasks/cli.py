@@ -194,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except hg.CheckpointError as e:
-        print(f"error: {str(e).splitlines()[0]} (or rerun with --fresh)", file=sys.stderr)
+    except hg.CheckpointError as e:  # the library's advice, in the CLI's words
+        msg = str(e).splitlines()[0].replace(
+            "delete it (or pass another `checkpoint=`) to start fresh",
+            "delete it or rerun with --fresh")
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     if metrics is None:  # a non-zero rank of a torchrun job: rank 0 reports
         return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -206,8 +206,12 @@ def check_out(out: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise CLIError(f"--out {out}: {probe} is a file, so the folder cannot be created")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {out}: {probe} is not writable; choose another --out")
+    try:  # a probe file, removed at once (os.access says yes to root everywhere)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot write in {probe} ({e.strerror or e}); choose "
+                       "another --out") from None
 
 
 def check_settings(out: Path, settings: dict[str, Any], runs_glob: str) -> None:
