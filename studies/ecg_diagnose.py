@@ -27,7 +27,7 @@ from tasks.ecg.methods import (
     _gen,
     fit_head,
     ft_bce,
-    ift_solver,
+    neumann_solver,
     pretrain,
     simclr_loss,
     with_overrides,
@@ -56,7 +56,7 @@ def per_example_hypergrads(task, cfg, pt: dict, n_ft: int, seed: int, batches: i
             lambda e, hd: ft_bce(net, e, hd, train), lambda e, hd: ft_bce(net, e, hd, val),
             pt["pt_params"], head, {"s": s0},
             encoder=lambda p: {k: v for k, v in p.items() if k.startswith("enc.")},
-            ft_steps=cfg.K, ft_lr=cfg.ft_unroll_lr, solver=ift_solver(cfg),
+            ft_steps=cfg.K, ft_lr=cfg.ft_unroll_lr, solver=neumann_solver(cfg),
         )
         for gi, v in zip(task.group[idx], res.hypergrad["s"].tolist()):
             out[GROUPS[int(gi)]].append(v)

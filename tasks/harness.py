@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -68,11 +69,16 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` = ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` = ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error.
+    Under torchrun, ``cuda`` means the rank's own GPU (``LOCAL_RANK``)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # under torchrun each rank takes its own GPU (LOCAL_RANK)
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        return torch.device("cuda", local)
     try:
         return torch.device(name)
     except RuntimeError:

@@ -227,9 +227,9 @@ def test_per_example_hypergrads_by_group():
     assert len(vals) == 2 * CFG.pt_batch and np.isfinite(vals).all() and np.abs(vals).sum() > 0
 
 
-def test_ift_solver_default_is_the_authors_one_term_series():
+def test_neumann_solver_default_is_the_authors_one_term_series():
     """Default: 1 Neumann term, alpha = PT lr, no damping, i.e. x = alpha * b, no matvec."""
-    from tasks.ecg.methods import CONFIGS, ift_solver, with_overrides
+    from tasks.ecg.methods import CONFIGS, neumann_solver, with_overrides
 
     cfg = CONFIGS["default"]
     assert (cfg.neumann_terms, cfg.neumann_damping) == (1, 0.0)
@@ -241,11 +241,11 @@ def test_ift_solver_default_is_the_authors_one_term_series():
         return {"a": H @ v["a"]}
 
     b = {"a": torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)}
-    res = ift_solver(cfg)(matvec, b)
+    res = neumann_solver(cfg)(matvec, b)
     torch.testing.assert_close(res.solution["a"], cfg.pt_lr * b["a"])
     # the damped 3-term series of round 1 is still available, against its closed form
     cfg3 = with_overrides(cfg, neumann_terms=3, neumann_damping=1.0)
-    res3 = ift_solver(cfg3)(matvec, b)
+    res3 = neumann_solver(cfg3)(matvec, b)
     M = torch.eye(3, dtype=torch.float64) - cfg.pt_lr * (H + torch.eye(3, dtype=torch.float64))
     want = cfg.pt_lr * (b["a"] + M @ b["a"] + M @ M @ b["a"])
     torch.testing.assert_close(res3.solution["a"], want)

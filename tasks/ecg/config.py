@@ -41,7 +41,7 @@ class ECGConfig:
     head_refit_steps: int = 10  # Adam steps on psi_FT after every meta iteration (0 = off)
     head_refit_lr: float = 1e-2
     # IFT inverse: truncated Neumann series with alpha = pt_lr; the authors use 1 term
-    # (x = alpha * b), which needs no Hessian product and no damping (see methods.ift_solver)
+    # (x = alpha * b), which needs no Hessian product and no damping (see methods.neumann_solver)
     neumann_terms: int = 1
     neumann_damping: float = 0.0  # solve (H + damping*I) instead (0 = the authors' setting)
 

@@ -35,7 +35,7 @@ from tasks.ecg.config import CONFIGS, ECGConfig, with_overrides
 from tasks.ecg.finetune import finetune, macro_auroc, seeded_generator
 
 __all__ = ["ECGConfig", "CONFIGS", "SimCLRNet", "nt_xent", "simclr_loss", "ft_bce", "macro_auroc",
-           "pretrain", "finetune", "phi_strengths", "ift_solver", "with_overrides",
+           "pretrain", "finetune", "phi_strengths", "neumann_solver", "with_overrides",
            "seeded_generator"]
 
 functional_forward = resnet1d.functional_forward
@@ -86,7 +86,7 @@ def ft_bce(net: SimCLRNet, e: dict[str, Tensor], head: dict[str, Tensor],
     return F.binary_cross_entropy_with_logits(F.linear(feats, head["weight"], head["bias"]), y)
 
 
-def ift_solver(cfg: ECGConfig):
+def neumann_solver(cfg: ECGConfig):
     """Truncated Neumann series for ``(H + damping I)^{-1} v`` with ``alpha = pt_lr``.
 
     The default is the authors' setting: 1 term and no damping, i.e. ``x = alpha * v`` (no
@@ -192,7 +192,7 @@ def pretrain(
         pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
         meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
         P=cfg.P, K=cfg.K, ft_lr=cfg.ft_unroll_lr, head_only=True, meta=do_meta,
-        solver=ift_solver(cfg),
+        solver=neumann_solver(cfg),
     )
     total = cfg.outer_iterations(n) if outer is None else int(outer)
 

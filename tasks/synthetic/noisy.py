@@ -36,7 +36,7 @@ from tasks.harness import check_fields, run_seeds
 
 from . import data as D
 from .metrics import auroc, weight_stats
-from .precond import ift_solver
+from .precond import solver_for_ift
 from .shared import batch_generator, cosine_lr, ft_logits, init_classifier, probe_accuracy
 
 __all__ = ["NoisyConfig", "CONFIGS", "NoisyTask", "run_one", "run", "auroc"]
@@ -198,7 +198,7 @@ class NoisyTask:
 
     def trainer(self, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        solver, extra = ift_solver(cfg.ift, cfg.neumann_iterations, cfg.pt_lr)
+        solver, extra = solver_for_ift(cfg.ift, cfg.neumann_iterations, cfg.pt_lr)
         return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
             ft_head=self.ft_head0, hparams=self.hparams0, encoder=self.encoder,

@@ -44,7 +44,7 @@ from tasks.harness import cached, check_fields, run_seeds, time_ratio
 
 from . import data as D
 from .forward import ForwardModeTrainer
-from .precond import IFT_NAMES, ift_solver
+from .precond import IFT_NAMES, solver_for_ift
 from .rotate import rotate, rotate_with_tangent, sample_angles
 from .shared import batch_generator, cosine_lr, ft_logits, init_classifier, probe_accuracy
 
@@ -189,7 +189,7 @@ class RotationTask:
     def trainer(self, init_angle: float, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
         cls = hg.MetaPretrainer
-        solver, extra = ift_solver(cfg.ift, cfg.neumann_iterations, cfg.pt_lr,
+        solver, extra = solver_for_ift(cfg.ift, cfg.neumann_iterations, cfg.pt_lr,
                                    cfg.precond_scale if cfg.ift.startswith("adam_")
                                    else cfg.neumann_alpha_scale)
         if cfg.ift == "forward":
