@@ -14,12 +14,13 @@ touching the tasks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["summarize", "paired_difference", "compare", "PAIRED", "markdown_table", "fmt"]
+__all__ = ["summarize", "paired_difference", "compare", "PAIRED", "per_seed", "markdown_table",
+           "fmt"]
 
 PerSeed = dict[int, float]
 
@@ -41,6 +42,19 @@ def paired_difference(method: PerSeed, baseline: PerSeed) -> dict[str, Any]:
 
 
 PAIRED: Callable[[PerSeed, PerSeed], dict[str, Any]] = paired_difference
+
+
+def per_seed(records: Iterable[dict[str, Any]], value: Callable[[dict[str, Any]], float], *,
+             method: str = "method", seed: str = "seed",
+             where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, PerSeed]:
+    """``{method: {seed: value}}`` from run records (the JSON files the tasks write), the mean
+    of ``value(record)`` where several records share a method and seed (FT seeds, folds);
+    ``where`` filters records (e.g. one |D_FT|). The input :func:`compare` takes."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        if where is None or where(r):
+            acc.setdefault(r[method], {}).setdefault(int(r[seed]), []).append(float(value(r)))
+    return {m: {s: float(np.mean(v)) for s, v in sorted(d.items())} for m, d in acc.items()}
 
 
 def compare(per_seed: dict[str, PerSeed], baseline: str | None = None,

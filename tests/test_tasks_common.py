@@ -16,7 +16,7 @@ from tasks.harness import (
     parse_seeds,
     record_settings,
 )
-from tasks.tables import compare, paired_difference
+from tasks.tables import compare, paired_difference, per_seed
 
 
 def test_settings_are_recorded_then_enforced(tmp_path):
@@ -105,3 +105,11 @@ def test_compare_pairs_methods_on_shared_seeds():
     custom = compare(per_seed, baseline="base", paired=lambda a, b: {"k": len(a)})
     assert custom["new"]["paired"] == {"k": 2}
     assert paired_difference({0: 1.0}, {1: 2.0})["n"] == 0  # no shared seed
+
+
+def test_per_seed_collects_run_records_by_method_and_seed():
+    recs = [{"method": "a", "seed": 0, "auc": 0.5, "n": 1}, {"method": "a", "seed": 0, "auc": 0.7,
+             "n": 1}, {"method": "a", "seed": 1, "auc": 0.9, "n": 1},
+            {"method": "b", "seed": 0, "auc": 0.1, "n": 2}]
+    got = per_seed(recs, lambda r: r["auc"], where=lambda r: r["n"] == 1)
+    assert got == {"a": {0: pytest.approx(0.6), 1: 0.9}}
