@@ -72,7 +72,7 @@ class Experiment:
     summary: Callable[[dict[str, Any]], str]
     methods: tuple[str, ...] = ()
     default_seeds: str | dict[str, str] = "3"  # or per config
-    runs_glob: str = "runs/*.json"
+    runs_glob: str | tuple[str, ...] = ("runs/*.json", "ckpt/*")  # results and checkpoints
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     prepare: Callable[[Job], None] | None = None  # more checks (data dir, methods), no writes
     settings: Callable[[Job], dict[str, Any]] | None = None  # beyond the config

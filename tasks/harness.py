@@ -220,20 +220,27 @@ def check_out(out: Path) -> None:
                        "another --out") from None
 
 
-def check_settings(out: Path, settings: dict[str, Any], runs_glob: str) -> None:
-    """Refuse (CLIError) an ``out`` whose ``settings.json`` differs from ``settings``, or that
-    holds runs (``runs_glob``) but no record: finished runs are reused by file name, so other
-    settings would mix silently. Reads only; :func:`record_settings` writes."""
+def check_settings(out: Path, settings: dict[str, Any], runs_glob: str | tuple[str, ...]
+                   ) -> None:
+    """Refuse (CLIError) an ``out`` holding work (files matching ``runs_glob``: results and
+    checkpoints) made with settings other than ``settings`` (its ``settings.json``), or with
+    no record: finished runs and checkpoints are reused by file name, so other settings would
+    mix silently. A record without any work (a run that stopped before its first result) is
+    no reason to refuse. Reads only; :func:`record_settings` writes."""
     out = Path(out)
     path = out / "settings.json"
-    want = json.loads(json.dumps(jsonable(settings), default=str))
-    if path.exists():
-        if read_json(path) != want:
-            raise CLIError(f"--out {out} holds runs made with other settings ({path}); use a "
-                           "new --out or --fresh")
-    elif out.is_dir() and any(out.glob(runs_glob)):
+    globs = (runs_glob,) if isinstance(runs_glob, str) else runs_glob
+    if not out.is_dir() or not any(any(out.glob(g)) for g in globs):
+        if path.exists():
+            read_json(path)  # a corrupt record is still named
+        return
+    if not path.exists():
         raise CLIError(f"--out {out} holds runs whose settings were not recorded; use a new "
                        "--out or --fresh")
+    want = json.loads(json.dumps(jsonable(settings), default=str))
+    if read_json(path) != want:
+        raise CLIError(f"--out {out} holds runs made with other settings ({path}); use a "
+                       "new --out or --fresh")
 
 
 def record_settings(out: Path, settings: dict[str, Any]) -> None:

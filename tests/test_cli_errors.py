@@ -129,10 +129,11 @@ def test_corrupt_settings_file_is_named_with_fresh(tmp_path, capsys):
 
 def test_corrupt_checkpoint_is_named_with_fresh(tmp_path, capsys):
     out = tmp_path / "out"
-    (out / "seed0").mkdir(parents=True)
+    argv = [*TINY, "--seeds", "1", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "seed0" / "result.json").unlink()  # the seed is unfinished: its checkpoint resumes
     (out / "seed0" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    _fails(capsys, [*TINY, "--seeds", "1", "--out", str(out)],
-           str(out / "seed0" / "ckpt.pt"), "--fresh")
+    _fails(capsys, argv, str(out / "seed0" / "ckpt.pt"), "--fresh")
 
 
 def test_corrupt_result_tensor_file_is_named_with_fresh(tmp_path):
@@ -161,3 +162,17 @@ def test_help_lists_configs_methods_and_set_keys(capsys):
     text = capsys.readouterr().out
     assert "configs: smoke, synthetic, paper" in text and "methods: no_pt, graph_sup_pt" in text
     assert "  meta_steps=200" in text and "  gin.num_layers=" in text
+
+
+def test_a_late_failure_does_not_block_the_corrected_run(tmp_path, capsys):
+    """settings.json without any result or checkpoint (a run that failed before its first
+    result) does not refuse the next run; a checkpoint of other settings does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "settings.json").write_text('{"old": "settings"}')
+    assert main([*TINY, "--seeds", "1", "--out", str(out)]) == 0
+    other = tmp_path / "other"
+    (other / "seed0").mkdir(parents=True)
+    (other / "settings.json").write_text('{"old": "settings"}')
+    (other / "seed0" / "ckpt.pt").write_bytes(b"a checkpoint of other settings")
+    _fails(capsys, [*TINY, "--seeds", "1", "--out", str(other)], "other settings")

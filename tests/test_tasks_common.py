@@ -24,9 +24,12 @@ def test_settings_are_recorded_then_enforced(tmp_path):
     assert not (tmp_path / "settings.json").exists()  # checking never writes
     record_settings(tmp_path, {"lr": 0.1, "sizes": (1, 2)})
     assert json.loads((tmp_path / "settings.json").read_text()) == {"lr": 0.1, "sizes": [1, 2]}
+    check_settings(tmp_path, {"lr": 0.2}, "runs/*.json")  # no work yet: nothing to mix with
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text("{}")
     check_settings(tmp_path, {"lr": 0.1, "sizes": (1, 2)}, "runs/*.json")  # same: accepted
     with pytest.raises(CLIError, match="other settings.*--fresh"):
-        check_settings(tmp_path, {"lr": 0.2, "sizes": (1, 2)}, "runs/*.json")
+        check_settings(tmp_path, {"lr": 0.2, "sizes": (1, 2)}, ("ckpt/*", "runs/*.json"))
 
 
 def test_runs_without_a_record_are_refused(tmp_path):

@@ -248,5 +248,6 @@ def _summary(summary: dict[str, Any]) -> str:
 EXPERIMENTS = {"ecg": Experiment(
     task="ecg", name="ecg", description=__doc__.split("\n")[0], configs=CONFIGS,
     default_config="default", run=run, summary=_summary, methods=METHODS, default_seeds="3",
-    runs_glob="runs/*.json", add_arguments=_arguments, prepare=_prepare, settings=_settings,
+    runs_glob=("runs/*.json", "pt/*", "ckpt/*", "time_ratio.json"), add_arguments=_arguments,
+    prepare=_prepare, settings=_settings,
     default_out=lambda c: f"runs/ecg_{c}")}

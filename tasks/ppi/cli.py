@@ -282,6 +282,7 @@ def run(job: Job) -> dict[str, Any] | None:
 EXPERIMENTS = {"ppi": Experiment(
     task="ppi", name="ppi", description=__doc__.split("\n")[0], configs=CONFIGS,
     default_config="synthetic", run=run, summary=lambda m: (Path(m["out"]) / "results.md")
-    .read_text().rstrip(), methods=METHODS, default_seeds="3", runs_glob="runs/*.json",
+    .read_text().rstrip(), methods=METHODS, default_seeds="3",
+    runs_glob=("runs/*.json", "ckpt/*", "time_ratio.json"),
     add_arguments=_arguments, prepare=_prepare, settings=_settings,
     default_out=lambda c: f"runs/ppi_{c}")}

@@ -56,7 +56,8 @@ EXPERIMENTS = {
     name: Experiment(
         task="synthetic", name=name, description=mod.__doc__.split("\n")[0],
         configs=mod.CONFIGS, default_config="paper", run=_runner(mod), summary=mod.summary,
-        default_seeds=DEFAULT_SEEDS[name], runs_glob="seed*/result.json",
+        default_seeds=DEFAULT_SEEDS[name],
+        runs_glob=("seed*/*.json", "seed*/*.pt", "time_ratio.json"),
         add_arguments=_arguments, prepare=_prepare,
         default_out=lambda c, n=name: f"runs/synthetic/{n}" + ("" if c == "paper" else f"_{c}"))
     for name, mod in (("rotation", R), ("noisy", N))
