@@ -100,8 +100,11 @@ def build_parser(exp: Experiment, multi: bool) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description=exp.description, epilog=_help_epilog(exp),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=exp.default_config, choices=list(exp.configs))
+    seeds = exp.default_seeds
+    if isinstance(seeds, dict):
+        seeds = ", ".join(f"{v} for {k}" for k, v in seeds.items())
     p.add_argument("--seeds", default=None, help="a count N (seeds 0..N-1) or ids: 0,3,5 or "
-                   f"10-19 (default {exp.default_seeds})")
+                   f"10-19 (default {seeds})")
     p.add_argument("--out", type=Path, default=None, help="output folder (resumable: a rerun "
                    "reuses what finished)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
