@@ -29,7 +29,6 @@ import hypergrad as hg
 
 from . import first_order, memory, metapt, timing
 from . import methods as M
-from .experimental import flat_cg
 from .problems import make_problem
 
 HERE = Path(__file__).resolve().parent
@@ -112,28 +111,22 @@ class Report:
             res["cg_overhead_per_iteration"] = self.cg_overhead(P)
             oh = res["cg_overhead_per_iteration"]
             self.row("implicit", name, "cg vector work per iteration", "diagonal matvec",
-                     oh["hg.cg"], target="", note=f"flat-vector CG prototype: "
-                     f"{oh['flat_cg']:.3f} x grad (benchmarks/experimental.py)")
+                     oh["hg.cg"], target="")
             for J in self.a.js:
-                flat = functools.partial(flat_cg, maxiter=J, tol=0.0)
                 fns = {"grad": M.grad(P),
                        "hg_cg": M.hg_implicit(P, "cg", J), "to_cg": M.torchopt_implicit(P, "cg", J),
                        "hg_ns": M.hg_implicit(P, "neumann", J),
-                       "to_ns": M.torchopt_implicit(P, "neumann", J),
-                       "flat_cg": M.hg_implicit(P, "cg", J, solver=flat)}
+                       "to_ns": M.torchopt_implicit(P, "neumann", J)}
                 t = timing.interleaved(fns, rounds=self.a.irounds, min_time=self.a.min_time)
                 r = {k: timing.ratio(t, k, "grad") for k in fns}
                 vs = {k: timing.ratio(t, f"hg_{k}", f"to_{k}") for k in ("cg", "ns")}
                 parts_sum = comp["graph"] + J * comp["matvec"] + comp["mixed"] + comp["outer"]
-                flat_vs = timing.ratio(t, "flat_cg", "hg_cg")
-                res["J"][J] = {"ratio": r, "vs_torchopt": vs, "sum_of_parts": parts_sum,
-                               "flat_cg_vs_cg": flat_vs}
+                res["J"][J] = {"ratio": r, "vs_torchopt": vs, "sum_of_parts": parts_sum}
                 bound = 1.3 * (J + 4)
                 self.row("implicit", name, "implicit_grad cg", f"J={J}", r["hg_cg"], vs["cg"],
                          target=f"<= {bound:.1f} x grad; <= 0.83 x torchopt",
                          met=f"{_met(r['hg_cg'] <= bound)}; {_met(vs['cg'] <= 1 / 1.2)}",
-                         note=f"sum of parts {parts_sum:.1f}; torchopt {r['to_cg']:.1f} x grad; "
-                         f"flat-vector CG prototype {flat_vs:.2f} x hg.cg")
+                         note=f"sum of parts {parts_sum:.1f}; torchopt {r['to_cg']:.1f} x grad")
                 self.row("implicit", name, "implicit_grad neumann", f"J={J}", r["hg_ns"],
                          vs["ns"], note=f"torchopt {r['to_ns']:.1f} x grad")
             out[name] = res
@@ -149,11 +142,10 @@ class Report:
 
         n = 20
         fns = {"grad": M.grad(P), "diag": lambda: diag(b),
-               "hg.cg": lambda: hg.cg(diag, b, maxiter=n, tol=0.0),
-               "flat_cg": lambda: flat_cg(diag, b, maxiter=n, tol=0.0)}
+               "hg.cg": lambda: hg.cg(diag, b, maxiter=n, tol=0.0)}
         t = timing.interleaved(fns, rounds=self.a.rounds, min_time=self.a.min_time)
         unit, mv = min(t["grad"]), min(t["diag"])
-        return {k: (min(t[k]) / n - mv) / unit for k in ("hg.cg", "flat_cg")}
+        return {k: (min(t[k]) / n - mv) / unit for k in ("hg.cg",)}
 
     # ------------------------------------------------------------------------------ accuracy
     def accuracy(self) -> None:
@@ -472,11 +464,9 @@ def render_results(out: Path) -> None:
     study = out / "solver_study.md"
     solvers = study.read_text().strip() if study.exists() else "(not run: add `solvers` to --only)"
     from benchmarks import forward_mode
-    from benchmarks.distributed_scaling import markdown
-
-    dist = "\n\n".join(markdown(json.loads(f.read_text())) for f in
+    dist = "\n\n".join(distributed_markdown(json.loads(f.read_text())) for f in
                        sorted(dest.glob("distributed_scaling_*.json"), reverse=True))
-    dist = dist or "(not run: `python -m benchmarks.distributed_scaling --config synthetic|paper`)"
+    dist = dist or "(not run: `python -m studies.distributed_scaling --config synthetic|paper`)"
     for key, val in (("TABLE", table), ("SOLVERS", solvers), ("DISTRIBUTED", dist),
                      ("FORWARD_MODE", forward_mode.section(dest)),
                      ("FIRST_ORDER", first_order.rendered(dest)),
@@ -486,6 +476,32 @@ def render_results(out: Path) -> None:
         text = text.replace("{{" + key + "}}", val)
     text = text.rstrip("\n") + "\n\n" + metapt.section(dest) + "\n"
     (HERE / "RESULTS.md").write_text(text)
+
+
+def distributed_markdown(result: dict) -> str:
+    """The table and summary line of one :func:`main` result (studies/distributed_scaling.py)."""
+    rows = {(r["processes"], r["plain"]): r for r in result["rows"]}
+    n = result["nproc"]
+    many = rows[(n, False)]
+    lines = [f"PPI synthetic task (config `{result['config']}`): GIN with {many['pt_params']} PT "
+             f"parameters, {many['phi']} task weights, P = {many['P']}, PT batch "
+             f"{many['batch_size']}, meta batch {many['meta_batch_size']} (global); load average "
+             f"{result.get('load_average', float('nan')):.1f} on the 2-core machine", "",
+             "| processes | s / outer iteration, Meta-PT | s / outer iteration, plain PT | "
+             "all-reduce MiB / outer iteration / rank | all-reduce calls |",
+             "|---|---|---|---|---|"]
+    for w in (1, n):
+        m, p = rows[(w, False)], rows[(w, True)]
+        lines.append(f"| {w} | {m['seconds_per_meta_step']:.3f} | "
+                     f"{p['seconds_per_meta_step']:.3f} | "
+                     f"{m['allreduce_bytes_per_meta_step'] / 2**20:.2f} | "
+                     f"{m['allreduce_calls_per_meta_step']:.0f} |")
+    plain_mb = rows[(n, True)]["allreduce_bytes_per_meta_step"] / 2**20
+    lines += ["", f"Meta-PT scaling efficiency with {n} processes: {result['efficiency']:.2f} "
+              f"(speed-up {result['speedup']:.2f}x); "
+              f"{many['allreduce_bytes_per_meta_step'] / 2**20:.2f} MiB all-reduced per outer "
+              f"iteration per rank (plain PT: {plain_mb:.2f})."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

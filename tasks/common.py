@@ -1,9 +1,8 @@
-"""Small utilities shared by the reproductions: seeding, JSON results, atomic checkpoints,
-``--set key=value`` config overrides."""
+"""Small utilities shared by the reproductions: seeding, JSON results, atomic writes, and the
+seed-parallel launch under torchrun (the run mechanics are in tasks/harness.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -23,42 +22,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
-    """``key=value`` strings (``--set``) applied to a dataclass config, each parsed with the
-    field's current type (booleans: true/false/1/0/yes/no; tuples: comma-separated floats;
-    ``none`` for a field that is None). Unknown keys and unparsable values raise ValueError."""
-    if not overrides:
-        return cfg
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(
-                f"--set expects key=value with key one of {sorted(fields)}, got {item!r}"
-            )
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
-            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError(f"--set {key}: expected true/false, got {raw!r}")
-            value: Any = raw.lower() in ("1", "true", "yes")
-        elif isinstance(current, int):
-            value = int(raw)
-        elif isinstance(current, float):
-            value = float(raw)
-        elif isinstance(current, tuple):
-            value = tuple(float(v) for v in raw.split(",") if v)
-        elif current is None and raw.lower() != "none":
-            value = raw
-        elif current is None:
-            value = None
-        else:
-            value = raw
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes)
-
-
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().tolist()
     if isinstance(x, np.ndarray):
@@ -66,9 +30,9 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     return x
@@ -76,7 +40,7 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` (tensors and numpy converted) as indented JSON, atomically."""
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=True)
+    text = json.dumps(jsonable(obj), indent=2, sort_keys=True)
     return _write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
@@ -89,22 +53,6 @@ def _write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     write(tmp)
     os.replace(tmp, path)
     return path
-
-
-def check_settings(out: str | Path, settings: dict[str, Any], runs_glob: str,
-                   fix: str = "use a new --out") -> None:
-    """Record ``settings`` in ``out/settings.json``, refusing (SystemExit naming ``fix``) an
-    ``out`` whose recorded settings differ, or that holds runs (``runs_glob``) but no record:
-    resumable CLIs reuse finished runs by file name, so other settings would mix silently."""
-    out = Path(out)
-    settings = json.loads(json.dumps(_jsonable(settings), default=str))
-    path = out / "settings.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
-        raise SystemExit(f"--out {out} holds runs made with other settings ({path}); {fix}")
-    if not path.exists() and any(out.glob(runs_glob)):
-        raise SystemExit(f"--out {out} holds runs whose settings were not recorded (made before "
-                         f"settings.json existed); {fix}")
-    write_json(path, settings)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.ppi.cli import main
+from tasks.cli import main
 from tasks.ppi.config import METHODS, get_config
 from tasks.ppi.cotrain import _pcgrad
 from tasks.ppi.data import load_ppi
 from tasks.ppi.finetune import finetune, macro, make_problem
-from tasks.ppi.methods import _stream, pretrain
+from tasks.ppi.methods import pretrain
+from tasks.ppi.net import stream
 from tasks.ppi.synthetic import SyntheticConfig, generate, read_meta, write_synthetic
 
 
@@ -93,7 +94,7 @@ def test_pcgrad_removes_conflicts():
 
 def test_batch_stream_is_a_function_of_the_index():
     idx = torch.arange(10, 30)
-    a, b = _stream(idx, 8, seed=3), _stream(idx, 8, seed=3)
+    a, b = stream(idx, 8, seed=3), stream(idx, 8, seed=3)
     assert all(torch.equal(a(i), b(i)) for i in (5, 0, 7, 1))
     epoch0 = torch.cat([a(0), a(1)])
     assert len(set(epoch0.tolist())) == 16
@@ -101,7 +102,7 @@ def test_batch_stream_is_a_function_of_the_index():
 
 def test_cli_runs_all_methods_both_protocols_and_resumes(tmp_path):
     out = tmp_path / "out"
-    argv = ["--method", "all", "--access", "both", "--seeds", "1", "--synthetic",
+    argv = ["ppi", "--method", "all", "--access", "both", "--seeds", "1", "--synthetic",
             "--config", "smoke", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     table = json.loads((out / "results.json").read_text())
@@ -117,8 +118,10 @@ def test_cli_runs_all_methods_both_protocols_and_resumes(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
 
 
-def test_cli_errors_name_the_argument(tmp_path):
-    with pytest.raises(SystemExit, match="--method"):
-        main(["--method", "nope", "--synthetic", "--config", "smoke", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
-        main(["--data-dir", str(tmp_path / "missing_dir"), "--out", str(tmp_path / "o")])
+def test_cli_errors_name_the_argument(tmp_path, capsys):
+    assert main(["ppi", "--method", "nope", "--config", "smoke", "--out", str(tmp_path)]) == 2
+    assert "--method: unknown ['nope']" in capsys.readouterr().err
+    assert main(["ppi", "--data-dir", str(tmp_path / "missing_dir"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "missing_dir: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

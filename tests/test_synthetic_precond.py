@@ -68,24 +68,24 @@ def test_heavy_ball_converges_where_plain_series_diverges():
     torch.testing.assert_close(hb.residual_norm, r, rtol=1e-6, atol=1e-12)
 
 
-def test_ift_solver_maps_names_to_solvers_and_trainer_options():
+def test_solver_for_ift_maps_names_to_solvers_and_trainer_options():
     import pytest
 
-    from tasks.synthetic.precond import ift_solver
+    from tasks.synthetic.precond import solver_for_ift
 
     h, b, mv = _problem()
-    solver, extra = ift_solver("neumann", 7, 0.01, alpha_scale=10.0)
+    solver, extra = solver_for_ift("neumann", 7, 0.01, alpha_scale=10.0)
     assert extra == {}
     ref = hg.neumann(mv, b, iterations=7, alpha=0.1)
     torch.testing.assert_close(solver(mv, b).solution["w"], ref.solution["w"])
     for name in ("library_adam", "adam_neumann", "adam_momentum"):
-        assert ift_solver(name, 3, 0.1)[1] == {"ift_preconditioner": "adam"}
+        assert solver_for_ift(name, 3, 0.1)[1] == {"ift_preconditioner": "adam"}
     d = {"w": torch.full((6,), 0.5, dtype=torch.float64)}
-    hb, _ = ift_solver("adam_momentum", 50, 0.1)
+    hb, _ = solver_for_ift("adam_momentum", 50, 0.1)
     torch.testing.assert_close(
         hb(mv, b, preconditioner=d).solution["w"],
         adam_heavy_ball(mv, b, preconditioner=d, alpha=0.1, iterations=50).solution["w"])
     with pytest.raises(ValueError, match="`ift` must be one of"):
-        ift_solver("cg", 3, 0.1)
+        solver_for_ift("cg", 3, 0.1)
     with pytest.raises(TypeError, match="dict-shaped"):
         adam_heavy_ball(lambda v: v, torch.ones(3), preconditioner=torch.ones(3), alpha=0.1)

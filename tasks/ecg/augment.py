@@ -122,7 +122,7 @@ def warp_displacement(
     sigma: float = 15.0, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
 ) -> Tensor:
     """Displacement field (B, L) of the diffeomorphic warp with velocity variance ``strength``."""
-    eps = torch.randn(batch, length, generator=generator, dtype=dtype, device=device)
+    eps = torch.randn(batch, length, generator=generator, dtype=dtype).to(device)
     v = torch.sqrt(strength.clamp_min(0)).unsqueeze(1) * smooth_velocity(eps, sigma)
     return integrate_velocity(v)
 
@@ -153,8 +153,8 @@ def random_crop(x: Tensor, strength: Tensor | float, generator: torch.Generator)
     _check_signal(x)
     s = _strength(strength, x, "strength")
     B, C, L = x.shape
-    u = torch.rand(B, C, 1, generator=generator, dtype=x.dtype, device=x.device)
-    r = torch.rand(B, C, 1, generator=generator, dtype=x.dtype, device=x.device)
+    u = torch.rand(B, C, 1, generator=generator, dtype=x.dtype).to(x.device)
+    r = torch.rand(B, C, 1, generator=generator, dtype=x.dtype).to(x.device)
     length = s.view(B, 1, 1) * u * L
     start = r * (L + length) - length  # the segment may hang over either end
     t = torch.arange(L, dtype=x.dtype, device=x.device).view(1, 1, L)
@@ -167,8 +167,8 @@ def jitter(x: Tensor, strength: Tensor | float, generator: torch.Generator) -> T
     _check_signal(x)
     s = _strength(strength, x, "strength")
     B, C, L = x.shape
-    u = torch.rand(B, 1, 1, generator=generator, dtype=x.dtype, device=x.device)
-    eps = torch.randn(B, C, L, generator=generator, dtype=x.dtype, device=x.device)
+    u = torch.rand(B, 1, 1, generator=generator, dtype=x.dtype).to(x.device)
+    eps = torch.randn(B, C, L, generator=generator, dtype=x.dtype).to(x.device)
     scale = x.detach().std(dim=-1, keepdim=True)
     return x + s.view(B, 1, 1) * u * scale * eps
 

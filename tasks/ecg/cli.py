@@ -17,32 +17,23 @@ the plots and the time ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tasks.common import (
-    apply_overrides,
-    atomic_save,
-    check_settings,
-    launch_rank,
-    seed_everything,
-    seed_parallel,
-    write_json,
-)
+from tasks.cli import Experiment, Job
+from tasks.common import atomic_save, launch_rank, seed_everything, seed_parallel, write_json
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
 from tasks.ecg.plots import plot_augmentations, plot_strengths
-from tasks.ecg.report import METHODS, summarize, time_ratio
-from tasks.ecg.synthetic import GROUPS, VERSIONS
+from tasks.ecg.report import METHODS, summarize
+from tasks.ecg.synthetic import GROUPS
 from tasks.ecg.task import Task, ptbxl_task, synthetic_task
+from tasks.harness import CLIError, cached, load_file, read_json, time_ratio
 
-__all__ = ["METHODS", "Task", "synthetic_task", "ptbxl_task", "build_parser", "main"]
+__all__ = ["METHODS", "EXPERIMENTS", "run_one", "measure_time_ratio"]
 PROBE = 300  # test examples whose strengths are logged after every meta step
 
 
@@ -50,55 +41,65 @@ def _parse_ints(text: str, name: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"{name} must be comma-separated integers, got {text!r}") from None
+        raise CLIError(f"{name} must be comma-separated integers, got {text!r}") from None
     if not vals or min(vals) <= 0:
-        raise SystemExit(f"{name} must be positive integers, got {text!r}")
+        raise CLIError(f"{name} must be positive integers, got {text!r}")
     return vals
 
 
-def _config(name: str, items: list[str]) -> ECGConfig:
-    """The named config with the ``--set`` overrides (a clear exit on a bad one)."""
-    try:
-        return apply_overrides(CONFIGS[name], items)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks ecg", description=__doc__.split("\n")[0])
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="no_pt,simclr,meta_simclr",
                    help=f"comma-separated subset of {','.join(METHODS)} or 'all'")
     p.add_argument("--n-ft", default="100,250,500", help="|D_FT| values (comma-separated)")
-    p.add_argument("--seeds", type=int, default=3, help="PT seeds (also draw D_FT)")
     p.add_argument("--ft-seeds", type=int, default=1, help="FT seeds per PT seed")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--data-dir", help="PTB-XL directory (ptbxl_database.csv, records100/)")
-    src.add_argument("--synthetic", action="store_true", help="synthetic 12-lead stand-in")
+    src.add_argument("--synthetic", action="store_true",
+                     help="the synthetic 12-lead stand-in (the default without --data-dir)")
     p.add_argument("--labels", choices=("paper", "benchmark"), default="paper")
     p.add_argument("--cache", help="npz cache of the PTB-XL signals")
-    p.add_argument("--config", choices=sorted(CONFIGS), default="default")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable)")
     p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
     p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
-    p.add_argument("--generator", type=int, choices=VERSIONS, default=3,
-                   help="synthetic generator version (1: the previous one)")
     p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
-                   help="also time OUTER outer iterations with meta=False vs meta=True")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--no-progress", action="store_true")
+                   help="also time OUTER outer iterations of Meta SimCLR vs plain PT (3 repeats)")
     p.add_argument("--summary-only", action="store_true",
                    help="only tabulate the finished runs in --out (compute nothing)")
-    return p
+
+
+def _prepare(job: Job) -> None:
+    a = job.args
+    a.methods = list(METHODS) if a.method == "all" else [m for m in a.method.split(",") if m]
+    bad = [m for m in a.methods if m not in METHODS]
+    if bad or not a.methods:
+        raise CLIError(f"--method: unknown {bad}; choose from {', '.join(METHODS)} or 'all'")
+    a.ns = _parse_ints(a.n_ft, "--n-ft")
+    for name in ("ft_seeds", "n_pool", "n_test", "meta_n"):
+        if getattr(a, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.time_ratio < 0:
+        raise CLIError(f"--time-ratio must be >= 0, got {a.time_ratio}")
+    if a.data_dir is not None:
+        if not Path(a.data_dir).is_dir():
+            raise CLIError(f"--data-dir {a.data_dir}: no such folder")
+        if "simclr_oracle" in a.methods:
+            raise CLIError("--method simclr_oracle needs ground-truth groups (the synthetic "
+                           "stand-in, no --data-dir)")
+
+
+def _settings(job: Job) -> dict[str, Any]:
+    a = job.args
+    synthetic = a.data_dir is None
+    return {"data": "synthetic" if synthetic else str(a.data_dir),
+            "n_pool": a.n_pool if synthetic else None, "n_test": a.n_test if synthetic else None,
+            "labels": None if synthetic else a.labels, "meta_n": a.meta_n}
 
 
 def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, seed: int,
                meta_sets, progress: bool, pool_strengths=None) -> dict[str, Any]:
     path = out / "pt" / f"{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return load_file(path, map_location=task.x.device)
     res = pretrain(method, task.x[task.pt_idx], cfg, seed, meta_sets=meta_sets,
                    checkpoint=out / "ckpt" / f"{key}.pt", progress=progress,
                    probe=task.x_test[:PROBE], pool_strengths=pool_strengths)
@@ -117,15 +118,15 @@ def _strength_report(phi_params, task: Task, cfg: ECGConfig, buffers=None) -> di
     from models.ecg_phi import WarpStrengthNet
 
     phi = WarpStrengthNet(task.x.shape[1], cfg.phi_channels, init_strength=cfg.warp,
-                          max_strength=cfg.warp_max).to(task.x.dtype)
+                          max_strength=cfg.warp_max).to(task.x.device, task.x.dtype)
     for k, v in (buffers or {}).items():  # phi's fixed feature standardisation
         phi.get_buffer(k).copy_(v)
-    s = phi_strengths(phi, phi_params, task.x_test).numpy()
+    s = phi_strengths(phi, phi_params, task.x_test).cpu().numpy()
     rep: dict[str, Any] = {"all": float(s.mean()), "init": cfg.warp}
     if task.group_test is not None:
         rep["by_group"] = {g: float(s[task.group_test == i].mean()) for i, g in enumerate(GROUPS)}
         rep["values_by_group"] = {g: s[task.group_test == i].tolist() for i, g in enumerate(GROUPS)}
-    y = task.y_test.numpy()
+    y = task.y_test.cpu().numpy()
     rep["by_label"] = {name: float(s[y[:, j] == 1].mean()) if (y[:, j] == 1).any() else None
                        for j, name in enumerate(task.label_names)}
     rep["no_label"] = float(s[y.sum(1) == 0].mean()) if (y.sum(1) == 0).any() else None
@@ -137,7 +138,7 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     key = f"{method}_n{n}_s{seed}_f{f}"
     path = out / "runs" / f"{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path)
     tr, va = task.ft_split(n, seed)
     pt: dict[str, Any] | None = None
     if method == "simclr":
@@ -146,9 +147,8 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
         pt = _pt_result(f"simclr_nowarp_s{seed}", out, "simclr", task,
                         with_overrides(cfg, warp=0.0), seed, None, progress)
     elif method == "simclr_oracle":  # synthetic only: the per-group strengths phi should find
-        if task.group is None:
-            raise SystemExit("--method simclr_oracle needs ground-truth groups (--synthetic)")
         timing = torch.from_numpy(task.group[task.pt_idx] == GROUPS.index("timing"))
+        timing = timing.to(task.x.device)
         s = torch.where(timing, 0.0, float(cfg.warp))
         pt = _pt_result(f"simclr_oracle_s{seed}", out, "simclr", task, cfg, seed, None, progress,
                         pool_strengths=s)
@@ -176,74 +176,78 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    methods = list(METHODS) if args.method == "all" else args.method.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"--method: unknown {bad}; choose from {METHODS}")
-    ns = _parse_ints(args.n_ft, "--n-ft")
-    if args.seeds < 1 or args.ft_seeds < 1:
-        raise SystemExit("--seeds and --ft-seeds must be >= 1")
-    torch.set_num_threads(max(1, args.threads))
+def run(job: Job) -> dict[str, Any] | None:
+    a, cfg, out = job.args, job.cfg, job.out
     seed_everything(0)
-    cfg = _config(args.config, args.set)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # finished runs, PT results and the time ratio are reused by file name: refuse an --out
-    # holding them for other settings (data, generator, config, partial-access size)
-    check_settings(out, {"config": asdict(cfg),
-                         "data": "synthetic" if args.synthetic else str(args.data_dir),
-                         "generator": args.generator if args.synthetic else None,
-                         "n_pool": args.n_pool if args.synthetic else None,
-                         "n_test": args.n_test if args.synthetic else None,
-                         "labels": None if args.synthetic else args.labels,
-                         "meta_n": args.meta_n}, "runs/*.json")
-    task = (synthetic_task(args.n_pool, args.n_test, version=args.generator) if args.synthetic
-            else ptbxl_task(args.data_dir, args.labels, args.cache))
+    synthetic = a.data_dir is None
+    task = (synthetic_task(a.n_pool, a.n_test) if synthetic
+            else ptbxl_task(a.data_dir, a.labels, a.cache)).to(job.device)
     rank, _ = launch_rank()
+    progress = job.progress and rank == 0
     if rank == 0:
-        plot_augmentations(task.x[int(task.pt_idx[0])], out / "augmentations.png",
+        plot_augmentations(task.x[int(task.pt_idx[0])].cpu(), out / "augmentations.png",
                            crop=cfg.crop, noise=cfg.noise, warps=(cfg.warp, cfg.warp_max),
                            sigma=cfg.warp_sigma)
 
     def jobs(seeds: list[int]) -> list[tuple[str, int, int, int]]:
-        return [(m, n, s, f) for s in seeds for n in ns for m in methods
-                for f in range(args.ft_seeds)]
+        return [(m, n, s, f) for s in seeds for n in a.ns for m in a.methods
+                for f in range(a.ft_seeds)]
 
     def run_seeds(seeds: list[int]) -> None:
         """Every job of these PT seeds (one rank's share under torchrun); each writes its JSON
         and a seed's PT checkpoints are only touched by the rank that owns the seed."""
         from tqdm.auto import tqdm
 
-        for m, n, s, f in tqdm(jobs(seeds), desc="ECG runs",
-                               disable=args.no_progress or rank != 0):
-            run_one(m, n, s, f, task, cfg, out, args.meta_n, not args.no_progress and rank == 0)
+        for m, n, s, f in tqdm(jobs(seeds), desc="ECG runs", disable=not progress):
+            run_one(m, n, s, f, task, cfg, out, a.meta_n, progress)
 
-    def aggregate() -> dict[str, Any] | None:
+    def aggregate() -> dict[str, Any]:
         results = []
-        for m, n, s, f in jobs(list(range(args.seeds))):
+        for m, n, s, f in jobs(job.seeds):
             path = out / "runs" / f"{m}_n{n}_s{s}_f{f}.json"
             if path.exists():  # (meta_simclr_partial with meta_n >= n has no run)
-                results.append(json.loads(path.read_text()))
+                results.append(read_json(path))
         ratio = None
-        if args.time_ratio or (out / "time_ratio.json").exists():
-            ratio = (json.loads((out / "time_ratio.json").read_text()) if args.summary_only
-                     else time_ratio(task, cfg, ns[0], args.time_ratio, out))
-        summary = summarize(results, task, out, argv, cfg, ratio)
+        rpath = out / "time_ratio.json"
+        if a.time_ratio and not a.summary_only:
+            ratio = cached(rpath, lambda: measure_time_ratio(task, cfg, a.ns[0], a.time_ratio))
+        elif rpath.exists():
+            ratio = read_json(rpath)
+        summary = summarize(results, task, out, job.argv, cfg, ratio)
         pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
         if pts and task.group_test is not None:
-            vals = torch.load(pts[-1], weights_only=False)["strengths"]["values_by_group"]
+            vals = load_file(pts[-1])["strengths"]["values_by_group"]
             plot_strengths(vals, out / "strengths.png")
         return summary
 
     # under torchrun: seed parallel (rank r runs PT seeds r, r+N, ...), rank 0 aggregates
-    if args.summary_only:
-        summary = aggregate() if rank == 0 else None
-    else:
-        summary = seed_parallel(run_seeds, list(range(args.seeds)), aggregate)
-    if rank != 0:
-        return 0
-    print((out / "results.md").read_text())
-    return 0 if summary else 1
+    if a.summary_only:
+        return aggregate() if rank == 0 else None
+    return seed_parallel(run_seeds, job.seeds, aggregate)
+
+
+def measure_time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int) -> dict[str, Any]:
+    """``outer`` outer iterations of Meta SimCLR's loop with meta=False vs meta=True (same
+    loss, data and phi network; the whole pre-training call is timed)."""
+    tr, va = task.ft_split(n, 0)
+    sets = ((task.x[tr], task.y[tr]), (task.x[va], task.y[va]))
+    cfg0 = with_overrides(cfg, warmup=0)
+
+    def make(meta: bool):
+        return lambda: pretrain("meta_simclr", task.x[task.pt_idx], cfg0, 0, meta_sets=sets,
+                                meta=meta, outer=outer, progress=False)
+
+    return time_ratio(make, device=task.x.device, outer=outer, P=cfg.P, K=cfg.K,
+                      neumann_terms=cfg.neumann_terms)
+
+
+def _summary(summary: dict[str, Any]) -> str:
+    return (Path(summary["out"]) / "results.md").read_text().rstrip()
+
+
+EXPERIMENTS = {"ecg": Experiment(
+    task="ecg", name="ecg", description=__doc__.split("\n")[0], configs=CONFIGS,
+    default_config="default", run=run, summary=_summary, methods=METHODS, default_seeds="3",
+    runs_glob=("runs/*.json", "pt/*", "ckpt/*", "time_ratio.json"), add_arguments=_arguments,
+    prepare=_prepare, settings=_settings,
+    default_out=lambda c: f"runs/ecg_{c}")}

@@ -41,9 +41,24 @@ class ECGConfig:
     head_refit_steps: int = 10  # Adam steps on psi_FT after every meta iteration (0 = off)
     head_refit_lr: float = 1e-2
     # IFT inverse: truncated Neumann series with alpha = pt_lr; the authors use 1 term
-    # (x = alpha * b), which needs no Hessian product and no damping (see methods.ift_solver)
+    # (x = alpha * b), which needs no Hessian product and no damping (see methods.neumann_solver)
     neumann_terms: int = 1
     neumann_damping: float = 0.0  # solve (H + damping*I) instead (0 = the authors' setting)
+
+    def __post_init__(self) -> None:
+        from models.resnet1d import RESNET_CONFIGS
+        from tasks.harness import check_fields
+
+        check_fields(self, positive=("proj_dim", "pt_batch", "pt_lr", "pt_epochs", "P",
+                                     "meta_batch", "temperature", "warp_max", "warp_sigma",
+                                     "phi_channels", "ft_batch", "ft_lr", "bn_batches",
+                                     "neumann_terms"),
+                     nonneg=("warmup", "K", "ft_unroll_lr", "meta_lr", "noise", "warp",
+                             "ft_epochs", "patience", "head_refit_steps", "head_refit_lr",
+                             "neumann_damping"),
+                     fraction=("crop",), choices={"encoder": RESNET_CONFIGS})
+        if self.warp > self.warp_max:
+            raise ValueError(f"`warp` ({self.warp}) must be <= `warp_max` ({self.warp_max})")
 
     def steps_per_epoch(self, n_pool: int) -> int:
         return max(1, n_pool // self.pt_batch)

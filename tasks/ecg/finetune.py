@@ -39,7 +39,8 @@ def macro_auroc(y: np.ndarray, score: np.ndarray) -> tuple[float, list[float]]:
 def _predict(enc: nn.Module, head: nn.Module, x: Tensor, batch: int = 256) -> np.ndarray:
     enc.eval()
     with torch.no_grad():
-        return torch.cat([head(enc(x[i : i + batch])) for i in range(0, len(x), batch)]).numpy()
+        out = torch.cat([head(enc(x[i : i + batch])) for i in range(0, len(x), batch)])
+    return out.cpu().numpy()
 
 
 def finetune(
@@ -49,10 +50,11 @@ def finetune(
     """FT the whole encoder and a new linear head; early stopping on val macro AUROC."""
     torch.manual_seed(seed)
     dt = train[0].dtype
-    enc = ResNet1d(train[0].shape[1], **RESNET_CONFIGS[cfg.encoder]).to(dt)
+    dev = train[0].device  # initialised on the CPU (the same numbers anywhere), then moved
+    enc = ResNet1d(train[0].shape[1], **RESNET_CONFIGS[cfg.encoder]).to(dev, dt)
     if enc_state is not None:
         enc.load_state_dict(enc_state)
-    head = LinearHead(enc.feature_dim, train[1].shape[1]).to(dt)
+    head = LinearHead(enc.feature_dim, train[1].shape[1]).to(dev, dt)
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=cfg.ft_lr)
     g = seeded_generator(seed, 7)
     best, best_epoch, best_state, curve = -np.inf, -1, None, []
@@ -68,7 +70,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        auc, _ = macro_auroc(val[1].numpy(), _predict(enc, head, val[0]))
+        auc, _ = macro_auroc(val[1].cpu().numpy(), _predict(enc, head, val[0]))
         curve.append(auc)
         if auc > best:
             best, best_epoch = auc, epoch
@@ -78,6 +80,6 @@ def finetune(
     if best_state is not None:
         enc.load_state_dict(best_state[0])
         head.load_state_dict(best_state[1])
-    test_auc, per_label = macro_auroc(test[1].numpy(), _predict(enc, head, test[0]))
+    test_auc, per_label = macro_auroc(test[1].cpu().numpy(), _predict(enc, head, test[0]))
     return {"test_auroc": test_auc, "test_auroc_per_label": per_label, "val_auroc": best,
             "best_epoch": best_epoch, "epochs_run": len(curve), "val_curve": curve}

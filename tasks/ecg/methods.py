@@ -35,7 +35,7 @@ from tasks.ecg.config import CONFIGS, ECGConfig, with_overrides
 from tasks.ecg.finetune import finetune, macro_auroc, seeded_generator
 
 __all__ = ["ECGConfig", "CONFIGS", "SimCLRNet", "nt_xent", "simclr_loss", "ft_bce", "macro_auroc",
-           "pretrain", "finetune", "phi_strengths", "ift_solver", "with_overrides",
+           "pretrain", "finetune", "phi_strengths", "neumann_solver", "with_overrides",
            "seeded_generator"]
 
 functional_forward = resnet1d.functional_forward
@@ -86,7 +86,7 @@ def ft_bce(net: SimCLRNet, e: dict[str, Tensor], head: dict[str, Tensor],
     return F.binary_cross_entropy_with_logits(F.linear(feats, head["weight"], head["bias"]), y)
 
 
-def ift_solver(cfg: ECGConfig):
+def neumann_solver(cfg: ECGConfig):
     """Truncated Neumann series for ``(H + damping I)^{-1} v`` with ``alpha = pt_lr``.
 
     The default is the authors' setting: 1 term and no damping, i.e. ``x = alpha * v`` (no
@@ -137,14 +137,15 @@ def pretrain(
         raise ValueError(f"`pool_strengths` needs method 'simclr' and shape ({n_pool},), got "
                          f"{method!r} and {tuple(pool_strengths.shape)}")
     torch.manual_seed(seed)
-    dt = x_pool.dtype  # the models follow the data's dtype
-    net = SimCLRNet(cfg, x_pool.shape[1]).to(dt)
+    # the models follow the data's dtype and device (initialised on the CPU, then moved)
+    dt, dev = x_pool.dtype, x_pool.device
+    net = SimCLRNet(cfg, x_pool.shape[1]).to(dev, dt)
     n_labels = 5 if meta_sets is None else meta_sets[0][1].shape[1]
-    head = resnet1d.LinearHead(net.enc.feature_dim, n_labels).to(dt)
+    head = resnet1d.LinearHead(net.enc.feature_dim, n_labels).to(dev, dt)
     is_meta = method == "meta_simclr"
     if is_meta:
         phi = WarpStrengthNet(x_pool.shape[1], cfg.phi_channels, init_strength=cfg.warp,
-                              max_strength=cfg.warp_max).to(dt)
+                              max_strength=cfg.warp_max).to(dev, dt)
         if cfg.phi_standardize:
             phi.calibrate(x_pool[torch.randperm(len(x_pool), generator=_gen(seed, 10))[:256]])
         hparams = dict(phi.named_parameters())
@@ -152,7 +153,7 @@ def pretrain(
         def strength(h: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_forward(phi, h, x)
     else:
-        hparams = {"warp": torch.tensor(float(cfg.warp), dtype=dt)}
+        hparams = {"warp": torch.tensor(float(cfg.warp), dtype=dt, device=dev)}
 
         def strength(h: dict[str, Tensor], x: Tensor) -> Tensor:
             return h["warp"].expand(x.shape[0])
@@ -171,7 +172,7 @@ def pretrain(
         idx = perm[(i % spe) * cfg.pt_batch : (i % spe + 1) * cfg.pt_batch]
         b = {"x": x_pool[idx], "seed": int(_gen(seed, 2, i).initial_seed())}
         if pool_strengths is not None:
-            b["s"] = pool_strengths[idx].to(dt)
+            b["s"] = pool_strengths[idx].to(dev, dt)
         return b
 
     def ft_batch_fn(j: int):
@@ -183,34 +184,31 @@ def pretrain(
             out.append((xs, ys))
         return tuple(out)
 
+    do_meta = is_meta if meta is None else (bool(meta) and is_meta)
     trainer = hg.MetaPretrainer(
         pt_loss=pt_loss, ft_loss=ft_loss, pt_params=dict(net.named_parameters()),
         ft_head=dict(head.fc.named_parameters()), hparams=hparams,
         encoder=lambda p: {k: v for k, v in p.items() if k.startswith("enc.")},
         pt_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.pt_lr),
         meta_optimizer=lambda ts: torch.optim.Adam(ts, lr=cfg.meta_lr),
-        P=cfg.P, K=cfg.K, ft_lr=cfg.ft_unroll_lr, head_only=True, meta=False,
-        solver=ift_solver(cfg),
+        P=cfg.P, K=cfg.K, ft_lr=cfg.ft_unroll_lr, head_only=True, meta=do_meta,
+        solver=neumann_solver(cfg),
     )
     total = cfg.outer_iterations(n) if outer is None else int(outer)
 
     def callback(j: int, metrics: dict[str, Any]) -> None:
         # metrics is the dict stored in trainer.history, so what is added here is checkpointed
-        if not trainer.meta:
+        if not trainer.meta or trainer.in_warmup:
             return
         if cfg.head_refit_steps:
             _refit_head(trainer, net, meta_sets[0], cfg)
         if probe is not None:
             metrics["probe"] = phi_strengths(phi, tree_detach(trainer.hparams), probe).tolist()
 
-    do_meta = is_meta if meta is None else (bool(meta) and is_meta)
     t0 = time.perf_counter()
-    warm = min(cfg.warmup, total) if do_meta else total
-    trainer.run(warm, pt_batch_fn, ft_batch_fn, checkpoint=checkpoint, progress=progress,
-                callback=callback)
-    trainer.meta = do_meta
-    trainer.run(total, pt_batch_fn, ft_batch_fn, checkpoint=checkpoint, progress=progress,
-                callback=callback)
+    warm = min(cfg.warmup, total) if do_meta else 0
+    trainer.run(total - warm, pt_batch_fn, ft_batch_fn, warmup=warm, checkpoint=checkpoint,
+                progress=progress, callback=callback)
     wall = time.perf_counter() - t0
     with torch.no_grad():
         for k, v in trainer.pt_params.items():

@@ -3,48 +3,22 @@ JSON + AUROC plot) of ``python -m tasks ecg``."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tasks.common import mean_std, write_json
-from tasks.ecg.config import ECGConfig, with_overrides
-from tasks.ecg.methods import pretrain
+from tasks.ecg.config import ECGConfig
 from tasks.ecg.plots import plot_auroc
 from tasks.ecg.synthetic import GROUPS, timing_morphology
 
 if TYPE_CHECKING:
     from tasks.ecg.task import Task
 
-__all__ = ["time_ratio", "summarize", "METHODS"]
+__all__ = ["summarize", "METHODS"]
 
 METHODS = ("no_pt", "simclr_nowarp", "simclr", "simclr_oracle", "meta_simclr",
            "meta_simclr_partial")
-
-
-def time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int, out: Path) -> dict[str, Any]:
-    """Wall time of ``outer`` outer iterations of MetaPretrainer with meta=False vs meta=True
-    (same loss, data and phi network), twice each, alternating."""
-    path = out / "time_ratio.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    tr, va = task.ft_split(n, 0)
-    sets = ((task.x[tr], task.y[tr]), (task.x[va], task.y[va]))
-    cfg0 = with_overrides(cfg, warmup=0)
-    times: dict[str, list[float]] = {"plain": [], "meta": []}
-    for _ in range(2):
-        for meta, name in ((False, "plain"), (True, "meta")):
-            r = pretrain("meta_simclr", task.x[task.pt_idx], cfg0, 0, meta_sets=sets, meta=meta,
-                         outer=outer, progress=False)
-            times[name].append(r["wall_time"])
-    res = {"outer_iterations": outer, "P": cfg.P, "K": cfg.K, "neumann_terms": cfg.neumann_terms,
-           "plain_s": times["plain"], "meta_s": times["meta"],
-           "ratio": float(np.mean(times["meta"]) / np.mean(times["plain"]))}
-    write_json(path, res)
-    return res
 
 
 def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[str],
@@ -69,7 +43,7 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
         if r["method"] == "meta_simclr" and r.get("strengths"):
             seen[(r["n_ft"], r["seed"])] = r["strengths"]
     strengths = list(seen.values())
-    lines = [f"# ECG reproduction: {task.name}", "", "Command: `python -m tasks ecg "
+    lines = [f"# ECG reproduction: {task.name}", "", "Command: `python -m tasks "
              + " ".join(argv) + "`", "", "Test macro AUROC (%), mean +- std over seeds (count):",
              "", "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
              "| --- |" + " --- |" * len(ns)]
@@ -104,9 +78,12 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                     f"{100 * v:.1f}" for v in mean_std(d[k])) + ")" for k in d]
                 lines.append(f"- {a} - {b}, N={n}: " + " | ".join(cells))
     if ratio:
-        lines += ["", f"Meta/plain PT wall-time ratio ({ratio['outer_iterations']} outer "
-                  f"iterations, P={ratio['P']}, K={ratio['K']}): {ratio['ratio']:.2f} "
-                  f"(plain {ratio['plain_s']} s, meta {ratio['meta_s']} s)"]
+        sec = lambda xs: ", ".join(f"{v:.1f}" for v in xs)  # noqa: E731
+        lines += ["", f"Meta/plain PT wall-time ratio ({ratio['outer']} outer iterations, "
+                  f"P={ratio['P']}, K={ratio['K']}, {ratio['repeats']} interleaved repeats): "
+                  f"{ratio['ratio']:.2f} (min; median {ratio['ratio_median']:.2f}, CPU "
+                  f"{ratio['cpu_ratio']:.2f}; plain {sec(ratio['plain_seconds'])} s, meta "
+                  f"{sec(ratio['meta_seconds'])} s)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     summary = {"table": {m: {str(n): v for n, v in t.items()} for m, t in table.items()},
                "timing_morphology": {m: {str(n): v for n, v in t.items()}
@@ -114,7 +91,7 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                "strengths_by_group": summary_strengths, "time_ratio": ratio,
                "paired": {f"{a}-{b}": {str(n): d for n, d in by_n.items()}
                           for (a, b), by_n in pairs.items()},
-               "config": asdict(cfg), "argv": argv, "task": task.name}
+               "config": asdict(cfg), "argv": argv, "task": task.name, "out": str(out)}
     write_json(out / "results.json", summary)
     if table:
         plot_auroc(table, out / "auroc_vs_nft.png", title=f"ECG ({task.name})")

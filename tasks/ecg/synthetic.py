@@ -21,27 +21,12 @@ Every record belongs to one ground-truth group:
                 a warp of a few per cent flips them (positives and borderline negatives)
     morphology  timing normal, at least one of ST_DEV / T_INV
 
-Generator versions (``version=``; tasks/ecg/RESULTS.md compares them):
-
-    1   the previous generator, kept bit-identical for the earlier RESULTS table: RR
-        variability 3%, no other timing nuisance, axis +-30 deg, gain 0.7-1.4, wave amplitudes
-        +-15%, baseline wander 0.05-0.2 mV, ST 0.05-0.2 mV, inverted T x 0.2-0.8.
-    2   adds *local timing variability*, a nuisance for every label: a per-record beat-to-beat
-        RR irregularity (coefficient of variation drawn from 0-15%), per-beat jitter of the PR
-        interval (6%), QRS width (5%) and QT interval (6%) around the record's values, and a
-        per-record QT factor (0.85-1.15); subtler morphology (ST 0.04-0.15 mV, inverted T x
-        0.15-0.6, upright T x 0.3-1.2).
-    3   (default) version 2 with RR variability up to 20% and per-beat jitter 8/6/8%, and
-        smaller amplitude nuisances (axis +-10 deg, gain 0.9-1.1, wave amplitudes +-5%,
-        baseline wander 0.02-0.06 mV), so that timing is a larger share of what tells records
-        apart.
-    4   version 3 with RR variability up to 30%, per-beat jitter 10/8/10%, QT factor 0.8-1.2.
-    5   version 3 plus atrial pacing in the timing group: a 1-2 sample spike 40 ms before the
-        centre of every P wave of each timing-group record. The random stream is version 3's,
-        so every other record is identical to version 3. The timing group's intervals can
-        then be read from spike-anchored features the other records lack, so that warping
-        the other records need not teach invariance to them (the oracle check of
-        tasks/ecg/RESULTS.md found that on version 3 it does).
+Nuisances (the "version 3" generator of tasks/ecg/RESULTS.md; versions 1, 2, 4 and 5 were
+removed in issue 15 and are reproduced at commit 6f588f0): a per-record beat-to-beat RR
+irregularity (coefficient of variation drawn from 0-20%), per-beat jitter of the PR interval
+(8%), QRS width (6%) and QT interval (8%) around the record's values, a per-record QT factor
+(0.85-1.15), axis +-10 deg, gain 0.9-1.1, wave amplitudes +-5%, baseline wander 0.02-0.06 mV;
+morphology: ST 0.04-0.15 mV, inverted T x 0.15-0.6, upright T x 0.3-1.2.
 
 The labels are thresholds on the record's values (the per-beat means), so the per-beat jitter
 changes no label. It is the kind of variation a temporal warp produces, so warp invariance is
@@ -59,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "VERSIONS", "SyntheticECG",
+__all__ = ["LABELS", "TIMING_LABELS", "GROUPS", "SyntheticECG",
            "make_synthetic_ecg", "timing_morphology"]
 
 LABELS = ("TACHY", "LONG_PR", "WIDE_QRS", "ST_DEV", "T_INV")
@@ -137,29 +122,16 @@ TIMING = {"hr": ((55.0, 88.0), (88.0, 115.0), 100.0),  # bpm
           "qrs": ((70.0, 100.0), (95.0, 135.0), 115.0)}  # ms
 
 
-# version -> (ST shift range mV, inverted-T scale range, upright-T scale range)
-_MORPH = {1: ((0.05, 0.2), (0.2, 0.8), (0.4, 1.2)), 2: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2)),
-          3: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2)), 4: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2)),
-          5: ((0.04, 0.15), (0.15, 0.6), (0.3, 1.2))}
-# version -> (max RR coefficient of variation, per-beat jitter of PR, QRS, QT, QT factor range)
-_TIMING_NOISE = {1: (0.03, 0.0, 0.0, 0.0, (1.0, 1.0)), 2: (0.15, 0.06, 0.05, 0.06, (0.85, 1.15)),
-                 3: (0.20, 0.08, 0.06, 0.08, (0.85, 1.15)),
-                 4: (0.30, 0.10, 0.08, 0.10, (0.8, 1.2)),
-                 5: (0.20, 0.08, 0.06, 0.08, (0.85, 1.15))}
-# version -> (max axis rotation deg, gain range, wave amplitude jitter, baseline wander range)
-_AMP_NOISE = {1: (30.0, (0.7, 1.4), 0.15, (0.05, 0.2)), 2: (30.0, (0.7, 1.4), 0.15, (0.05, 0.2)),
-              3: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06)), 4: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06)),
-              5: (10.0, (0.9, 1.1), 0.05, (0.02, 0.06))}
-_SPIKE = np.array([0.6, 0.6, 0.5])  # atrial pacing spike vector (mV), version 5
-VERSIONS = tuple(sorted(_MORPH))  # the generator versions
+_ST, _T_INV, _T_UP = (0.04, 0.15), (0.15, 0.6), (0.3, 1.2)  # mV, scale, scale
+_RR_CV_MAX, _JITTER_PR, _JITTER_QRS, _JITTER_QT, _QT_FACTOR = 0.20, 0.08, 0.06, 0.08, (0.85, 1.15)
+_AXIS_DEG, _GAIN, _AMP_JITTER, _WANDER = 10.0, (0.9, 1.1), 0.05, (0.02, 0.06)
 
 
-def _sample_features(rng: np.random.Generator, group: int, version: int) -> dict[str, float]:
+def _sample_features(rng: np.random.Generator, group: int) -> dict[str, float]:
     """Features of one record of ``group`` (0 normal, 1 timing, 2 morphology)."""
-    st_r, inv_r, up_r = _MORPH[version]
+    st_r, inv_r, up_r = _ST, _T_INV, _T_UP
     f = {k: rng.uniform(*normal) for k, (normal, _, _) in TIMING.items()}
     f["st"], f["t_sign"] = 0.0, rng.uniform(*up_r)
-    f["paced"] = float(version == 5 and group == 1)  # no random draw: v5 = v3 + spikes
     if group == 1:  # at least one timing feature in its borderline band
         pick = np.zeros(3, bool)
         while not pick.any():
@@ -184,29 +156,26 @@ def labels_of(f: dict[str, float]) -> np.ndarray:
                      f["qrs"] > TIMING["qrs"][2], f["st"] != 0.0, f["t_sign"] < 0], dtype=float)
 
 
-def _one_record(rng: np.random.Generator, f: dict[str, float], length: int,
-                version: int) -> np.ndarray:
+def _one_record(rng: np.random.Generator, f: dict[str, float], length: int) -> np.ndarray:
     t = np.arange(length) / FS  # seconds
     hr, pr, qrs, st, t_sign = f["hr"], f["pr"] / 1000, f["qrs"] / 1000, f["st"], f["t_sign"]
-    cv_max, j_pr, j_qrs, j_qt, qt_f = _TIMING_NOISE[version]
+    j_pr, j_qrs, j_qt = _JITTER_PR, _JITTER_QRS, _JITTER_QT
     rr = 60.0 / hr
-    # beat times with heart-rate variability (v1: 3%; v2: a per-record 0-15%), covering the
-    # window with margins; the record's rate is the label's rate on average
-    cv = 0.03 if version == 1 else rng.uniform(0.0, cv_max)
+    # beat times with heart-rate variability (a per-record 0-20%), covering the window with
+    # margins; the record's rate is the label's rate on average
+    cv = rng.uniform(0.0, _RR_CV_MAX)
     n_beats = int(np.ceil((length / FS + 2.0) / rr)) + 2
     rrs = rr * np.clip(1 + cv * rng.standard_normal(n_beats), 0.6, 1.4)
     r_times = -1.0 + rng.uniform(0, rr) + np.concatenate([[0.0], np.cumsum(rrs[:-1])])
-    max_deg, gain_r, amp_j, bw_r = _AMP_NOISE[version]
+    max_deg, gain_r, amp_j, bw_r = _AXIS_DEG, _GAIN, _AMP_JITTER, _WANDER
     rot = _rotation(rng, max_deg)
     gain = rng.uniform(*gain_r)
     vec = {k: gain * rot @ (v * rng.uniform(1 - amp_j, 1 + amp_j)) for k, v in _WAVES.items()}
     vec["T"] = vec["T"] * t_sign
     st_vec = gain * st * _ST_DIRS[rng.integers(3)]
-    qt = 0.40 * np.sqrt(rr)  # Bazett, times a per-record factor (v2)
-    if version > 1:
-        qt *= rng.uniform(*qt_f)
+    qt = 0.40 * np.sqrt(rr) * rng.uniform(*_QT_FACTOR)  # Bazett, times a per-record factor
     d = t[None, :] - r_times[:, None]  # (beats, time): time since each R peak
-    # per-beat intervals (v2: jittered around the record's values), shape (beats, 1)
+    # per-beat intervals (jittered around the record's values), shape (beats, 1)
     nb = len(r_times)
 
     def per_beat(v: float, jit: float) -> np.ndarray:
@@ -226,9 +195,6 @@ def _one_record(rng: np.random.Generator, f: dict[str, float], length: int,
     for name, (c, s) in waves.items():
         bump = np.exp(-0.5 * ((d - c) / s) ** 2).sum(0)  # (time,)
         x += np.outer(_LEADS @ vec[name], bump)
-    if f.get("paced"):  # a 1-2 sample spike 40 ms before each P wave's centre
-        spike = np.exp(-0.5 * ((d - (onset - pr_b + 0.01)) / 0.006) ** 2).sum(0)
-        x += np.outer(_LEADS @ (gain * rot @ _SPIKE), spike)
     if st != 0.0:
         j, t_on = qrs_b / 2, qt_b - 0.09
         plateau = _sigmoid((d - j) / 0.01) * _sigmoid((t_on - d) / 0.03)
@@ -244,13 +210,9 @@ def _one_record(rng: np.random.Generator, f: dict[str, float], length: int,
 
 def make_synthetic_ecg(
     n: int, seed: int = 0, *, length: int = 1000, group_probs: tuple[float, float, float] = (
-        0.3, 0.35, 0.35), version: int = 3,
+        0.3, 0.35, 0.35),
 ) -> SyntheticECG:
-    """``n`` synthetic records of ``length`` samples at 100 Hz (see the module docstring);
-    ``version`` 1 is the previous generator, 2 adds local timing variability, 3 (default) also
-    shrinks the amplitude nuisances (module docstring)."""
-    if version not in _MORPH:
-        raise ValueError(f"`version` must be one of {sorted(_MORPH)}, got {version!r}")
+    """``n`` synthetic records of ``length`` samples at 100 Hz (see the module docstring)."""
     if int(n) != n or n < 1:
         raise ValueError(f"`n` must be a positive integer, got {n!r}")
     if length < 200:
@@ -262,8 +224,8 @@ def make_synthetic_ecg(
     group = rng.choice(3, size=int(n), p=p)
     xs, ys, feats = [], [], {k: [] for k in ("hr", "pr", "qrs", "st", "t_sign")}
     for g in group:
-        f = _sample_features(rng, int(g), version)
-        xs.append(_one_record(rng, f, length, version))
+        f = _sample_features(rng, int(g))
+        xs.append(_one_record(rng, f, length))
         ys.append(labels_of(f))
         for k in feats:
             feats[k].append(f[k])

@@ -4,7 +4,7 @@ zero-padded from 1000 to 1024 samples)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,6 +32,11 @@ class Task:
     group_test: np.ndarray | None = None
     group: np.ndarray | None = None  # ground-truth groups of ``x`` (synthetic only)
 
+    def to(self, device: torch.device) -> Task:
+        """The tensors on ``device`` (indices and ground truth stay numpy on the host)."""
+        return replace(self, x=self.x.to(device), y=self.y.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
     def ft_split(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if self.ft_val_idx is None:
             return sample_ft_split(self.ft_train_idx, n, seed)
@@ -41,11 +46,11 @@ class Task:
                 rng.permutation(self.ft_val_idx)[: n - n_tr])
 
 
-def synthetic_task(n_pool: int, n_test: int, seed: int = 12345, version: int = 3) -> Task:
-    """Pool and test set from ``make_synthetic_ecg`` (generator ``version``), paper conventions
-    (scalar standardisation fitted on the pool, zero-padding to 1024)."""
-    pool = make_synthetic_ecg(n_pool, seed, version=version)
-    test = make_synthetic_ecg(n_test, seed + 1, version=version)
+def synthetic_task(n_pool: int, n_test: int, seed: int = 12345) -> Task:
+    """Pool and test set from ``make_synthetic_ecg``, paper conventions (scalar
+    standardisation fitted on the pool, zero-padding to 1024)."""
+    pool = make_synthetic_ecg(n_pool, seed)
+    test = make_synthetic_ecg(n_test, seed + 1)
     mean, std = float(pool.x.mean(dtype=np.float64)), float(pool.x.std(dtype=np.float64))
 
     def prep(a: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """``python -m tasks ppi``: run PT methods x seeds x access protocols, write results and plots.
 
-Example (the synthetic validation of RESULTS.md):
-    python -m tasks ppi --method all --access both --seeds 3 --synthetic --config synthetic \\
+Example (the synthetic validation of RESULTS.md; without ``--data-dir`` the synthetic
+stand-in is generated into ``OUT/data``)::
+
+    python -m tasks ppi --method all --access both --seeds 3 --config synthetic \\
         --out runs/ppi_synthetic
 
 Each (method, protocol, fold, seed) writes ``OUT/runs/<name>.json`` and is skipped when that
@@ -19,53 +21,29 @@ run identically on every rank; rank 0 alone writes files and shows progress.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
 from hypergrad import distributed as hd
+from tasks.cli import Experiment, Job
 from tasks.common import mean_std, seed_everything, write_json
+from tasks.harness import CLIError, read_json, time_ratio
 
-from .config import CONFIGS, METHODS, Settings, get_config
+from .config import CONFIGS, METHODS, Settings
 from .data import load_ppi
 from .finetune import Problem, finetune, macro, make_problem
-from .methods import pretrain, time_meta_vs_plain
+from .methods import pretrain
+from .net import build_trainer
 
-__all__ = ["main", "run_all", "aggregate"]
+__all__ = ["EXPERIMENTS", "run_all", "aggregate"]
 
 FIVE = METHODS[:5]
 FOLD_FREE = ("no_pt", "graph_sup_pt")  # PT does not see FT labels: one run serves all folds
 MODES = ("full", "linear")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks ppi", description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="all",
-                   help=f"comma list of {', '.join(METHODS)}, or 'all' (the five of Table 1)")
-    p.add_argument("--access", default="full", choices=("full", "partial", "both"))
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (paper: 5)")
-    p.add_argument("--seed-offset", type=int, default=0)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-dir", help="Hu et al.'s dataset/supervised folder (or the .pt file)")
-    src.add_argument("--synthetic", action="store_true", help="generate the synthetic stand-in")
-    p.add_argument("--config", default="synthetic", choices=sorted(CONFIGS))
-    p.add_argument("--out", required=True, help="output folder (runs, checkpoints, tables)")
-    p.add_argument("--meta-steps", type=int, help="override: outer iterations (PT steps / P)")
-    p.add_argument("--ft-train-size", type=int, help="override: FT train graphs (0 = all)")
-    p.add_argument("--meta-lr", type=float, help="override: Adam lr of the task weights")
-    p.add_argument("--timing", type=int, default=0, metavar="N",
-                   help="also time N x 3 outer iterations of Meta-PT vs plain PT (CPU time)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest on a shared, oversubscribed machine)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a collective waits for a slow or dead rank")
-    return p
 
 
 def _methods(arg: str) -> list[str]:
@@ -73,7 +51,7 @@ def _methods(arg: str) -> list[str]:
     names = [n for m in names for n in (FIVE if m == "all" else [m])]
     bad = [m for m in names if m not in METHODS]
     if bad:
-        raise SystemExit(f"--method: unknown {bad}; choose from {METHODS} or 'all'")
+        raise CLIError(f"--method: unknown {bad}; choose from {', '.join(METHODS)} or 'all'")
     return list(dict.fromkeys(names))
 
 
@@ -133,7 +111,7 @@ def _scores(rec: dict[str, Any], tasks: list[int] | None, split: str = "test_har
 
 def aggregate(out: Path, folds: list[list[int]]) -> dict[str, Any]:
     """Table over seeds from every run file: full and partial access, both FT modes."""
-    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    recs = [read_json(p) for p in sorted((out / "runs").glob("*.json"))]
     table: dict[str, Any] = {}
     for m in METHODS:
         mine = [r for r in recs if r["method"] == m]
@@ -199,76 +177,112 @@ def write_tables(out: Path, table: dict[str, Any], header: str) -> None:
     tim = {m: r["timing"] for m, r in table.items() if "timing" in r}
     if tim:
         lines += ["", "Wall-clock times recorded inside the runs (all runs of the method; on a "
-                  "shared machine they vary with its load: compare costs with --timing):", "",
+                  "shared machine they vary with its load: compare costs with --time-ratio):", "",
                   "| method | PT step (s) | meta step (s) | PT-stage wall time (s) |",
                   "|---|---|---|---|"]
         lines += [f"| {m} | {t['pt_step_time']:.4f} | {t['meta_step_time']:.4f} | "
                   f"{t['total_time']:.1f} |" for m, t in tim.items()]
-    tpath = out / "timing.json"
+    tpath = out / "time_ratio.json"
     if tpath.exists():
-        t = json.loads(tpath.read_text())
-        lines += ["", f"Cost (CPU process time, {t['outer_iterations']} outer iterations of P = "
-                  f"{t['P']}, interleaved): plain PT step {1e3 * t['pt_step_cpu_s']:.1f} ms, "
-                  f"meta step {1e3 * t['meta_step_cpu_s']:.1f} ms = "
-                  f"{t['meta_step_over_pt_step']:.2f} PT steps; Meta-PT / plain PT time "
-                  f"{t['meta_pt_over_plain_pt']:.2f}x "
-                  f"(wall {t['meta_pt_over_plain_pt_wall']:.2f}x)."]
+        t = read_json(tpath)
+        pt_step = min(t["plain_seconds"]) / (t["outer"] * t["P"])
+        meta_step = (min(t["meta_seconds"]) - min(t["plain_seconds"])) / t["outer"]
+        lines += ["", f"Meta-PT / plain PT time ({t['outer']} outer iterations of P = {t['P']}, "
+                  f"interleaved, {t['repeats']} repeats): {t['ratio']:.2f}x (min wall time; "
+                  f"median {t['ratio_median']:.2f}x, CPU {t['cpu_ratio']:.2f}x); plain PT step "
+                  f"{1e3 * pt_step:.1f} ms, meta step {1e3 * meta_step:.1f} ms = "
+                  f"{meta_step / pt_step:.2f} PT steps."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    # no-op outside torchrun; gloo because the tasks compute on CPU tensors
+def measure_time_ratio(problem: Problem, s: Settings, outer: int) -> dict[str, Any]:
+    """Graph Sup PT's loop (``meta=False``) vs Meta-PT's, ``outer`` outer iterations each."""
+    def make(meta: bool):
+        tr, pb, fb = build_trainer(problem, s, 0, None, meta=meta)
+        return lambda: tr.run(outer, pb, fb, progress=False)
+
+    return time_ratio(make, device=problem.store.device, outer=outer, P=s.P, K=s.K,
+                      world_size=hd.world_size())
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="all",
+                   help=f"comma list of {', '.join(METHODS)}, or 'all' (the five of Table 1)")
+    p.add_argument("--access", default="full", choices=("full", "partial", "both"))
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data-dir", help="Hu et al.'s dataset/supervised folder (or the .pt file)")
+    src.add_argument("--synthetic", action="store_true",
+                     help="the synthetic stand-in (the default without --data-dir)")
+    p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
+                   help="also time OUTER outer iterations of Meta-PT vs plain PT (3 repeats)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective waits for a slow or dead rank")
+
+
+def _prepare(job: Job) -> None:
+    job.args.methods = _methods(job.args.method)
+    if job.args.data_dir is not None and not Path(job.args.data_dir).exists():
+        raise CLIError(f"--data-dir {job.args.data_dir}: no such file or folder")
+    if job.args.time_ratio < 0:
+        raise CLIError(f"--time-ratio must be >= 0, got {job.args.time_ratio}")
+    if job.device.type != "cpu" and hd.world_size() > 1:
+        raise CLIError("under torchrun the PPI task runs on the CPU (gloo): use --device cpu")
+
+
+def _settings(job: Job) -> dict[str, Any]:
+    return {"data": "synthetic" if job.args.data_dir is None else str(job.args.data_dir)}
+
+
+def run(job: Job) -> dict[str, Any] | None:
+    args, s, out = job.args, job.cfg, job.out
+    # no-op outside torchrun; gloo because the task runs on the CPU under torchrun
     hd.init(backend="gloo", timeout_s=args.dist_timeout)
-    ft_size = None if args.ft_train_size == 0 else args.ft_train_size
-    s = get_config(args.config, meta_steps=args.meta_steps, meta_lr=args.meta_lr)
-    if args.ft_train_size is not None:
-        from dataclasses import replace
-
-        s = replace(s, ft_train_size=ft_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     relevance = None
-    if args.synthetic:
-        from .synthetic import read_meta, write_synthetic
+    try:
+        if args.data_dir is None:
+            from .synthetic import read_meta, write_synthetic
 
-        # every rank writes the same deterministic files (atomic renames of per-process temp
-        # files), so no rank waits on another's generation time
-        root = write_synthetic(out / "data", s.synthetic)
-        relevance = read_meta(root)["relevance"]
-        store = load_ppi(root)
-    else:
-        store = load_ppi(args.data_dir)
-    problem = make_problem(store, s, relevance)
+            # every rank writes the same deterministic files (atomic renames of per-process
+            # temp files), so no rank waits on another's generation time
+            root = write_synthetic(out / "data", s.synthetic)
+            relevance = read_meta(root)["relevance"]
+            store = load_ppi(root)
+        else:
+            store = load_ppi(args.data_dir)
+        store.device = job.device
+        problem = make_problem(store, s, relevance)
+    except ValueError as e:  # the data do not fit the config (e.g. ft_train_size)
+        raise CLIError(str(e).splitlines()[0]) from None
     s = s.for_data(problem.split.pretrain.numel())
-    cfg_path = out / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text())["settings"] != json.loads(
-            json.dumps(s.to_dict())):
-        raise SystemExit(f"--out {out} holds runs made with other settings ({cfg_path}); "
-                         "use a new --out folder")
-    hd.barrier()  # every rank compared before rank 0 (re)writes it
     if hd.is_main():
-        write_json(cfg_path, {"settings": s.to_dict(), "split": problem.split.sizes(),
-                              "ft_train": problem.ft_train.numel()})
-    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
-    run_all(_methods(args.method), args.access, seeds, problem, s, out, not args.no_progress)
-    if args.timing > 0:
-        timing = time_meta_vs_plain(problem, s, outer=args.timing)
+        write_json(out / "problem.json", {"settings": s.to_dict(), "split": problem.split.sizes(),
+                                          "ft_train": problem.ft_train.numel()})
+    run_all(args.methods, args.access, job.seeds, problem, s, out, job.progress)
+    ratio_path = out / "time_ratio.json"
+    todo = args.time_ratio > 0 and not ratio_path.exists()
+    hd.barrier()  # every rank decided before rank 0 writes (their collectives must match)
+    if todo:
+        t = measure_time_ratio(problem, s, args.time_ratio)
         if hd.is_main():
-            write_json(out / "timing.json", {**timing, "world_size": hd.world_size()})
+            write_json(ratio_path, t)
     main_rank = hd.is_main()  # read before shutdown: without a group every rank reads as 0
     hd.shutdown()  # the collective work is done; rank 0 aggregates and plots alone
     if not main_rank:
-        return 0
+        return None
     table = aggregate(out, [f.tolist() for f in problem.folds])
-    src = "synthetic stand-in" if args.synthetic else f"data {args.data_dir}"
+    src = "synthetic stand-in" if args.data_dir is None else f"data {args.data_dir}"
     write_tables(out, table, f"PPI ({src}, config {args.config}): test AUROC x 100 (hard half "
                              "of the test species), mean +- std over seeds")
     from .plots import plot_all
 
     plot_all(out, table)
-    print((out / "results.md").read_text())
-    return 0
+    return {"out": str(out)}
+
+
+EXPERIMENTS = {"ppi": Experiment(
+    task="ppi", name="ppi", description=__doc__.split("\n")[0], configs=CONFIGS,
+    default_config="synthetic", run=run, summary=lambda m: (Path(m["out"]) / "results.md")
+    .read_text().rstrip(), methods=METHODS, default_seeds="3",
+    runs_glob=("runs/*.json", "ckpt/*", "time_ratio.json"),
+    add_arguments=_arguments, prepare=_prepare, settings=_settings,
+    default_out=lambda c: f"runs/ppi_{c}")}

@@ -21,20 +21,21 @@ import torch
 import hypergrad as hg
 from hypergrad import distributed as hd
 from tasks.common import atomic_save
+from tasks.harness import load_file
 
 from .config import Settings
 from .data import GraphBatch, GraphStore
 from .finetune import Problem
-from .methods import (
+from .net import (
     Loss3,
+    Net,
     Params,
     PTResult,
-    _ft_loss,
-    _Net,
-    _stream,
-    _strip,
-    _weighted_pt_loss,
+    ft_loss_fn,
     meta_optimizer,
+    stream,
+    strip_encoder,
+    weighted_pt_loss,
 )
 
 __all__ = ["cotrain"]
@@ -60,26 +61,27 @@ def cotrain(
     """CoTrain (alternating), CoTrain+PCGrad (both batches per step, projected) or
     IFT-CoTrain (alternating, PT task weights by IFT every ``ift_every`` steps)."""
     if ckpt is not None and ckpt.exists():
-        sd = torch.load(ckpt, weights_only=False)
+        sd = load_file(ckpt, map_location=problem.store.device)
         return PTResult(sd["encoder"], sd["weights"], sd["info"])
     store = problem.store
     tasks = problem.meta_tasks(fold)
-    net = _Net(s, store.num_pt_tasks, len(tasks), seed)
+    net = Net(s, store.num_pt_tasks, len(tasks), seed, device=store.device)
+    tasks = tasks.to(store.device)
     params = {k: v.requires_grad_(True) for k, v in {**net.params, **{
         f"ft_head.{k}": v for k, v in net.ft_head.items()}}.items()}
     shared = [k for k in params if k.startswith("enc.")]
     opt = torch.optim.Adam(params.values(), lr=s.pt_lr)
-    phi = {"logit": torch.zeros(store.num_pt_tasks, requires_grad=True)}
+    phi = {"logit": torch.zeros(store.num_pt_tasks, device=store.device, requires_grad=True)}
     meta_opt = meta_optimizer(s)(list(phi.values()))
-    pt_loss_w, ft_loss = _weighted_pt_loss(net), _ft_loss(net, tasks)
+    pt_loss_w, ft_loss = weighted_pt_loss(net), ft_loss_fn(net, tasks)
 
     def ft_of(p: Params, b: GraphBatch) -> torch.Tensor:
         return ft_loss(p, {"weight": p["ft_head.weight"], "bias": p["ft_head.bias"]}, b)
 
-    pt_stream = _stream(problem.split.pretrain, s.batch_size, seed)
-    ft_stream = _stream(problem.ft_train, s.batch_size, seed + 1)
-    mtr = _stream(problem.meta_train, s.batch_size, seed + 2)
-    mva = _stream(problem.meta_val, s.batch_size, seed + 3)
+    pt_stream = stream(problem.split.pretrain, s.batch_size, seed)
+    ft_stream = stream(problem.ft_train, s.batch_size, seed + 1)
+    mtr = stream(problem.meta_train, s.batch_size, seed + 2)
+    mva = stream(problem.meta_val, s.batch_size, seed + 3)
     steps = s.pt_steps if variant == "pcgrad" else 2 * s.pt_steps
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -112,7 +114,7 @@ def cotrain(
                       pt_stream, mtr, mva, step // 2, s)
     info = {"total_time": time.perf_counter() - t0, "steps": steps}
     weights = (2 * torch.sigmoid(phi["logit"].detach())).tolist() if variant == "ift" else None
-    res = PTResult(_strip(params), weights, info)
+    res = PTResult(strip_encoder(params), weights, info)
     if ckpt is not None and hd.is_main():
         atomic_save({"encoder": res.encoder, "weights": res.weights, "info": res.info}, ckpt)
     return res

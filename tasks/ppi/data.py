@@ -17,7 +17,7 @@ Hu et al.'s species split is in ``splits.py``.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,9 @@ class GraphBatch:
         """The encoder's positional inputs ``(x, edge_index, edge_attr, batch, center)``."""
         return self.x, self.edge_index, self.edge_attr, self.batch, self.center
 
+    def to(self, device: torch.device) -> GraphBatch:
+        return GraphBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 @dataclass
 class GraphStore:
@@ -157,6 +160,7 @@ class GraphStore:
     center_node_idx: torch.Tensor  # [G], local
     y_pt: torch.Tensor  # [G, T_pt] float 0/1
     y_ft: torch.Tensor  # [G, T_ft] float 0/1
+    device: torch.device = field(default=torch.device("cpu"), compare=False)  # of the batches
 
     def __len__(self) -> int:
         return int(self.node_ptr.numel() - 1)
@@ -191,7 +195,7 @@ class GraphStore:
             center=self.center_node_idx[idx] + n_off,
             y_pt=self.y_pt[idx],
             y_ft=self.y_ft[idx],
-        )
+        ).to(self.device)
 
     def validate(self, where: str = "store") -> None:
         g = len(self)

@@ -120,7 +120,7 @@ def _recalibrate_bn(enc: GINEncoder, store: GraphStore, idx: torch.Tensor, bs: i
 def _scores(enc: GINEncoder, head: nn.Linear, store: GraphStore, idx: torch.Tensor, bs: int):
     enc.eval()
     outs = [head(enc(*store.batch(c).inputs())) for c in torch.split(idx, bs)]
-    return torch.cat(outs).numpy(), store.y_ft[idx].numpy()
+    return torch.cat(outs).cpu().numpy(), store.y_ft[idx].numpy()
 
 
 def finetune(
@@ -136,9 +136,10 @@ def finetune(
         raise ValueError(f"`mode` must be 'full' or 'linear', got {mode!r}")
     torch.manual_seed(seed)
     store, sp = problem.store, problem.split
-    enc = encoder_from(enc_params, s)
+    enc = encoder_from(enc_params, s).to(store.device)
     _recalibrate_bn(enc, store, problem.ft_train, s.eval_batch_size)
-    head = nn.Linear(s.gin.repr_dim, store.num_ft_tasks)
+    head = nn.Linear(s.gin.repr_dim, store.num_ft_tasks).to(store.device)
+    y_ft = store.y_ft.to(store.device)
     g = torch.Generator().manual_seed(10_000 + seed)
     if mode == "linear":
         enc.eval()
@@ -163,18 +164,18 @@ def finetune(
         for pos in torch.split(order, s.ft_batch_size):
             c = tr[pos]
             if mode == "linear":
-                logits = head(feats["train"][pos])
+                logits = head(feats["train"][pos.to(store.device)])
             else:
                 if c.numel() < 2:  # BatchNorm needs 2 graphs
                     continue
                 logits = head(enc(*store.batch(c).inputs()))
-            loss = F.binary_cross_entropy_with_logits(logits, store.y_ft[c])
+            loss = F.binary_cross_entropy_with_logits(logits, y_ft[c.to(store.device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         if mode == "linear":
             with torch.no_grad():
-                sv, yv = head(feats["valid"]).numpy(), store.y_ft[sp.valid].numpy()
+                sv, yv = head(feats["valid"]).cpu().numpy(), store.y_ft[sp.valid].numpy()
         else:
             sv, yv = _scores(enc, head, store, sp.valid, s.eval_batch_size)
         val = macro(per_task_auroc(yv, sv))
@@ -195,7 +196,7 @@ def finetune(
     for k in ("valid", "test_hard", "test_easy"):
         if mode == "linear":
             with torch.no_grad():
-                sc = head(feats[k]).numpy()
+                sc = head(feats[k]).cpu().numpy()
             y = store.y_ft[getattr(sp, k)].numpy()
         else:
             sc, y = _scores(enc, head, store, getattr(sp, k), s.eval_batch_size)

@@ -32,19 +32,12 @@ import torch.nn.functional as F
 import hypergrad as hg
 from models import digits as M
 from tasks.common import mean_std, seed_everything, write_json
+from tasks.harness import check_fields, run_seeds
 
 from . import data as D
-from ._runner import (
-    batch_generator,
-    cosine_lr,
-    ft_logits,
-    init_classifier,
-    probe_accuracy,
-    run_seeds,
-    run_with_warmup,
-)
 from .metrics import auroc, weight_stats
-from .precond import ift_solver
+from .precond import solver_for_ift
+from .shared import batch_generator, cosine_lr, ft_logits, init_classifier, probe_accuracy
 
 __all__ = ["NoisyConfig", "CONFIGS", "NoisyTask", "run_one", "run", "auroc"]
 
@@ -87,6 +80,20 @@ class NoisyConfig:
     warmup: int = 50           # outer iterations of plain PT before the first meta step
     baseline: bool = True      # also plain PT on the noisy labels (test accuracy comparison)
 
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("P", "batch_size", "n_ft_train", "n_ft_val", "n_test",
+                                     "width", "depth", "weight_width", "checkpoint_every",
+                                     "mnist_limit", "neumann_iterations", "pt_lr", "meta_lr",
+                                     "weight_power"),
+                     nonneg=("meta_steps", "K", "warmup", "meta_batch", "ft_lr", "pt_wd",
+                             "weight_wd", "meta_lr_final"),
+                     fraction=("noise_frac",),
+                     choices={"ift": ("neumann", "adam_momentum"),
+                              "ft_mode": ("shared_head", "new_head"), "act": tuple(M.ACTIVATIONS),
+                              "weight_kind": ("mlp", "cnn"),
+                              "normalize": ("none", "batch", "class"),
+                              "weight_form": ("softmax", "sigmoid")})
+
 
 CONFIGS = {
     "paper": NoisyConfig(),
@@ -117,8 +124,8 @@ def weight_probs(hparams: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Ten
 
 
 class NoisyTask:
-    def __init__(self, cfg: NoisyConfig, seed: int) -> None:
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: NoisyConfig, seed: int, device: str | torch.device = "cpu") -> None:
+        self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
         dtype = torch.float32
         if cfg.data_dir is None:
             ds = D.load_digits(scale=1, side=8, dtype=dtype)
@@ -130,17 +137,19 @@ class NoisyTask:
         n = len(sp.pt)
         self.noisy = torch.rand(n, generator=g) < cfg.noise_frac
         shift = torch.randint(1, 10, (n,), generator=g)  # a wrong class, uniform over the 9
-        self.y_pt = torch.where(self.noisy, (sp.pt.y + shift) % 10, sp.pt.y)
-        self.x_pt = sp.pt.x
-        self.ft = {"train": (sp.ft_train.x, sp.ft_train.y), "val": (sp.ft_val.x, sp.ft_val.y),
-                   "test": (sp.test.x, sp.test.y)}
+        dev = self.device  # everything is drawn on the CPU (same numbers), then moved
+        self.y_pt = torch.where(self.noisy, (sp.pt.y + shift) % 10, sp.pt.y).to(dev)
+        self.x_pt = sp.pt.x.to(dev)
+        self.ft = {k: (d.x.to(dev), d.y.to(dev)) for k, d in
+                   (("train", sp.ft_train), ("val", sp.ft_val), ("test", sp.test))}
         gp = torch.Generator().manual_seed(seed)
-        self.pt_params0, self.ft_head0 = init_classifier("mlp", self.side, cfg.width, cfg.depth,
-                                                         cfg.ft_mode, gp, dtype)
+        self.pt_params0, self.ft_head0 = (
+            {k: v.to(dev) for k, v in p.items()} for p in init_classifier(
+                "mlp", self.side, cfg.width, cfg.depth, cfg.ft_mode, gp, dtype))
         h = M.init_params(cfg.weight_kind, self.side, cfg.weight_width, {"w.out": 10}, gp, dtype,
                           depth=1, prefix="w")
         h["w.b"] = torch.zeros((), dtype=dtype)
-        self.hparams0 = h
+        self.hparams0 = {k: v.to(dev) for k, v in h.items()}
 
     def weights(self, hparams, idx) -> torch.Tensor:
         x, y = self.x_pt[idx], self.y_pt[idx]
@@ -180,8 +189,8 @@ class NoisyTask:
         if self.cfg.meta_batch and (i + 1) % self.cfg.P == 0:
             n = self.cfg.meta_batch
         if n >= len(self.y_pt):
-            return torch.randperm(len(self.y_pt), generator=g)
-        return torch.randint(len(self.y_pt), (n,), generator=g)
+            return torch.randperm(len(self.y_pt), generator=g).to(self.device)
+        return torch.randint(len(self.y_pt), (n,), generator=g).to(self.device)
 
     @staticmethod
     def ft_batch(j: int):
@@ -189,9 +198,7 @@ class NoisyTask:
 
     def trainer(self, meta: bool = True) -> hg.MetaPretrainer:
         cfg = self.cfg
-        if cfg.ift not in ("neumann", "adam_momentum"):
-            raise ValueError(f"`ift` must be 'neumann' or 'adam_momentum', got {cfg.ift!r}")
-        solver, extra = ift_solver(cfg.ift, cfg.neumann_iterations, cfg.pt_lr)
+        solver, extra = solver_for_ift(cfg.ift, cfg.neumann_iterations, cfg.pt_lr)
         return hg.MetaPretrainer(
             pt_loss=self.pt_loss, ft_loss=self.ft_loss, pt_params=self.pt_params0,
             ft_head=self.ft_head0, hparams=self.hparams0, encoder=self.encoder,
@@ -204,16 +211,17 @@ class NoisyTask:
 
     def all_weights(self, hparams) -> np.ndarray:
         with torch.no_grad():
-            return self.weights(hg.tree.detach(hparams), torch.arange(len(self.y_pt))).numpy()
+            idx = torch.arange(len(self.y_pt), device=self.device)
+            return self.weights(hg.tree.detach(hparams), idx).cpu().numpy()
 
     def probe_accuracy(self, pt_params) -> float:
         return probe_accuracy(pt_params, self.ft, self.cfg.act)
 
 
 def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress: bool = False,
-            callback=None) -> dict[str, Any]:
+            callback=None, device: str | torch.device = "cpu") -> dict[str, Any]:
     seed_everything(seed)
-    task = NoisyTask(cfg, seed)
+    task = NoisyTask(cfg, seed, device)
     tr = task.trainer()
     noisy = task.noisy.numpy()
     sched = cosine_lr(tr, cfg.meta_steps, cfg.meta_lr, cfg.meta_lr_final)
@@ -229,10 +237,9 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
         if callback is not None:
             callback(j, metrics)
 
-    hist = run_with_warmup(tr, cfg.warmup, cfg.meta_steps, task.pt_batch, task.ft_batch,
-                           checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
-                           checkpoint_every=cfg.checkpoint_every, progress=progress,
-                           callback=cb)
+    hist = tr.run(cfg.meta_steps, task.pt_batch, task.ft_batch, warmup=cfg.warmup,
+                  checkpoint=None if seed_dir is None else seed_dir / "ckpt.pt",
+                  checkpoint_every=cfg.checkpoint_every, progress=progress, callback=cb)
     w = task.all_weights(tr.hparams)
     res: dict[str, Any] = dict(weight_stats(w, noisy))
     res.update(
@@ -251,11 +258,12 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
 
 
 def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
-        aggregate: bool = True) -> dict[str, Any] | None:
+        aggregate: bool = True, device: str | torch.device = "cpu") -> dict[str, Any] | None:
     """Every seed, then metrics.json and the weight histograms (``aggregate=False``: the seeds
     only, as one rank of a seed-parallel run)."""
     out = Path(out)
-    results = run_seeds(out, seeds, lambda s, d: run_one(cfg, s, d, progress=progress),
+    results = run_seeds(out, seeds,
+                        lambda s, d: run_one(cfg, s, d, progress=progress, device=device),
                         progress=progress, desc="noisy-label seeds")
     if not aggregate:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_rotation", "plot_weights", "plot_exactness"]
+__all__ = ["plot_rotation", "plot_weights"]
 
 
 def _plt():
@@ -56,22 +56,4 @@ def plot_weights(clean: list[float], noisy: list[float], path: Path, title: str 
     ax.set_ylabel("PT examples")
     ax.set_title(title or "Per-example PT weights")
     ax.legend()
-    return _save(fig, path)
-
-
-def plot_exactness(cos: list[float], phi_alg: list[float], phi_exact: list[float], target: float,
-                   path: Path) -> Path:
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(cos, marker=".", lw=1)
-    a.set_ylim(-1.05, 1.05)
-    a.set_xlabel("meta step")
-    a.set_ylabel("cosine(Algorithm 1, exact)")
-    b.plot(phi_alg, label="Algorithm 1")
-    b.plot(phi_exact, label="exact (full unroll)")
-    if target is not None:
-        b.axhline(target, color="k", ls="--", lw=1)
-    b.set_xlabel("meta step")
-    b.set_ylabel("phi")
-    b.legend()
     return _save(fig, path)

@@ -12,7 +12,7 @@ The library covers Adam without momentum: ``hg.neumann(alpha=lr)`` with
 (``ift="adam_neumann"`` / ``"library_adam"`` in the tasks). This module adds Adam's momentum:
 :func:`adam_heavy_ball` (``ift="adam_momentum"``), used with the same
 ``ift_preconditioner="adam"``, which hands it ``D = 1 / (sqrt(v_hat) + eps)`` at every solve.
-:func:`ift_solver` maps the tasks' ``ift`` names to a solver and ``MetaPretrainer`` options.
+:func:`solver_for_ift` maps the tasks' ``ift`` names to a solver and ``MetaPretrainer`` options.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 import hypergrad as hg
 from hypergrad.solvers import SolveResult
 
-__all__ = ["adam_heavy_ball", "ift_solver", "IFT_NAMES"]
+__all__ = ["adam_heavy_ball", "solver_for_ift", "IFT_NAMES"]
 
 IFT_NAMES = ("neumann", "forward", "library_adam", "adam_neumann", "adam_momentum")
 
 
-def ift_solver(ift: str, iterations: int, pt_lr: float, alpha_scale: float = 1.0
+def solver_for_ift(ift: str, iterations: int, pt_lr: float, alpha_scale: float = 1.0
                ) -> tuple[Callable[..., SolveResult], dict[str, Any]]:
     """``(solver, MetaPretrainer options)`` for a task's ``ift`` name, alpha = pt_lr * scale:
 
@@ -68,7 +68,7 @@ def adam_heavy_ball(matvec, b: dict[str, torch.Tensor], *,
     m = {k: torch.zeros_like(v) for k, v in b.items()}
     r = dict(b)
     b_norm = torch.sqrt(sum((v.double() ** 2).sum() for v in b.values())).clamp_min(1e-30)
-    best, best_res = x, torch.ones((), dtype=torch.float64)
+    best, best_res = x, torch.ones((), dtype=torch.float64, device=b_norm.device)
     res = best_res
     for j in range(iterations + 1):
         if j > 0:
@@ -85,5 +85,5 @@ def adam_heavy_ball(matvec, b: dict[str, torch.Tensor], *,
         x = {k: x[k] + d[k] * m[k] for k in x}
     if bool(torch.isfinite(res)) and res <= max_residual:
         best, best_res = x, res  # the J-step response itself
-    return SolveResult(best, torch.tensor(iterations), best_res.to(b_norm.dtype),
-                       best_res <= 1e-6, {"precond": "adam-hb"})
+    return SolveResult(best, torch.tensor(iterations, device=b_norm.device),
+                       best_res.to(b_norm.dtype), best_res <= 1e-6, {"precond": "adam-hb"})

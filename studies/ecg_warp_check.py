@@ -2,10 +2,10 @@
 a few fixed warp strengths, each evaluated by (a) a linear probe on frozen features and (b)
 whole-network fine-tuning, with AUROC split into the timing and the morphology labels.
 
-    python -m tasks.ecg.warp_check --warp 0,25 --seed 0 --out runs/ecg_warpcheck
+    python -m studies.ecg_warp_check --warp 0,25 --seed 0 --out runs/ecg_warpcheck
 
 One pre-training per (warp, seed), stored under OUT (resumable); results in
-OUT/g{generator}_w{warp}_s{seed}.json.
+OUT/g3_w{warp}_s{seed}.json (g3: generator version 3, the only one kept).
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ def probe_saved(args) -> int:
     """Linear probes of a CLI run's saved SimCLR encoders (``--methods``); mean +- std over
     seeds, and every method's paired difference to the first one."""
     cfg = CONFIGS["default"]
-    task = synthetic_task(2000, 1000, version=args.generator)
+    task = synthetic_task(2000, 1000)
     ns = [int(v) for v in args.n_ft.split(",")]
     res: dict = {}
     methods = args.methods.split(",")
     for name in methods:
         for s in range(args.seeds):
             path = Path(args.pt_dir) / "pt" / f"{name}_s{s}.pt"
-            enc_state = torch.load(path, weights_only=False)["enc_state"]
+            enc_state = torch.load(path, weights_only=True)["enc_state"]
             for n in ns:
                 res.setdefault(name, {}).setdefault(n, []).append(
                     linear_probe(enc_state, task, cfg, n, s))
@@ -87,12 +87,11 @@ def probe_saved(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.ecg.warp_check")
+    p = argparse.ArgumentParser(prog="python -m studies.ecg_warp_check")
     p.add_argument("--warp", default="0,25", help="comma-separated fixed warp strengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-ft", default="100,250,500")
     p.add_argument("--ft-n", default="100", help="|D_FT| values also fine-tuned (slow)")
-    p.add_argument("--generator", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--pt-dir", help="probe the saved SimCLR pre-trainings of a CLI run instead "
                    "(DIR/pt/{method}_s*.pt) for seeds 0..--seeds-1")
@@ -105,26 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.pt_dir:
         return probe_saved(args)
     torch.set_num_threads(1)
-    from tasks.ecg.cli import _config
     from tasks.ecg.methods import finetune
+    from tasks.harness import apply_overrides
 
-    cfg = _config("default", args.set)
-    task = synthetic_task(2000, 1000, version=args.generator)
+    cfg = apply_overrides(CONFIGS["default"], args.set)
+    task = synthetic_task(2000, 1000)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ns = [int(v) for v in args.n_ft.split(",")]
     ft_ns = [int(v) for v in args.ft_n.split(",") if v]
     for w in [float(v) for v in args.warp.split(",")]:
-        key = f"g{args.generator}_w{w:g}_s{args.seed}"
+        key = f"g3_w{w:g}_s{args.seed}"  # generator version 3, the only one kept
         path = out / f"{key}.pt"
         if path.exists():
-            pt = torch.load(path, weights_only=False)
+            pt = torch.load(path, weights_only=True)
         else:
             pt = pretrain("simclr", task.x[task.pt_idx], with_overrides(cfg, warp=w), args.seed,
                           progress=False)
             pt = {"enc_state": pt["enc_state"], "wall_time": pt["wall_time"]}
             atomic_save(pt, path)
-        r = {"warp": w, "seed": args.seed, "generator": args.generator,
+        r = {"warp": w, "seed": args.seed, "generator": 3,
              "pt_wall_time": pt["wall_time"]}
         for n in ns:
             r[f"probe_n{n}"] = linear_probe(pt["enc_state"], task, cfg, n, args.seed)

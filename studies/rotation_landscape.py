@@ -6,8 +6,8 @@ solution, next to the FT-val loss there (one point of the from-scratch landscape
 passes the screen when the mean hypergradient is negative (gradient descent moves phi up,
 toward 90) at every angle in 18..60 degrees.
 
-    python -m tasks.synthetic.diagnose --set ift=neumann --angles 0,18,30,45,60
-    python -m tasks.synthetic.diagnose --warm 18 --more 500 --deltas=-12,-6,0,6,12
+    python -m studies.rotation_landscape --set ift=neumann --angles 0,18,30,45,60
+    python -m studies.rotation_landscape --warm 18 --more 500 --deltas=-12,-6,0,6,12
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import math
 import torch
 
 import hypergrad as hg
-from tasks.common import apply_overrides
-
-from .rotation import CONFIGS, build
+from tasks.harness import apply_overrides
+from tasks.synthetic.rotation import CONFIGS, build
 
 __all__ = ["screen"]
 

@@ -1,9 +1,9 @@
 """Wall time per meta step with 1 vs N processes (gloo, CPU) and the communication volume,
 on the synthetic PPI task (GIN encoder, 200 weighted PT tasks; ``tasks/ppi``).
 
-    python -m benchmarks.distributed_scaling [--nproc 2] [--steps 6] [--config synthetic|paper]
+    python -m studies.distributed_scaling [--nproc 2] [--steps 6] [--config synthetic|paper]
 
-Runs the PPI task's own data-parallel Meta-PT trainer (``tasks.ppi.methods._build_trainer``:
+Runs the PPI task's own data-parallel Meta-PT trainer (``tasks.ppi.net.build_trainer``:
 sharded batches, ``data_parallel`` losses, ``SyncBatchNorm``) under ``torchrun
 --nproc-per-node 1`` and ``N`` on the same global batches, and counts the bytes every rank
 sends to all-reduce per meta step (by wrapping ``torch.distributed.all_reduce`` inside the
@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from hypergrad import distributed as hd
-    from tasks.ppi.methods import _build_trainer
+    from tasks.ppi.net import build_trainer
 
     torch.set_num_threads(1)
     hd.init(backend="gloo", timeout_s=300)
@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
 
         dist.all_reduce = counting
     problem, s = _problem(args.config, Path(args.data))
-    trainer, pt_batch, ft_batch = _build_trainer(problem, s, 0, None, meta=not args.plain)
+    trainer, pt_batch, ft_batch = build_trainer(problem, s, 0, None, meta=not args.plain)
     trainer.run(1, pt_batch, ft_batch, progress=False)  # warm-up
     sent.update(bytes=0, calls=0)
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def launch(nproc: int, args: argparse.Namespace, plain: bool, data: Path) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "benchmarks.distributed_scaling", "--worker",
+               f"--nproc-per-node={nproc}", "-m", "studies.distributed_scaling", "--worker",
                "--out", str(out), "--steps", str(args.steps), "--config", args.config,
                "--data", str(data)] + (["--plain"] if plain else [])
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -86,32 +86,6 @@ def launch(nproc: int, args: argparse.Namespace, plain: bool, data: Path) -> dic
         if r.returncode:
             raise RuntimeError(f"torchrun with {nproc} processes failed:\n{r.stderr[-3000:]}")
         return json.loads(out.read_text())
-
-
-def markdown(result: dict) -> str:
-    """The table and summary line of one :func:`main` result (also used by benchmarks.report)."""
-    rows = {(r["processes"], r["plain"]): r for r in result["rows"]}
-    n = result["nproc"]
-    many = rows[(n, False)]
-    lines = [f"PPI synthetic task (config `{result['config']}`): GIN with {many['pt_params']} PT "
-             f"parameters, {many['phi']} task weights, P = {many['P']}, PT batch "
-             f"{many['batch_size']}, meta batch {many['meta_batch_size']} (global); load average "
-             f"{result.get('load_average', float('nan')):.1f} on the 2-core machine", "",
-             "| processes | s / outer iteration, Meta-PT | s / outer iteration, plain PT | "
-             "all-reduce MiB / outer iteration / rank | all-reduce calls |",
-             "|---|---|---|---|---|"]
-    for w in (1, n):
-        m, p = rows[(w, False)], rows[(w, True)]
-        lines.append(f"| {w} | {m['seconds_per_meta_step']:.3f} | "
-                     f"{p['seconds_per_meta_step']:.3f} | "
-                     f"{m['allreduce_bytes_per_meta_step'] / 2**20:.2f} | "
-                     f"{m['allreduce_calls_per_meta_step']:.0f} |")
-    plain_mb = rows[(n, True)]["allreduce_bytes_per_meta_step"] / 2**20
-    lines += ["", f"Meta-PT scaling efficiency with {n} processes: {result['efficiency']:.2f} "
-              f"(speed-up {result['speedup']:.2f}x); "
-              f"{many['allreduce_bytes_per_meta_step'] / 2**20:.2f} MiB all-reduced per outer "
-              f"iteration per rank (plain PT: {plain_mb:.2f})."]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
               "efficiency": speedup / args.nproc, "speedup": speedup,
               "load_average": os.getloadavg()[0],
               "rows": [{"processes": w, "plain": pl, **r} for (w, pl), r in rows.items()]}
-    print(markdown(result))
+    from benchmarks.report import distributed_markdown
+
+    print(distributed_markdown(result))
     from tasks.common import write_json
 
     write_json(args.out, result)

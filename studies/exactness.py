@@ -19,6 +19,11 @@ Two meta-training runs from the same phi_0:
 For the rotation (phi a scalar) the cosine is the sign agreement; the noisy-label weight net
 (phi a vector) gives a real cosine. Finally, the dependence of the recovered angle on K and P
 (Algorithm 1 on the main rotation setup).
+
+    python -m studies.exactness [--config paper|smoke|tiny] [--part all|cosine|kp]
+                                [--out runs/synthetic/exactness]
+
+(until issue 15 this was ``python -m tasks synthetic exactness``; same files, same numbers).
 """
 
 from __future__ import annotations
@@ -35,11 +40,10 @@ import numpy as np
 import torch
 
 import hypergrad as hg
-from tasks.common import seed_everything, write_json
-
-from . import noisy as N
-from . import rotation as R
-from .kp import kp_study
+from tasks.common import mean_std, seed_everything, write_json
+from tasks.harness import run_seeds
+from tasks.synthetic import noisy as N
+from tasks.synthetic import rotation as R
 
 __all__ = ["ExactnessConfig", "CONFIGS", "exact_and_alg1", "compare_run", "kp_study", "run"]
 
@@ -214,6 +218,74 @@ def compare_run(cfg: ExactnessConfig, progress: bool = True) -> dict[str, Any]:
     return out
 
 
+def kp_study(cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Recovered angle (Algorithm 1, main rotation setup) for each K and P, same PT budget.
+
+    ``cfg`` is an ``exactness.ExactnessConfig`` (its ``kp_*`` fields).
+
+    meta_steps = kp_pt_steps / P and the meta learning rate scales with P / 10, so phi can
+    travel the same distance per PT step in every setting (Adam moves ~lr per meta step).
+    """
+    base = dataclasses.replace(R.CONFIGS["paper"], ift="neumann")  # Algorithm 1's IFT
+    table = []
+    Ks, Ps = [int(k) for k in cfg.kp_K], [int(p) for p in cfg.kp_P]
+    grid = [(K, P) for K in Ks for P in Ps]
+    if cfg.kp_cross:  # K sweep at P0 = 10, P sweep at K0 = 1
+        P0, K0 = (10 if 10 in Ps else Ps[0]), (1 if 1 in Ks else Ks[0])
+        grid = [(K, P0) for K in Ks] + [(K0, P) for P in Ps if P != P0]
+    for K_, P_ in grid:
+        rcfg = dataclasses.replace(
+            base, K=K_, P=P_, meta_steps=max(1, cfg.kp_pt_steps // P_),
+            meta_lr=base.meta_lr * P_ / 10, meta_lr_final=base.meta_lr_final * P_ / 10,
+        )
+        if cfg.kp_pt_steps < 100:  # the tiny test configuration
+            rcfg = dataclasses.replace(R.CONFIGS["tiny"], K=K_, P=P_, ift="neumann",
+                                       meta_steps=max(1, cfg.kp_pt_steps // P_))
+        seeds = [int(s) for s in cfg.kp_seeds]
+
+        def one(seed: int, seed_dir: Path, rcfg=rcfg) -> dict[str, Any]:
+            init = rcfg.init_angles[seed % len(rcfg.init_angles)]
+            res = R.run_one(rcfg, seed, init, seed_dir, progress=False)
+            return {k: res[k] for k in ("init_angle", "phi", "error", "final_val_loss")}
+
+        res = run_seeds(out / f"K{K_}_P{P_}", seeds, one, progress=progress,
+                        desc=f"K={K_} P={P_}")
+        errs = [r["error"] for r in res]
+        m, s = mean_std(errs)
+        table.append({"K": K_, "P": P_, "meta_steps": rcfg.meta_steps,
+                      "meta_lr": rcfg.meta_lr, "seeds": seeds,
+                      "final_phi": [r["phi"] for r in res], "errors": errs,
+                      "error_mean": m, "error_std": s,
+                      "error_median": float(np.median(errs))})
+    return {"kp_table": table}
+
+
+def plot_exactness(cos: list[float], phi_alg: list[float], phi_exact: list[float], target: float,
+                   path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(cos, marker=".", lw=1)
+    a.set_ylim(-1.05, 1.05)
+    a.set_xlabel("meta step")
+    a.set_ylabel("cosine(Algorithm 1, exact)")
+    b.plot(phi_alg, label="Algorithm 1")
+    b.plot(phi_exact, label="exact (full unroll)")
+    if target is not None:
+        b.axhline(target, color="k", ls="--", lw=1)
+    b.set_xlabel("meta step")
+    b.set_ylabel("phi")
+    b.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def run(cfg: ExactnessConfig, out: Path, part: str = "all", progress: bool = True
         ) -> dict[str, Any]:
     out = Path(out)
@@ -227,8 +299,6 @@ def run(cfg: ExactnessConfig, out: Path, part: str = "all", progress: bool = Tru
             if not f.exists():
                 write_json(f, compare_run(c, progress=progress))
             metrics[f"compare_{name}"] = json.loads(f.read_text())
-        from .plots import plot_exactness
-
         J = str(int(cfg.neumann_iterations[0]))
         for name, _ in runs[:-1]:
             rot = metrics[f"compare_{name}"]
@@ -264,3 +334,28 @@ def summary(metrics: dict[str, Any]) -> str:
         lines.append(f"K={row['K']:2d} P={row['P']:2d}: |phi-90| = {row['error_mean']:.2f} +- "
                      f"{row['error_std']:.2f} (median {row['error_median']:.2f})")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m studies.exactness", description=__doc__)
+    p.add_argument("--config", default="paper", choices=sorted(CONFIGS))
+    p.add_argument("--part", default="all", choices=["all", "cosine", "kp"])
+    p.add_argument("--seed", type=int, default=None, help="data / init seed (default: config's)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default runs/synthetic/exactness[_CONFIG])")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = CONFIGS[args.config]
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    suffix = "" if args.config == "paper" else f"_{args.config}"
+    out = args.out or Path("runs/synthetic") / f"exactness{suffix}"
+    print(summary(run(cfg, out, part=args.part, progress=not args.no_progress)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,27 +1,19 @@
-"""Shared plumbing of the synthetic experiments: configs, per-seed resumable runs, schedules.
-
-Every experiment runs one independent meta-training per seed in ``out/seed<k>/``: the
-MetaPretrainer checkpoint (``ckpt.pt``) makes a killed run resume exactly, and a finished seed
-leaves ``result.json``, so a rerun skips it.
+"""What the rotation and noisy-label experiments share: batch generators, the meta learning
+rate schedule, the classifier and its linear probe (the run mechanics are in tasks/harness.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from hypergrad import tree
 from models import digits as M
-from tasks.common import write_json
 
-__all__ = ["run_seeds", "cosine_lr", "batch_generator", "time_ratio",
-           "linear_probe", "run_with_warmup", "init_classifier", "ft_logits",
+__all__ = ["cosine_lr", "batch_generator", "linear_probe", "init_classifier", "ft_logits",
            "probe_accuracy"]
 
 
@@ -46,56 +38,6 @@ def cosine_lr(trainer: Any, total: int, lr0: float, lr1: float) -> Callable[[int
     return cb
 
 
-def run_seeds(
-    out: Path, seeds: list[int], run_one: Callable[[int, Path], dict[str, Any]],
-    progress: bool = True, desc: str = "seeds",
-) -> list[dict[str, Any]]:
-    """Run ``run_one(seed, seed_dir)`` for every seed without a ``result.json``; load the rest."""
-    results = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(seeds), desc=desc)
-    for seed in seeds:
-        seed_dir = out / f"seed{seed}"
-        done = seed_dir / "result.json"
-        if done.exists():
-            res = json.loads(done.read_text())
-        else:
-            res = run_one(seed, seed_dir)
-            res["seed"] = seed
-            write_json(done, res)
-        results.append(res)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return results
-
-
-def time_ratio(make_trainer: Callable[[bool], Any], pt_batch, ft_batch, meta_steps: int,
-               repeats: int = 3) -> dict[str, float]:
-    """Wall time of meta-PT (``meta=True``) over plain PT (``meta=False``), same data and P.
-
-    Interleaved repeats; the minimum of each (the least disturbed by other load on the
-    machine) and the medians are reported.
-    """
-    t_meta, t_plain = [], []
-    for _ in range(repeats):
-        for meta, acc in ((False, t_plain), (True, t_meta)):
-            tr = make_trainer(meta)
-            t0 = time.perf_counter()
-            tr.run(meta_steps, pt_batch, ft_batch, progress=False)
-            acc.append(time.perf_counter() - t0)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {
-        "meta_pt_seconds_min": min(t_meta), "plain_pt_seconds_min": min(t_plain),
-        "ratio_min": min(t_meta) / min(t_plain), "ratio_median": med(t_meta) / med(t_plain),
-        "meta_steps": meta_steps, "repeats": repeats,
-    }
-
-
 def linear_probe(train_feats: torch.Tensor, train_y: torch.Tensor, test_feats: torch.Tensor,
                  test_y: torch.Tensor, steps: int = 300, lr: float = 1e-2,
                  weight_decay: float = 1e-4) -> float:
@@ -103,8 +45,8 @@ def linear_probe(train_feats: torch.Tensor, train_y: torch.Tensor, test_feats: t
     n_cls = int(max(train_y.max(), test_y.max())) + 1
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(n_cls, train_feats.shape[1], generator=g, dtype=train_feats.dtype) * 0.01
-         ).requires_grad_()
-    b = torch.zeros(n_cls, dtype=train_feats.dtype, requires_grad=True)
+         ).to(train_feats.device).requires_grad_()
+    b = torch.zeros(n_cls, dtype=train_feats.dtype, device=train_feats.device, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(steps):
@@ -114,23 +56,6 @@ def linear_probe(train_feats: torch.Tensor, train_y: torch.Tensor, test_feats: t
             opt.step()
     with torch.no_grad():
         return float(((test_feats @ w.T + b).argmax(1) == test_y).float().mean())
-
-
-def run_with_warmup(trainer: Any, warmup: int, meta_steps: int, pt_batch, ft_batch, *,
-                    checkpoint=None, checkpoint_every: int = 25, progress: bool = False,
-                    callback=None) -> list[dict]:
-    """``warmup`` outer iterations of plain PT (no meta step), then ``meta_steps`` of Algorithm 1.
-
-    The loop's ``meta`` flag is not checkpointed; it follows the outer-iteration counter, so a
-    run resumed in either phase continues exactly.
-    """
-    if warmup:
-        trainer.meta = False
-        trainer.run(warmup, pt_batch, ft_batch, checkpoint=checkpoint,
-                    checkpoint_every=checkpoint_every, progress=progress, callback=callback)
-    trainer.meta = True
-    return trainer.run(warmup + meta_steps, pt_batch, ft_batch, checkpoint=checkpoint,
-                       checkpoint_every=checkpoint_every, progress=progress, callback=callback)
 
 
 # --- the classifier shared by the rotation and noisy-label tasks ----------------------------

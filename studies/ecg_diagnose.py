@@ -7,7 +7,7 @@ D_FT(Meta)-train features, the strengths of a PT batch are made the hyperparamet
 signal that reaches phi through ``ds_i/dphi``. A positive mean for a group means the
 meta-gradient pushes that group's warps down.
 
-    python -m tasks.ecg.diagnose --n-ft 100 --batches 30 --out runs/ecg_diag
+    python -m studies.ecg_diagnose --n-ft 100 --batches 30 --out runs/ecg_diag
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tasks.ecg.methods import (
     _gen,
     fit_head,
     ft_bce,
-    ift_solver,
+    neumann_solver,
     pretrain,
     simclr_loss,
     with_overrides,
@@ -56,7 +56,7 @@ def per_example_hypergrads(task, cfg, pt: dict, n_ft: int, seed: int, batches: i
             lambda e, hd: ft_bce(net, e, hd, train), lambda e, hd: ft_bce(net, e, hd, val),
             pt["pt_params"], head, {"s": s0},
             encoder=lambda p: {k: v for k, v in p.items() if k.startswith("enc.")},
-            ft_steps=cfg.K, ft_lr=cfg.ft_unroll_lr, solver=ift_solver(cfg),
+            ft_steps=cfg.K, ft_lr=cfg.ft_unroll_lr, solver=neumann_solver(cfg),
         )
         for gi, v in zip(task.group[idx], res.hypergrad["s"].tolist()):
             out[GROUPS[int(gi)]].append(v)
@@ -64,7 +64,7 @@ def per_example_hypergrads(task, cfg, pt: dict, n_ft: int, seed: int, batches: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.ecg.diagnose", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m studies.ecg_diagnose", description=__doc__)
     p.add_argument("--n-ft", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", type=int, default=30)
@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-steps", type=int, default=None,
                    help="Adam steps fitting the FT head (default: the config's head_refit_steps)")
     p.add_argument("--n-pool", type=int, default=2000)
-    p.add_argument("--generator", type=int, default=3, help="synthetic generator version")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pt", help="a saved SimCLR pre-training (OUT/pt/simclr_s0.pt of the CLI) "
                    "instead of pre-training here")
@@ -81,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     cfg = with_overrides(CONFIGS[args.config], warp=args.warp, head_refit_steps=args.head_steps)
-    task = synthetic_task(args.n_pool, 100, version=args.generator)
-    pt = (torch.load(args.pt, weights_only=False) if args.pt
+    task = synthetic_task(args.n_pool, 100)
+    pt = (torch.load(args.pt, weights_only=True) if args.pt
           else pretrain("simclr", task.x[task.pt_idx], cfg, args.seed, progress=True))
     hgs = per_example_hypergrads(task, cfg, pt, args.n_ft, args.seed, args.batches)
     summary = {}
