@@ -196,7 +196,7 @@ class Health:
         >>> h = Health()
         >>> h.add("residual", torch.tensor(0.5))
         >>> h.add_finite("x", [torch.ones(3), torch.tensor([1.0, float("nan")])])
-        >>> h.add_finite("big", [torch.full((4,), 3e38)])     # the sum overflows; x is finite
+        >>> h.add_finite("big", [torch.full((4,), 3e38, dtype=torch.float32)])  # sum: inf
         >>> h.read()["residual"], h["x"], h.first_nonfinite("x"), h.first_nonfinite("big")
         (0.5, [1.0, 0.0], 1, None)
     """
