@@ -267,7 +267,7 @@ class MetaPretrainer:
         # the loop's values to read (the last PT loss) ride along: one read per outer iteration
         extra, self._pending_reads = self._pending_reads, {}
         if self.warm_start and solve is not None:
-            extra = {**extra, "warm_started": solve.stats["warm_start"]}
+            extra = {**extra, "warm_started": (solve.stats or {})["warm_start"]}
         for k, v in extra.items():
             health.add("extra:" + k, v.detach())
         health.read()  # the one host synchronisation of a meta step
