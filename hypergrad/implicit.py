@@ -145,7 +145,10 @@ def _inner_grad_norm(op: Any) -> torch.Tensor | None:
     (exact: its own gradient; finite differences: see :class:`_FiniteDifference`)."""
     if isinstance(op, _FiniteDifference):
         return op.inner_grad_norm()
-    return tree.norm(op.grad)
+    norm = getattr(op, "_inner_grad_norm", None)  # asked twice per solve: computed once
+    if norm is None:
+        norm = op._inner_grad_norm = tree.norm(op.grad)
+    return norm
 
 
 def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_failure: Any,
@@ -587,18 +590,22 @@ class _SolutionNode(torch.autograd.Function):
     fixed_point_solution."""
 
     @staticmethod
-    def forward(ctx, vjp: SolutionVJP, n: int,  # type: ignore[override]
+    def forward(ctx, vjp: SolutionVJP, n: int, copy: bool,  # type: ignore[override]
                 *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.vjp, ctx.n = vjp, n
         ctx.save_for_backward(*tensors)
-        return tuple(t.detach().clone() for t in tensors[:n])
+        if copy:
+            return tuple(t.detach().clone() for t in tensors[:n])
+        # views of the solution (internal callers): an in-place change of an output raises,
+        # and one of the solution itself fails the saved tensors' version check in backward
+        return tuple(t.view_as(t) for t in tensors[:n])
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
         tensors, n = ctx.saved_tensors, ctx.n
         sol, h = list(tensors[:n]), list(tensors[n:])
         v = [torch.zeros_like(x) if g is None else g for x, g in zip(sol, grad_outputs)]
-        return (None, None, *([None] * n), *ctx.vjp(sol, h, v))
+        return (None, None, None, *([None] * n), *ctx.vjp(sol, h, v))
 
 
 def _check_node_entry(name: str, grad_name: str, info: Any, h_flat: list[torch.Tensor]) -> None:
@@ -613,10 +620,12 @@ def _check_node_entry(name: str, grad_name: str, info: Any, h_flat: list[torch.T
         )
 
 
-def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
-    """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``."""
+def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree, copy: bool = True) -> Tree:
+    """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``; copies of
+    them, or (``copy=False``, internal callers that leave ``solution`` alone until the backward
+    ran) views of them."""
     s_flat, s_spec = tree.flatten(solution)
-    out = _SolutionNode.apply(vjp, len(s_flat), *[x.detach() for x in s_flat],
+    out = _SolutionNode.apply(vjp, len(s_flat), copy, *[x.detach() for x in s_flat],
                               *tree.leaves(hparams))
     return tree.unflatten(list(out), s_spec)
 
@@ -665,7 +674,7 @@ def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
             complete()
         return hyper
 
-    return _solution_node(vjp, params, hparams)
+    return _solution_node(vjp, params, hparams, copy=public)
 
 
 def implicit_solution(

@@ -219,6 +219,16 @@ def _select(mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return torch.bitwise_xor(xi, yi).bitwise_and_(k).bitwise_xor_(yi).view(x.dtype)
 
 
+def _select_into(mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`_select` written into ``x`` (a tensor the caller owns: no new tensor)."""
+    k = _bitmask(mask, x) if x.dtype == y.dtype and not y.requires_grad else None
+    if k is None:
+        return torch.where(mask, x, y)
+    xi, yi = x.view(k.dtype), y.view(k.dtype)
+    xi.bitwise_xor_(yi).bitwise_and_(k).bitwise_xor_(yi)
+    return x
+
+
 def _zero_one(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     k = _bitmask(mask, x)
     if k is None:
@@ -229,6 +239,12 @@ def _zero_one(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _where(mask: torch.Tensor, a: Tree, b: Tree) -> Tree:
     """``a`` where the 0-dim ``mask`` is True, else ``b``, leaf-wise (no host read)."""
     return tree.map(lambda x, y: _select(mask, x, y), a, b)
+
+
+def _where_into(mask: torch.Tensor, a: Tree, b: Tree) -> Tree:
+    """:func:`_where` written into ``a``'s tensors, which the caller owns (fresh results of its
+    own arithmetic): no new tensors (no host read)."""
+    return tree.map(lambda x, y: _select_into(mask, x, y), a, b)
 
 
 def _zero_unless(mask: torch.Tensor, a: Tree) -> Tree:

@@ -30,6 +30,7 @@ from ._common import (
     _resolve_tol,
     _validate_b,
     _where,
+    _where_into,
     _zero_unless,
 )
 
@@ -191,8 +192,9 @@ def neumann(
         ok_new = ok & torch.isfinite(big * grow)
         # the last term only feeds the residual, which ok_new sets to inf: no mask needed
         last = j == J - 2 and not exact_residual
-        p = p_new if last else _where(ok_new, p_new, p)
-        acc = _where(ok_new, acc_new, acc)
+        # p_new and acc_new are this loop's own tensors: the selection overwrites them
+        p = p_new if last else _where_into(ok_new, p_new, p)
+        acc = _where_into(ok_new, acc_new, acc)
         ok = ok_new
         spent += 1
     estimate = J >= 1 and not exact_residual
@@ -202,11 +204,18 @@ def neumann(
     r_norm = torch.sqrt(tree.vdot(p, p))
     r_norm = torch.where(ok & torch.isfinite(r_norm), r_norm, float("inf"))
     residual = torch.where(b_finite, _relative(r_norm, b_norm), float("nan"))
-    dx = tree.scale(acc if d is None else tree.map(torch.mul, d, acc), step)
+    # acc is this function's own tensor (never b or x0): scaled in place unless differentiable
+    dx = _scale_own(acc if d is None else tree.map(torch.mul, d, acc), step)
     solution = dx if x0 is None else tree.add(x0, dx)
     stats["residual_estimate"] = estimate
     stats["terms"] = J
     return SolveResult(solution, _count(spent, b_norm), residual, residual <= tol, stats)
+
+
+def _scale_own(t: Tree, s: float | torch.Tensor) -> Tree:
+    """``s t`` for a tree of tensors the caller owns: in place, unless one needs a gradient."""
+    return tree.map(lambda x: x.mul(s) if x.requires_grad or torch.is_grad_enabled() and
+                    isinstance(s, torch.Tensor) and s.requires_grad else x.mul_(s), t)
 
 
 def _max_abs(t: Tree) -> list[torch.Tensor]:
