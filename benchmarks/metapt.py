@@ -694,7 +694,7 @@ NOTE = (
 
 def section(results: Path = RESULTS) -> str:
     """The RESULTS.md section: the baseline(s), then the current ``metapt.json``."""
-    order = {"metapt_baseline": 0, "metapt_baseline_cpu": 1, "metapt": 2}
+    order = {"metapt_baseline": 0, "metapt_baseline_cpu": 1, "metapt_metastep": 2, "metapt": 3}
     files = sorted(results.glob("metapt*.json"), key=lambda f: (order.get(f.stem, 3), f.stem))
     parts = []
     for f in files:

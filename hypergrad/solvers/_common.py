@@ -247,6 +247,19 @@ def _where_into(mask: torch.Tensor, a: Tree, b: Tree) -> Tree:
     return tree.map(lambda x, y: _select_into(mask, x, y), a, b)
 
 
+def _zero_unless_into(mask: torch.Tensor, a: Tree) -> Tree:
+    """:func:`_zero_unless` written into ``a``'s tensors, which the caller owns; a tensor that
+    cannot take a bit mask (complex, or one that needs a gradient) is replaced instead."""
+    def one(x: torch.Tensor) -> torch.Tensor:
+        k = _bitmask(mask, x)
+        if k is None:
+            return torch.where(mask, x, 0.0)
+        x.view(k.dtype).bitwise_and_(k)
+        return x
+
+    return tree.map(one, a)
+
+
 def _zero_unless(mask: torch.Tensor, a: Tree) -> Tree:
     """``a`` where the 0-dim ``mask`` is True, else zeros (NaN/inf do not leak through)."""
     return tree.map(lambda x: _zero_one(mask, x), a)
