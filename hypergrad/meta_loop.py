@@ -17,6 +17,9 @@ the warm-up. History entries say which they were (``"warmup"``).
 Resumability: batches come from functions of the step index, and the checkpoint holds
 parameters, optimizer states, counters (warm-up position included), history and the global RNG
 state, so a run killed and resumed ends where an uninterrupted run with the same seed ends.
+State the losses keep themselves (the running statistics of a ``hypergrad.FunctionalModule``
+tracked during PT steps, a scheduler) joins the checkpoint through ``extra_state={name: obj}``
+(any object with ``state_dict()`` / ``load_state_dict()``).
 Checkpoints load with ``torch.load(weights_only=True)`` (a planted pickle cannot run code); an
 unreadable one raises :class:`CheckpointError` naming the file and how to start fresh.
 
@@ -130,6 +133,7 @@ class MetaPretrainer:
         warm_start_reset: float = 1.0,
         products: str = "exact",
         fd_eps: float | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> None:
         self.P = _checks.positive_int(P, "P")
         self.K = _checks.nonneg_int(K, "K")
@@ -139,6 +143,7 @@ class MetaPretrainer:
                  products=products, fd_eps=fd_eps)
         self.products = products
         self.fd_eps = None if fd_eps is None else float(fd_eps)
+        self.extra_state = _check_extra_state(extra_state)
         self.pt_loss, self.ft_loss, self.encoder = pt_loss, ft_loss, encoder
         self.ft_lr = float(ft_lr)
         self.head_only, self.meta = bool(head_only), bool(meta)
@@ -433,6 +438,7 @@ class MetaPretrainer:
             "warm_start": self._warm,
             "history": list(self.history),
             "rng": torch.get_rng_state(),
+            "extra_state": {k: v.state_dict() for k, v in self.extra_state.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -455,6 +461,12 @@ class MetaPretrainer:
         self.warmup = sd.get("warmup")
         self._warm = sd.get("warm_start")
         torch.set_rng_state(sd["rng"])
+        saved = sd.get("extra_state", {})
+        missing = sorted(set(self.extra_state) - set(saved))
+        if missing:
+            raise KeyError(f"the checkpoint has no extra_state for {missing}")
+        for k, obj in self.extra_state.items():
+            obj.load_state_dict(saved[k])
 
     def load_checkpoint(self, path: str | os.PathLike, *, warmup: int | None = None) -> None:
         """Restore the state saved at ``path`` (``torch.load(weights_only=True)``: a checkpoint
@@ -485,6 +497,21 @@ class MetaPretrainer:
             raise CheckpointError(
                 f"the checkpoint {str(path)!r} does not fit this trainer ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); {fresh}") from None
+
+
+def _check_extra_state(extra: Any) -> dict[str, Any]:
+    """``extra_state``: a dict name -> object with ``state_dict()`` and ``load_state_dict()``."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"`extra_state` must be a dict name -> object, got {type(extra).__name__}")
+    for k, v in extra.items():
+        if not isinstance(k, str) or not (callable(getattr(v, "state_dict", None))
+                                          and callable(getattr(v, "load_state_dict", None))):
+            raise TypeError(
+                f"`extra_state[{k!r}]` must have state_dict() and load_state_dict() (a "
+                f"hypergrad.FunctionalModule, an nn.Module, a scheduler), got {type(v).__name__}")
+    return dict(extra)
 
 
 def _warm_solve(solver: Callable[..., SolveResult], warm: dict[str, Tree] | None, reset: float,
