@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -145,7 +145,10 @@ def _inner_grad_norm(op: Any) -> torch.Tensor | None:
     (exact: its own gradient; finite differences: see :class:`_FiniteDifference`)."""
     if isinstance(op, _FiniteDifference):
         return op.inner_grad_norm()
-    return tree.norm(op.grad)
+    norm = getattr(op, "_inner_grad_norm", None)  # asked twice per solve: computed once
+    if norm is None:
+        norm = op._inner_grad_norm = tree.norm(op.grad)
+    return norm
 
 
 def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_failure: Any,
@@ -427,6 +430,41 @@ def _outer_grads(outer_loss: Loss, params: Tree, hparams: Tree
     return L.detach(), full[: len(p)], full[len(p):], p_spec, h_spec
 
 
+class PendingHealth(NamedTuple):
+    """The health check of an IFT solve, gathered but not yet read (internal callers that fold
+    it into their own one host read): add signals to ``health``, call ``health.read()``, then
+    ``complete()``, which raises or warns as the solve's own read would have and fills the
+    caller's ``info``. ``solve`` is the solver's result (its tensors, for the caller's use)."""
+
+    health: _checks.Health
+    solve: SolveResult
+    complete: Callable[[], None]
+
+
+def _ift_prepare(op: Any, params: Tree, rhs: Tree, solver: Callable[..., SolveResult],
+                 stationarity_tol: float | None, add: Callable[[_checks.Health], None],
+                 check: Callable[[_checks.Health], None],
+                 combine: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+                 ) -> tuple[list[torch.Tensor], _checks.Health, SolveResult,
+                            Callable[[], dict[str, Any]]]:
+    """:func:`_ift` up to its host read: the hypergradient leaves, the unread health, the
+    solve, and ``finish()`` (after ``health.read()``: raise on what the read found, return
+    ``info``)."""
+    res = _solve(op, rhs, solver, _explainer(op, add, check))
+    hyper = combine(tree.leaves(op.mixed_vjp(res.solution)))
+    stationarity = None if stationarity_tol is None else _stationarity(op, params)
+    health = _checks.Health()
+    _add_solve_health(health, op, res, hyper, stationarity)
+    add(health)
+
+    def finish() -> dict[str, Any]:
+        op._raise_nonfinite(health)
+        check(health)
+        return _diagnose(health, op, res, stationarity, stationarity_tol, solver)
+
+    return hyper, health, res, finish
+
+
 def _ift(op: Any, params: Tree, rhs: Tree, solver: Callable[..., SolveResult],
          stationarity_tol: float | None, add: Callable[[_checks.Health], None],
          check: Callable[[_checks.Health], None],
@@ -436,16 +474,10 @@ def _ift(op: Any, params: Tree, rhs: Tree, solver: Callable[..., SolveResult],
     the hypergradient leaves ``combine(w^T d2f/(dparams dhparams))``, the stationarity check,
     then the one host read (the operator's, the solve's and the caller's signals: ``add``
     records, ``check`` raises) and ``info``."""
-    res = _solve(op, rhs, solver, _explainer(op, add, check))
-    hyper = combine(tree.leaves(op.mixed_vjp(res.solution)))
-    stationarity = None if stationarity_tol is None else _stationarity(op, params)
-    health = _checks.Health()
-    _add_solve_health(health, op, res, hyper, stationarity)
-    add(health)
+    hyper, health, _, finish = _ift_prepare(op, params, rhs, solver, stationarity_tol, add,
+                                            check, combine)
     health.read()  # the one host read of this call
-    op._raise_nonfinite(health)
-    check(health)
-    return hyper, _diagnose(health, op, res, stationarity, stationarity_tol, solver)
+    return hyper, finish()
 
 
 def _implicit_grad(inner_loss: Loss, outer_loss: Loss, params: Tree, hparams: Tree, *,
@@ -558,18 +590,22 @@ class _SolutionNode(torch.autograd.Function):
     fixed_point_solution."""
 
     @staticmethod
-    def forward(ctx, vjp: SolutionVJP, n: int,  # type: ignore[override]
+    def forward(ctx, vjp: SolutionVJP, n: int, copy: bool,  # type: ignore[override]
                 *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.vjp, ctx.n = vjp, n
         ctx.save_for_backward(*tensors)
-        return tuple(t.detach().clone() for t in tensors[:n])
+        if copy:
+            return tuple(t.detach().clone() for t in tensors[:n])
+        # views of the solution (internal callers): an in-place change of an output raises,
+        # and one of the solution itself fails the saved tensors' version check in backward
+        return tuple(t.view_as(t) for t in tensors[:n])
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):  # type: ignore[override]
         tensors, n = ctx.saved_tensors, ctx.n
         sol, h = list(tensors[:n]), list(tensors[n:])
         v = [torch.zeros_like(x) if g is None else g for x, g in zip(sol, grad_outputs)]
-        return (None, None, *([None] * n), *ctx.vjp(sol, h, v))
+        return (None, None, None, *([None] * n), *ctx.vjp(sol, h, v))
 
 
 def _check_node_entry(name: str, grad_name: str, info: Any, h_flat: list[torch.Tensor]) -> None:
@@ -584,10 +620,12 @@ def _check_node_entry(name: str, grad_name: str, info: Any, h_flat: list[torch.T
         )
 
 
-def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
-    """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``."""
+def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree, copy: bool = True) -> Tree:
+    """``solution``'s values as a function of ``hparams`` whose backward is ``vjp``; copies of
+    them, or (``copy=False``, internal callers that leave ``solution`` alone until the backward
+    ran) views of them."""
     s_flat, s_spec = tree.flatten(solution)
-    out = _SolutionNode.apply(vjp, len(s_flat), *[x.detach() for x in s_flat],
+    out = _SolutionNode.apply(vjp, len(s_flat), copy, *[x.detach() for x in s_flat],
                               *tree.leaves(hparams))
     return tree.unflatten(list(out), s_spec)
 
@@ -595,7 +633,8 @@ def _solution_node(vjp: SolutionVJP, solution: Tree, hparams: Tree) -> Tree:
 def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
                     solver: Callable[..., SolveResult], on_failure: str,
                     stationarity_tol: float | None, info: dict[str, Any] | None,
-                    products: str, public: bool, fd_eps: float | None) -> Tree:
+                    products: str, public: bool, fd_eps: float | None,
+                    pending: list[PendingHealth] | None = None) -> Tree:
     p_spec, h_spec = tree.flatten(params)[1], tree.flatten(hparams)[1]
 
     def vjp(p_flat: list[torch.Tensor], h_flat: list[torch.Tensor],
@@ -615,17 +654,27 @@ def _apply_implicit(inner_loss: Loss, params: Tree, hparams: Tree, *,
                     "has a non-finite gradient (e.g. sqrt or log at 0)"
                 )
 
-        hyper, diagnosis = _ift(op, p, tree.unflatten(v, p_spec), solver, stationarity_tol,
-                                add, check, lambda mixed: [-m for m in mixed])
-        if public:
-            _warn_captured(op, stacklevel=3)
-        if info is not None:
-            info.clear()
-            info.update(diagnosis)
-        _checks.report_failure(diagnosis["reasons"], on_failure, stacklevel=3)
+        hyper, health, res, finish = _ift_prepare(
+            op, p, tree.unflatten(v, p_spec), solver, stationarity_tol, add, check,
+            lambda mixed: [-m for m in mixed])
+
+        def complete(stacklevel: int = 4) -> None:
+            diagnosis = finish()
+            if public:
+                _warn_captured(op, stacklevel=stacklevel)
+            if info is not None:
+                info.clear()
+                info.update(diagnosis)
+            _checks.report_failure(diagnosis["reasons"], on_failure, stacklevel=stacklevel)
+
+        if pending is not None:  # the caller reads the health with its own signals
+            pending.append(PendingHealth(health, res, complete))
+        else:
+            health.read()  # the one host read of the backward
+            complete()
         return hyper
 
-    return _solution_node(vjp, params, hparams)
+    return _solution_node(vjp, params, hparams, copy=public)
 
 
 def implicit_solution(
@@ -681,12 +730,15 @@ def _implicit_solution_fast(inner_loss: Loss, params: Tree, hparams: Tree, *,
                             stationarity_tol: float | None = None,
                             info: dict[str, Any] | None = None,
                             products: str = "exact",
-                            fd_eps: float | None = None) -> Tree:
+                            fd_eps: float | None = None,
+                            pending: list[PendingHealth] | None = None) -> Tree:
     """:func:`implicit_solution` for internal callers that validated their inputs (``params``
     and ``hparams`` non-empty floating tensor pytrees of one dtype/device, finite, some of
     ``hparams`` requiring grad; callables, policy, ``products`` and ``fd_eps`` checked): no
     host read in the forward, no scan for captured tensors in the backward; the backward's one
-    health read stays."""
+    health read stays, unless ``pending`` is a list: the backward then appends its
+    :class:`PendingHealth` there, unread, for the caller to read with its own signals (and
+    ``info`` is filled by ``complete()``)."""
     return _apply_implicit(inner_loss, params, hparams, solver=solver, on_failure=on_failure,
                            stationarity_tol=stationarity_tol, info=info, products=products,
-                           public=False, fd_eps=fd_eps)
+                           public=False, fd_eps=fd_eps, pending=pending)

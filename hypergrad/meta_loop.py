@@ -17,6 +17,9 @@ the warm-up. History entries say which they were (``"warmup"``).
 Resumability: batches come from functions of the step index, and the checkpoint holds
 parameters, optimizer states, counters (warm-up position included), history and the global RNG
 state, so a run killed and resumed ends where an uninterrupted run with the same seed ends.
+State the losses keep themselves (the running statistics of a ``hypergrad.FunctionalModule``
+tracked during PT steps, a scheduler) joins the checkpoint through ``extra_state={name: obj}``
+(any object with ``state_dict()`` / ``load_state_dict()``).
 Checkpoints load with ``torch.load(weights_only=True)`` (a planted pickle cannot run code); an
 unreadable one raises :class:`CheckpointError` naming the file and how to start fresh.
 
@@ -51,7 +54,7 @@ from typing import Any
 import torch
 
 from . import _checks, distributed, tree
-from .implicit import HypergradientError, HypergradientWarning
+from .implicit import HypergradientError, HypergradientWarning, PendingHealth
 from .pretraining import PretrainingHypergrad, _pretraining_hypergrad, validate
 from .solvers import SolveResult, adam_preconditioner, neumann
 from .tree import Tree
@@ -104,7 +107,7 @@ class MetaPretrainer:
 
     ``products="finite_difference"`` forms every second-order product of the meta step from
     first-order gradients (see :func:`hypergrad.pretraining_hypergrad`): for models with no
-    double backward.
+    double backward; ``fd_eps`` sets their relative step (default ``hg.default_fd_step``).
     """
 
     def __init__(
@@ -129,14 +132,18 @@ class MetaPretrainer:
         warm_start: bool = False,
         warm_start_reset: float = 1.0,
         products: str = "exact",
+        fd_eps: float | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> None:
         self.P = _checks.positive_int(P, "P")
         self.K = _checks.nonneg_int(K, "K")
         # validated once here, under these names; meta steps trust them (no re-validation)
         validate(pt_loss, ft_loss, ft_loss, pt_params, ft_head, hparams, encoder=encoder,
                  ft_steps=K, ft_lr=ft_lr, head_only=bool(head_only), solver=solver,
-                 products=products)
+                 products=products, fd_eps=fd_eps)
         self.products = products
+        self.fd_eps = None if fd_eps is None else float(fd_eps)
+        self.extra_state = _check_extra_state(extra_state)
         self.pt_loss, self.ft_loss, self.encoder = pt_loss, ft_loss, encoder
         self.ft_lr = float(ft_lr)
         self.head_only, self.meta = bool(head_only), bool(meta)
@@ -222,11 +229,18 @@ class MetaPretrainer:
         """The hypergradient the next meta step would take on these batches (nothing moves).
 
         The trees were validated when the trainer was built, so nothing is checked again here.
+        One host read (the IFT solve's health check).
         """
-        return self._hypergradient(pt_batch, ft_train_batch, ft_val_batch, {})
+        pending: list[PendingHealth] = []
+        res = self._hypergradient(pt_batch, ft_train_batch, ft_val_batch, {}, pending)
+        for p in pending:
+            p.health.read()
+            p.complete()
+        return res
 
     def _hypergradient(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any,
-                       seen: dict[str, Tree]) -> PretrainingHypergrad:
+                       seen: dict[str, Tree], pending: list[PendingHealth]
+                       ) -> PretrainingHypergrad:
         return _pretraining_hypergrad(
             lambda p, h: self.pt_loss(p, h, pt_batch),
             lambda e, hd: self.ft_loss(e, hd, ft_train_batch),
@@ -234,40 +248,42 @@ class MetaPretrainer:
             self.pt_params, self.ft_head, self.hparams,
             encoder=self.encoder, ft_steps=self.K, ft_lr=self.ft_lr,
             head_only=self.head_only, solver=self._ift_solver(seen), on_failure="ignore",
-            stationarity_tol=None, products=self.products,
+            stationarity_tol=None, products=self.products, fd_eps=self.fd_eps, pending=pending,
         )
 
     def meta_step(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any) -> dict[str, float]:
         """One hypergradient (Algorithm 1) and one meta-optimizer step; psi_FT kept online.
 
-        Every metric of the step and the finiteness of the hypergradient are gathered into one
-        tensor and read on the host once; the checks below use that copy.
+        Every metric of the step, the finiteness of the hypergradient and the IFT solve's
+        whole health check are gathered into one tensor and read on the host once; the checks
+        below use that copy.
         """
         seen: dict[str, Tree] = {}
-        res = self._hypergradient(pt_batch, ft_train_batch, ft_val_batch, seen)
-        solve = res.info.get("solve")
+        pending: list[PendingHealth] = []
+        res = self._hypergradient(pt_batch, ft_train_batch, ft_val_batch, seen, pending)
         hyper = tree.leaves(res.hypergrad)
-        dt = res.val_loss.dtype
-        nan = torch.full((), float("nan"), dtype=dt, device=res.val_loss.device)
-        residual = solve.residual_norm.to(dt) if solve is not None else nan
-        # NaN/inf anywhere makes a leaf's sum NaN/inf (one cheap reduction per leaf; on CPU
-        # isfinite(x).all() costs ~50 sums). A finite leaf whose sum overflows is flagged too:
-        # a hypergradient or head of that size is no better.
-        finite = torch.isfinite(torch.stack([g.sum() for g in hyper + tree.leaves(res.ft_head)])
-                                ).all()
+        # the IFT's health check (no solve: val_loss does not reach phi) and ours, read together
+        health = pending[0].health if pending else _checks.Health()
+        solve = pending[0].solve if pending else None
+        health.add("meta:val_loss", res.val_loss)
+        health.add("meta:hypergrad_norm", tree.norm(res.hypergrad))
+        # NaN/inf anywhere in the hypergradient or the new head (one sum per leaf)
+        health.add_finite("meta:finite", hyper + tree.leaves(res.ft_head))
         # the loop's values to read (the last PT loss) ride along: one read per outer iteration
         extra, self._pending_reads = self._pending_reads, {}
         if self.warm_start and solve is not None:
-            extra = {**extra, "warm_started": solve.stats["warm_start"]}
-        values = torch.stack(
-            [res.val_loss, tree.norm(res.hypergrad).to(dt), residual, finite.to(dt),
-             *[v.detach().to(dt) for v in extra.values()]]
-        ).tolist()  # the one host synchronisation of a meta step
-        val_loss, hnorm, residual_f, finite_f = values[:4]
-        self._read = dict(zip(extra, values[4:]))
+            extra = {**extra, "warm_started": (solve.stats or {})["warm_start"]}
+        for k, v in extra.items():
+            health.add("extra:" + k, v.detach())
+        health.read()  # the one host synchronisation of a meta step
+        for p in pending:
+            p.complete()  # the IFT's own findings (errors naming a NaN/inf input first)
+        val_loss, hnorm = health["meta:val_loss"], health["meta:hypergrad_norm"]
+        residual_f = health.get("residual_norm", float("nan"))
+        self._read = {k: health["extra:" + k] for k in extra}
         warm_started = self._read.pop("warm_started", None)
         self._check_solve(residual_f, solve is not None)
-        if finite_f != 1.0:
+        if health.first_nonfinite("meta:finite") is not None:
             raise FloatingPointError(
                 f"non-finite hypergradient or FT head at meta step {self.meta_steps_done}; "
                 "lower the ft_lr, the "
@@ -422,6 +438,7 @@ class MetaPretrainer:
             "warm_start": self._warm,
             "history": list(self.history),
             "rng": torch.get_rng_state(),
+            "extra_state": {k: v.state_dict() for k, v in self.extra_state.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -444,6 +461,12 @@ class MetaPretrainer:
         self.warmup = sd.get("warmup")
         self._warm = sd.get("warm_start")
         torch.set_rng_state(sd["rng"])
+        saved = sd.get("extra_state", {})
+        missing = sorted(set(self.extra_state) - set(saved))
+        if missing:
+            raise KeyError(f"the checkpoint has no extra_state for {missing}")
+        for k, obj in self.extra_state.items():
+            obj.load_state_dict(saved[k])
 
     def load_checkpoint(self, path: str | os.PathLike, *, warmup: int | None = None) -> None:
         """Restore the state saved at ``path`` (``torch.load(weights_only=True)``: a checkpoint
@@ -474,6 +497,21 @@ class MetaPretrainer:
             raise CheckpointError(
                 f"the checkpoint {str(path)!r} does not fit this trainer ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); {fresh}") from None
+
+
+def _check_extra_state(extra: Any) -> dict[str, Any]:
+    """``extra_state``: a dict name -> object with ``state_dict()`` and ``load_state_dict()``."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"`extra_state` must be a dict name -> object, got {type(extra).__name__}")
+    for k, v in extra.items():
+        if not isinstance(k, str) or not (callable(getattr(v, "state_dict", None))
+                                          and callable(getattr(v, "load_state_dict", None))):
+            raise TypeError(
+                f"`extra_state[{k!r}]` must have state_dict() and load_state_dict() (a "
+                f"hypergrad.FunctionalModule, an nn.Module, a scheduler), got {type(v).__name__}")
+    return dict(extra)
 
 
 def _warm_solve(solver: Callable[..., SolveResult], warm: dict[str, Tree] | None, reset: float,

@@ -210,6 +210,23 @@ class FunctionalModule:
         with torch.no_grad(), self.tracking():
             return self._run(True, params, hparams, args, kwargs)
 
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The state this object carries: ``{"buffers": fm.buffers}`` (detached copies; params
+        and hparams belong to the caller). For checkpoints (``MetaPretrainer(extra_state=)``)."""
+        return {"buffers": {n: b.detach().clone() for n, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s buffers (the same names and shapes)."""
+        bufs = state.get("buffers") if isinstance(state, Mapping) else None
+        if not isinstance(bufs, Mapping) or set(bufs) != set(self.buffers):
+            got = sorted(bufs) if isinstance(bufs, Mapping) else type(bufs).__name__
+            raise ValueError(f"`state` must hold the buffers {sorted(self.buffers)}, got {got}")
+        for n, b in bufs.items():
+            if tuple(b.shape) != tuple(self.buffers[n].shape):
+                raise ValueError(f"buffer {n!r} has shape {tuple(b.shape)}, expected "
+                                 f"{tuple(self.buffers[n].shape)}")
+        self.buffers = {n: bufs[n].detach().clone().to(self.buffers[n]) for n in self.buffers}
+
     def to_module(self, params: Mapping[str, torch.Tensor],
                   hparams: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """Copy ``params``, the module's ``hparams`` (if selected) and ``fm.buffers`` into the

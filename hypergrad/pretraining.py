@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _checks, tree
-from .implicit import _implicit_solution_fast
+from .implicit import PendingHealth, _implicit_solution_fast
 from .solvers import SolveResult, neumann
 from .tree import Tree
 from .unroll import _unroll, gradient_step
@@ -72,6 +72,7 @@ def pretraining_hypergrad(
     on_failure: str = "ignore",
     stationarity_tol: float | None = None,
     products: str = "exact",
+    fd_eps: float | None = None,
 ) -> PretrainingHypergrad:
     """One hypergradient of Algorithm 1 (Raghu et al. 2021).
 
@@ -100,18 +101,56 @@ def pretraining_hypergrad(
             differences of first-order gradients (:class:`hypergrad.FiniteDifferenceOperator`),
             so Algorithm 1 runs on models with no double backward (fused attention kernels,
             compiled losses). The FT unroll then runs its adjoint recursion explicitly.
+        fd_eps: the relative step of those finite differences (only with
+            ``products="finite_difference"``), as in :func:`hypergrad.implicit_grad`.
 
     Inputs are validated here, once, under these names; the library calls inside trust them.
-    Host reads: one at the entry (finiteness of the three trees) and one in the IFT backward
-    (its health check; ``info["health"]`` holds the solve's numbers as Python floats).
+    One host read in all: the finiteness of the three trees is read together with the IFT
+    backward's health check (``info["health"]`` holds the solve's numbers as Python floats),
+    and a NaN/inf input raises the same ``ValueError`` naming it, before any other finding.
     """
     validate(pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
              ft_steps=ft_steps, ft_lr=ft_lr, head_only=head_only, solver=solver,
-             on_failure=on_failure, stationarity_tol=stationarity_tol, products=products)
-    return _pretraining_hypergrad(
-        pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
-        ft_steps=ft_steps, ft_lr=float(ft_lr), head_only=head_only, solver=solver,
-        on_failure=on_failure, stationarity_tol=stationarity_tol, products=products)
+             on_failure=on_failure, stationarity_tol=stationarity_tol, products=products,
+             fd_eps=fd_eps, finite=False)
+    trees = {"pt_params": pt_params, "ft_head": ft_head, "hparams": hparams}
+    pending: list[PendingHealth] = []
+    try:
+        res = _pretraining_hypergrad(
+            pt_loss, ft_loss, val_loss, pt_params, ft_head, hparams, encoder=encoder,
+            ft_steps=ft_steps, ft_lr=float(ft_lr), head_only=head_only, solver=solver,
+            on_failure=on_failure, stationarity_tol=stationarity_tol, products=products,
+            fd_eps=fd_eps, pending=pending)
+    except Exception as e:  # a NaN/inf input is the cause to report, if there is one
+        health = _checks.Health()
+        _add_entry_health(health, trees)
+        health.read()
+        _raise_entry_nonfinite(health, trees, e)
+        raise
+    health = pending[0].health if pending else _checks.Health()
+    _add_entry_health(health, trees)
+    health.read()  # the one host read of the call
+    _raise_entry_nonfinite(health, trees)
+    for p in pending:
+        p.complete()
+    return res
+
+
+def _add_entry_health(health: _checks.Health, trees: dict[str, Tree]) -> None:
+    for name, t in trees.items():
+        health.add_finite("entry:" + name, tree.leaves(t))
+
+
+def _raise_entry_nonfinite(health: _checks.Health, trees: dict[str, Tree],
+                           cause: BaseException | None = None) -> None:
+    """The entry's ``ValueError`` for the first input tree with a NaN/inf leaf, if any."""
+    for name, t in trees.items():
+        k = health.first_nonfinite("entry:" + name)
+        if k is not None:
+            raise ValueError(
+                f"`{name}` leaf {_leaf_name(t, k)} (shape {tuple(tree.leaves(t)[k].shape)}) "
+                "contains NaN or inf; a hypergradient at non-finite values is meaningless"
+            ) from cause
 
 
 _POLICIES = ("warn", "raise", "ignore")
@@ -122,7 +161,7 @@ def validate(
     pt_loss: Any, ft_loss: Any, val_loss: Any, pt_params: Any, ft_head: Any, hparams: Any, *,
     encoder: Any = None, ft_steps: Any = 1, ft_lr: Any = 1e-2, head_only: Any = True,
     solver: Any = None, on_failure: Any = "ignore", stationarity_tol: Any = None,
-    products: Any = "exact", finite: bool = True,
+    products: Any = "exact", fd_eps: Any = None, finite: bool = True,
 ) -> None:
     """The checks of :func:`pretraining_hypergrad`'s entry (internal; also used by
     :class:`hypergrad.MetaPretrainer`), each naming the argument as the caller spelled it.
@@ -143,6 +182,13 @@ def validate(
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
     if not isinstance(products, str) or products not in PRODUCTS:
         raise ValueError(f"`products` must be one of {PRODUCTS}, got {products!r}")
+    if fd_eps is not None:
+        _checks.positive_number(fd_eps, "fd_eps")
+        if products != "finite_difference":
+            raise ValueError(
+                '`fd_eps` is the step of finite-difference products: pass it with '
+                f'products="finite_difference" (got products={products!r}), or drop it'
+            )
     trees = {"pt_params": pt_params, "ft_head": ft_head, "hparams": hparams}
     flat = {name: _checks.tensor_tree(t, name) for name, t in trees.items()}
     ref = flat["pt_params"][0]
@@ -200,21 +246,26 @@ def _pretraining_hypergrad(
     on_failure: str,
     stationarity_tol: float | None,
     products: str = "exact",
+    fd_eps: float | None = None,
+    pending: list[PendingHealth] | None = None,
 ) -> PretrainingHypergrad:
     """:func:`pretraining_hypergrad` on inputs already validated: no checks, and no host read
-    but the IFT backward's one health read."""
+    but the IFT backward's one health read; with a list as ``pending`` not even that: the
+    backward's :class:`~hypergrad.implicit.PendingHealth` is appended there for the caller to
+    read with its own signals and complete (``info`` is empty until then)."""
     h = tree.detach(hparams, requires_grad=True)
     info: dict[str, Any] = {}
     # theta_PT as a function of phi through the IFT (values unchanged, backward = Eq. 3).
     theta = _implicit_solution_fast(
         _named(pt_loss, "pt_loss"), tree.detach(pt_params), h, solver=solver or default_solver,
         on_failure=on_failure, stationarity_tol=stationarity_tol, info=info, products=products,
+        fd_eps=fd_eps, pending=pending,
     )
     enc = encoder(theta) if encoder is not None else theta
     head0 = tree.detach(ft_head)
     ft = _named(ft_loss, "ft_loss")
     if products == "finite_difference":
-        enc_k, head_k = _first_order_unroll(ft, enc, head0, ft_steps, ft_lr, head_only)
+        enc_k, head_k = _first_order_unroll(ft, enc, head0, ft_steps, ft_lr, head_only, fd_eps)
     elif head_only:
         # theta_FT(k+1) = theta_FT(k) for the encoder; psi(k+1) = psi(k) - lr dL_FT/dpsi.
         # The encoder enters the step as a constant of the unroll ("hparams" of the step).
@@ -280,16 +331,16 @@ class _FirstOrderUnroll(torch.autograd.Function):
         if cfg["head_only"]:
             g_enc = [torch.zeros_like(x) for x in tree.leaves(ctx.enc)]
             for head in reversed(ctx.states):
-                op = FiniteDifferenceOperator(
+                op = FiniteDifferenceOperator._internal(  # inputs checked at the entry
                     lambda h, e: ft(e, h), tree.unflatten(head, cfg["head_spec"]), ctx.enc, (),
-                    name="ft_loss")
+                    name="ft_loss", eps=cfg["eps"])
                 u_tree = tree.unflatten(u, cfg["head_spec"])
                 g_enc = [g - lr * m for g, m in zip(g_enc, tree.leaves(op.mixed_vjp(u_tree)))]
                 u = [a - lr * b for a, b in zip(u, tree.leaves(op(u_tree)))]
             return (None, *g_enc, *u)
         for s in reversed(ctx.states):
-            op = FiniteDifferenceOperator(lambda x: ft(*_split(cfg, x)), s, None, (),
-                                          name="ft_loss")
+            op = FiniteDifferenceOperator._internal(lambda x: ft(*_split(cfg, x)), s, None, (),
+                                                    name="ft_loss", eps=cfg["eps"])
             u = [a - lr * b for a, b in zip(u, op(u))]
         return (None, *u[:n], *u[n:])
 
@@ -312,7 +363,8 @@ def _gd_step(loss: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.T
 
 
 def _first_order_unroll(ft: Callable[[Tree, Tree], torch.Tensor], enc: Tree, head: Tree,
-                        steps: int, lr: float, head_only: bool) -> tuple[Tree, Tree]:
+                        steps: int, lr: float, head_only: bool, eps: float | None = None
+                        ) -> tuple[Tree, Tree]:
     """(encoder, head) after ``steps`` FT steps, differentiable in ``enc`` and ``head`` with
     first-order gradients only (see :class:`_FirstOrderUnroll`)."""
     if steps == 0:
@@ -320,7 +372,7 @@ def _first_order_unroll(ft: Callable[[Tree, Tree], torch.Tensor], enc: Tree, hea
     e_flat, e_spec = tree.flatten(enc)
     h_flat, h_spec = tree.flatten(head)
     cfg = {"ft": ft, "lr": lr, "steps": steps, "head_only": head_only, "n_enc": len(e_flat),
-           "enc_spec": e_spec, "head_spec": h_spec}
+           "enc_spec": e_spec, "head_spec": h_spec, "eps": eps}
     out = list(_FirstOrderUnroll.apply(cfg, *e_flat, *h_flat))
     if head_only:
         return enc, tree.unflatten(out, h_spec)

@@ -310,3 +310,41 @@ def test_meta_pretrainer_takes_products():
     with pytest.raises(ValueError, match="`products`"):
         hg.MetaPretrainer(pt_loss=lambda a, b, _: pt_loss(a, b), ft_loss=lambda *a: 0,
                           pt_params=p, ft_head=head, hparams=h, products="approx")
+
+
+def test_fd_eps_reaches_every_finite_difference_product(monkeypatch):
+    """``fd_eps=`` is the step of the IFT's products and of the FT unroll's backward alike, on
+    pretraining_hypergrad and MetaPretrainer; with exact products it is refused by name."""
+    pt_loss, ft_loss, val_loss, p, head, h = _problem(seed=23)
+    seen = []
+    internal = hg.FiniteDifferenceOperator._internal.__func__
+
+    def spy(cls, fn, params, hparams, args=(), **kw):
+        seen.append((kw.get("name"), kw.get("eps")))
+        return internal(cls, fn, params, hparams, args, **kw)
+
+    monkeypatch.setattr(hg.FiniteDifferenceOperator, "_internal", classmethod(spy))
+    kw = dict(encoder=lambda t: {"w": t["w"]}, ft_steps=1, ft_lr=0.3,
+              solver=functools.partial(hg.neumann, iterations=3, alpha=0.1))
+    for head_only in (True, False):
+        seen.clear()
+        a = hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h, head_only=head_only,
+                                     products="finite_difference", fd_eps=1e-2, **kw)
+        assert {n for n, _ in seen} == {"inner_loss", "ft_loss"} and all(
+            e == 1e-2 for _, e in seen), seen
+        b = hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h, head_only=head_only,
+                                     products="finite_difference", **kw)
+        assert not torch.equal(a.hypergrad["phi"], b.hypergrad["phi"])  # another step
+    seen.clear()
+    tr = hg.MetaPretrainer(pt_loss=lambda a, b, _: pt_loss(a, b),
+                           ft_loss=lambda e, hd, which: (ft_loss if which else val_loss)(e, hd),
+                           pt_params=p, ft_head=head, hparams=h, encoder=lambda t: {"w": t["w"]},
+                           products="finite_difference", fd_eps=1e-2, P=1, K=1, ft_lr=0.1)
+    tr.run(1, lambda i: None, lambda j: (1, 0), progress=False)
+    assert {n for n, _ in seen} == {"inner_loss", "ft_loss"} and all(e == 1e-2 for _, e in seen)
+    with pytest.raises(ValueError, match='`fd_eps`.*products="finite_difference"'):
+        hg.pretraining_hypergrad(pt_loss, ft_loss, val_loss, p, head, h, fd_eps=1e-2, **kw)
+    with pytest.raises(ValueError, match="`fd_eps`"):
+        hg.MetaPretrainer(pt_loss=lambda a, b, _: pt_loss(a, b), ft_loss=lambda *a: 0,
+                          pt_params=p, ft_head=head, hparams=h, products="finite_difference",
+                          fd_eps=-1.0)

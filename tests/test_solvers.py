@@ -486,3 +486,24 @@ def test_neumann_auto_alpha_stays_a_tensor_and_non_finite_b_is_flagged_not_raise
                      iterations=10, alpha=0.1)
     assert not bool(bad.converged) and math.isnan(float(bad.residual_norm))
     assert hg.tree.all_finite(bad.solution)
+
+
+@pytest.mark.parametrize("J", [1, 2, 5])
+def test_neumann_non_finite_start_returns_the_start_and_never_touches_b(J):
+    """A NaN/inf in b (or in b - A x0) gives x0 (or 0) exactly, with a NaN residual; b itself
+    is never written (the masks work on the solver's own tensors only)."""
+    A = spd(6, cond=4.0, seed=19)
+    b = torch.tensor([1.0, float("nan"), 0, 0, 0, 0], dtype=torch.float64)
+    before = b.clone()
+    res = hg.neumann(lambda v: A @ v, b, iterations=J, alpha=0.1)
+    assert torch.equal(res.solution, torch.zeros(6, dtype=torch.float64))
+    assert math.isnan(float(res.residual_norm)) and not bool(res.converged)
+    assert torch.equal(b.nan_to_num(7.0), before.nan_to_num(7.0))
+    x0 = torch.ones(6, dtype=torch.float64)
+    res = hg.neumann(lambda v: {"w": A @ v["w"]}, {"w": b}, iterations=J, alpha=0.1,
+                     x0={"w": x0})
+    assert torch.equal(res.solution["w"], x0)
+    good = rhs(6)
+    kept = good.clone()
+    hg.neumann(lambda v: A @ v, good, iterations=J, alpha=0.1)
+    assert torch.equal(good, kept)

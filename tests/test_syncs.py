@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 
 import pytest
 import torch
@@ -22,8 +24,9 @@ _READS = ("__bool__", "__float__", "__int__", "item", "tolist")
 
 
 @contextlib.contextmanager
-def count_syncs():
-    """Count calls of the value-reading tensor methods inside the block."""
+def count_syncs(skip_optim: bool = False):
+    """Count calls of the value-reading tensor methods inside the block; with ``skip_optim``
+    not those made by torch.optim (Adam keeps its step counter on the CPU: no device sync)."""
     calls: list[str] = []
     saved = {name: getattr(torch.Tensor, name) for name in _READS}
 
@@ -31,7 +34,9 @@ def count_syncs():
         original = saved[name]
 
         def read(self, *args, **kwargs):
-            calls.append(name)
+            where = sys._getframe(1).f_code.co_filename
+            if not (skip_optim and f"torch{os.sep}optim" in where):
+                calls.append(name)
             return original(self, *args, **kwargs)
 
         return read
@@ -260,3 +265,96 @@ def test_forward_hypergrad_reads_twice_whatever_its_length_and_step_jvp_once():
     with count_syncs() as calls:
         hg.step_jvp(step, prob.params, prob.hparams, z, {"h": torch.eye(3, dtype=z["x"].dtype)})
     assert calls == ["tolist"]
+
+
+# ---- Algorithm 1: one host read per hypergradient and per meta step (issue 17) --------------
+def _two_stage(seed: int = 0):
+    """A small two-stage problem: a 2-layer encoder, a PT head with per-task weights phi, and an
+    FT head on the encoder's features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 5, generator=g)
+    y_pt, y_ft = torch.randn(16, 3, generator=g), torch.randn(16, 2, generator=g)
+    params = {"enc": 0.3 * torch.randn(4, 5, generator=g),
+              "pt": 0.3 * torch.randn(3, 4, generator=g)}
+    head = {"w": 0.3 * torch.randn(2, 4, generator=g)}
+    hparams = {"logit": torch.zeros(3)}
+
+    def pt_loss(p, h, b):
+        per_task = ((torch.tanh(x[b] @ p["enc"].T) @ p["pt"].T - y_pt[b]) ** 2).mean(0)
+        return (2 * torch.sigmoid(h["logit"]) * per_task).mean()
+
+    def ft_loss(e, hd, b):
+        return ((torch.tanh(x[b] @ e["enc"].T) @ hd["w"].T - y_ft[b]) ** 2).mean()
+
+    return pt_loss, ft_loss, params, head, hparams
+
+
+@pytest.mark.parametrize("products", ["exact", "finite_difference"])
+@pytest.mark.parametrize("head_only", [True, False])
+def test_pretraining_hypergrad_reads_once_its_entry_check_included(products, head_only):
+    """The finiteness of pt_params, ft_head and hparams rides on the IFT backward's health read."""
+    pt_loss, ft_loss, params, head, hparams = _two_stage()
+    b = torch.arange(16)
+    with count_syncs() as calls:
+        res = hg.pretraining_hypergrad(
+            lambda p, h: pt_loss(p, h, b), lambda e, hd: ft_loss(e, hd, b),
+            lambda e, hd: ft_loss(e, hd, b), params, head, hparams,
+            encoder=lambda p: {"enc": p["enc"]}, head_only=head_only, products=products,
+            solver=functools.partial(hg.neumann, iterations=3, alpha=0.1))
+    assert calls == ["tolist"], calls
+    assert res.info["health"]["iterations"] == 2.0  # info is complete after the one read
+
+
+def test_pretraining_hypergrad_still_names_a_nan_input_first():
+    pt_loss, ft_loss, params, head, hparams = _two_stage()
+    b = torch.arange(16)
+    bad = {**head, "w": head["w"].clone()}
+    bad["w"][0, 0] = float("nan")
+    for solver in (functools.partial(hg.neumann, iterations=3, alpha=0.1), hg.cg):
+        with pytest.raises(ValueError, match=r"`ft_head` leaf 'w' \(shape \(2, 4\)\) contains NaN"):
+            hg.pretraining_hypergrad(
+                lambda p, h: pt_loss(p, h, b), lambda e, hd: ft_loss(e, hd, b),
+                lambda e, hd: ft_loss(e, hd, b), params, bad, hparams,
+                encoder=lambda p: {"enc": p["enc"]}, solver=solver)
+
+
+@pytest.mark.parametrize("products", ["exact", "finite_difference"])
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_a_meta_step_reads_the_device_exactly_once(products, warm_start):
+    """Issue 17's target: every metric of a meta step, the last PT loss and the IFT solve's
+    health check in one read; a PT step reads nothing."""
+    pt_loss, ft_loss, params, head, hparams = _two_stage()
+    tr = hg.MetaPretrainer(pt_loss=pt_loss, ft_loss=ft_loss, pt_params=params, ft_head=head,
+                           hparams=hparams, encoder=lambda p: {"enc": p["enc"]}, P=2, K=1,
+                           products=products, warm_start=warm_start)
+    batch = torch.arange(8)
+    tr.run(1, lambda i: batch, lambda j: (batch, batch + 8), progress=False)
+    with count_syncs(skip_optim=True) as pt:
+        tr.pt_step(batch)
+    with count_syncs(skip_optim=True) as meta:
+        m = tr.meta_step(batch, batch, batch + 8)
+    assert pt == [] and meta == ["tolist"], (pt, meta)
+    assert {"val_loss", "hypergrad_norm", "solve_residual"} <= set(m)
+    with count_syncs(skip_optim=True) as outer:
+        tr.run(2, lambda i: batch, lambda j: (batch, batch + 8), progress=False)
+    assert outer == ["tolist"]  # a whole outer iteration, its PT losses included
+
+
+def test_health_flags_cost_one_sum_and_are_confirmed_exactly():
+    """A finiteness flag is a leaf's sum; one that overflows is confirmed with isfinite before it
+    is reported, so a finite leaf is never called non-finite (the extra read: failure path)."""
+    from hypergrad._checks import Health
+
+    h = Health()
+    big = torch.full((8,), 3e38, dtype=torch.float32)  # finite, but its sum overflows
+    nan = torch.tensor([1.0, float("nan")])
+    h.add_finite("x", [torch.ones(2), big, nan, torch.tensor([float("inf")])])
+    with count_syncs() as calls:
+        h.read()
+    assert h["x"] == [1.0, 1.0, 0.0, 0.0] and h.first_nonfinite("x") == 2
+    assert calls.count("tolist") == 1 and len(calls) == 4  # + 3 confirmations, failure path
+    ok = Health()
+    ok.add_finite("x", [torch.ones(2), torch.zeros(3, dtype=torch.float16)])
+    with count_syncs() as calls:
+        ok.read()
+    assert calls == ["tolist"] and ok.first_nonfinite("x") is None

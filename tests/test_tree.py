@@ -40,7 +40,10 @@ def test_arithmetic_matches_flat_vectors():
     torch.testing.assert_close(flat(tree.sub(a, b)), fa - fb, rtol=0, atol=0)
     torch.testing.assert_close(flat(tree.scale(a, -2.5)), -2.5 * fa, rtol=0, atol=0)
     torch.testing.assert_close(flat(tree.scale(a, torch.tensor(3.0))), 3 * fa, rtol=0, atol=0)
-    torch.testing.assert_close(flat(tree.axpy(0.75, a, b)), 0.75 * fa + fb, rtol=0, atol=0)
+    # one fused pass (y + alpha x rounded once per element, as torch.add(y, x, alpha=))
+    torch.testing.assert_close(flat(tree.axpy(0.75, a, b)), torch.add(fb, fa, alpha=0.75),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(flat(tree.axpy(0.75, a, b)), 0.75 * fa + fb)
     torch.testing.assert_close(tree.vdot(a, b), fa @ fb, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(tree.norm(a), fa.norm(), rtol=1e-14, atol=0)
     assert tree.vdot(a, b).shape == () and tree.norm(a).shape == ()
