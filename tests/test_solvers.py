@@ -434,8 +434,10 @@ def test_cg_stagnation_flag():
     B = spd(200, cond=30.0, seed=5)  # converging at ~2x per 4 steps, not done in 30
     going = hg.cg(lambda v: B @ v, rhs(200), maxiter=30, tol=1e-14)
     assert not bool(going.converged) and not bool(going.stats["stagnated"])
-    assert bool(stuck.stats["nonpositive_curvature"])  # singular: p^T A p <= 0 by rounding
-    assert abs(float(stuck.stats["min_rayleigh"])) < 1e-12  # the measured curvature floor
+    # singular: the measured curvature floor is zero to rounding (its sign is rounding's: -1.9e-16
+    # or +1.9e-16 depending on how the eigenvalues were computed, so nonpositive_curvature is not
+    # a property of this matrix)
+    assert abs(float(stuck.stats["min_rayleigh"])) < 1e-12
 
 
 # ---- neumann: J terms for J - 1 matvecs, warm start (issue 17) -------------------------------
