@@ -70,39 +70,31 @@ class ForwardModeTrainer(hg.MetaPretrainer):
         keys = list(self.pt_params)
         params = [self.pt_params[k] for k in keys]
         (hk, h0), = self.hparams.items()
-        if self.pt_split is None:
-            hp, u = {hk: h0.detach()}, torch.ones_like(h0)
-            loss_fn = lambda p, h: self.pt_loss(dict(zip(keys, p)), h, batch)  # noqa: E731
-        else:
-            inputs, loss_x = self.pt_split
-            x, u = inputs(tree.detach(self.hparams), batch)
-            hp = {"x": x.detach()}
-            loss_fn = lambda p, h: loss_x(dict(zip(keys, p)), h["x"], batch)  # noqa: E731
+        inputs, loss_x = self.pt_split or ((lambda h, b: (h[hk], torch.ones_like(h0))),
+                                           (lambda p, x, b: self.pt_loss(p, {hk: x}, b)))
+        x, u = inputs(tree.detach(self.hparams), batch)  # U = dx/dphi: one direction
         seen: list[torch.Tensor] = []
 
         def loss(p: list[torch.Tensor], h: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = loss_fn(p, h)
-            seen.append(out.detach())
-            return out
+            seen.append(loss_x(dict(zip(keys, p)), h["x"], batch))
+            return seen[0]
 
         st = [self.pt_opt.state[p] for p in params]
-        for s, p in zip(st, params):
-            if not s:  # torch.optim.Adam's fresh state
-                s.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                         exp_avg_sq=torch.zeros_like(p))
+        for s, p in zip(st, params):  # torch.optim.Adam's fresh state, if none yet
+            s or s.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                          exp_avg_sq=torch.zeros_like(p))
         adam0 = self._adam.init([p.detach() for p in params])
-        # the count in the parameters' dtype: float64 bias corrections in a float64 run
+        # the count in the parameters' dtype and device: float64 bias corrections in float64
         adam = adam0[0]._replace(mu=[s["exp_avg"] for s in st], nu=[s["exp_avg_sq"] for s in st],
-                                 count=[s["step"].to(p.dtype) for s, p in zip(st, params)])
+                                 count=[s["step"].to(p) for s, p in zip(st, params)])
         state = ([p.detach() for p in params], (adam, *adam0[1:]))
         d = self.tangent_decay
         zs = [[d * getattr(self, n)[k][None] for k in keys] for n in _TANGENTS]
         z_state = (zs[0], (adam._replace(mu=zs[1], nu=zs[2],
-                                         count=[torch.zeros(1) for _ in keys]), *adam0[1:]))
-        step = hg.optimizer_step(loss, self._adam)
-        u_tree = {k: u.detach()[None] for k in hp}  # U: one direction, d hp / d phi
+                                         count=[p.new_zeros(1) for p in params]), *adam0[1:]))
         (new_p, (new_adam, *_)), (z_p, (z_adam, *_)) = hg.step_jvp(
-            step, state, hp, z_state, u_tree, self.pt_steps_done)
+            hg.optimizer_step(loss, self._adam), state, {"x": x.detach()}, z_state,
+            {"x": u.detach()[None]}, self.pt_steps_done)
         with torch.no_grad():
             for i, (k, p, s) in enumerate(zip(keys, params, st)):
                 p.copy_(new_p[i])
@@ -112,7 +104,7 @@ class ForwardModeTrainer(hg.MetaPretrainer):
                 for name, z in zip(_TANGENTS, (z_p, z_adam.mu, z_adam.nu)):
                     getattr(self, name)[k].copy_(z[i][0])
         self.pt_steps_done += 1
-        return seen[0]
+        return seen[0].detach()
 
     def meta_step(self, pt_batch: Any, ft_train_batch: Any, ft_val_batch: Any
                   ) -> dict[str, float]:
@@ -125,14 +117,12 @@ class ForwardModeTrainer(hg.MetaPretrainer):
             head = hg.unroll(ft_step, tree.detach(self.ft_head), enc, self.K)
             val = self.ft_loss(enc, head, ft_val_batch)
             g2 = torch.autograd.grad(val, [theta[k] for k in keys], allow_unused=True)
-        zero = torch.zeros((), dtype=val.dtype, device=val.device)
         hyper = sum(((gi * self.tangent[k]).sum() for gi, k in zip(g2, keys) if gi is not None),
-                    zero)
+                    torch.zeros_like(val))
         tn = torch.sqrt(sum((v**2).sum() for v in self.tangent.values()))
         val_f, hyper_f, tn_f = torch.stack([val.detach(), hyper, tn]).tolist()  # one host read
         if not abs(hyper_f) < float("inf"):
-            raise FloatingPointError(f"non-finite hypergradient at meta step "
-                                     f"{self.meta_steps_done}")
+            raise FloatingPointError(f"non-finite hypergradient, meta step {self.meta_steps_done}")
         self.meta_opt.zero_grad(set_to_none=True)
         for p in self.hparams.values():
             p.grad = hyper.reshape(p.shape).to(p.dtype).clone()
