@@ -18,11 +18,11 @@ Choices (the paper's appendix is not available; RESULTS.md says why and what els
 - Algorithm 1's loop as in the paper: P = 10 PT steps per meta step, K = 1 head-only FT step,
   Adam for PT (lr 1e-3) and for phi (1 degree per step, cosine-decayed to 0.05).
 - d theta_PT / d phi (``ift``): by default a forward-mode tangent carried along the PT run
-  (forward.py), because the IFT's short-horizon response points the wrong way far from 90
-  degrees (measured in RESULTS.md). ``ift="neumann"`` is Algorithm 1 exactly
-  (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); the Adam-preconditioned
-  variants use ``ift_preconditioner="adam"`` (precond.py adds momentum). Plain-SGD PT is an
-  option (with ``ift="neumann"``).
+  (forward.py: ``hg.step_jvp`` on each Adam step), because the IFT's short-horizon response
+  points the wrong way far from 90 degrees (measured in RESULTS.md). ``ift="neumann"`` is
+  Algorithm 1 exactly (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); the
+  Adam-preconditioned variants use ``ift_preconditioner="adam"`` (precond.py adds momentum).
+  Plain-SGD PT is an option (with ``ift="neumann"``).
 - the error is the circular distance |phi - 90| (mod 360).
 """
 
@@ -288,8 +288,17 @@ def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
     plot_rotation(results, cfg.ft_angle, out / "rotation.png")
     return metrics
 
+def hypergradient_name(ift: str) -> str:
+    """What ``ift`` computes, in words (the demo prints it)."""
+    if ift == "forward":
+        return ("forward-mode tangent d theta/d phi along the PT run (library: hg.step_jvp "
+                "on torchopt's Adam), not Algorithm 1's IFT")
+    pre = ", Adam-preconditioned" + (" with momentum" if ift == "adam_momentum" else "")
+    return f"Algorithm 1's IFT (Neumann series{pre if ift != 'neumann' else ''})"
+
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
+    lines = [f"hypergradient: {hypergradient_name(metrics['config']['ift'])}",
+             f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
     for init, phi, err in zip(metrics["init_angles"], metrics["final_phi"], metrics["errors"]):
         lines.append(f"  init {init:6.1f} -> phi {phi:7.2f}  |phi - 90| = {err:5.2f}")
     lines.append(f"|phi - 90| = {metrics['error_mean']:.2f} +- {metrics['error_std']:.2f} deg "
