@@ -135,14 +135,10 @@ class ForwardModeTrainer(hg.MetaPretrainer):
                 "solve_residual": float("nan")}
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        for name in _TANGENTS:
-            sd[name] = {k: v.clone() for k, v in getattr(self, name).items()}
-        return sd
+        return {**super().state_dict(), **{n: tree.map(torch.clone, getattr(self, n))
+                                           for n in _TANGENTS}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
-        with torch.no_grad():
-            for name in _TANGENTS:
-                for k, v in getattr(self, name).items():
-                    v.copy_(sd[name][k])
+        for n in _TANGENTS:
+            setattr(self, n, {k: sd[n][k].detach().clone() for k in self.pt_params})

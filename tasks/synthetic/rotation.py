@@ -66,9 +66,8 @@ class RotationConfig:
     neumann_iterations: int = 3   # MetaPretrainer's default solver: Neumann, alpha = pt_lr ...
     neumann_alpha_scale: float = 1.0  # ... times this (SGD at the edge of stability has
     #                                   lambda_max ~ 2 / pt_lr: there alpha = pt_lr diverges)
-    ift: str = "forward"          # forward-mode tangent (forward.py); "neumann": Algorithm 1's
-    #   IFT; "adam_neumann" = "library_adam" (Adam-preconditioned hg.neumann, alpha scaled by
-    #   precond_scale resp. neumann_alpha_scale); "adam_momentum": precond.adam_heavy_ball
+    ift: str = "forward"          # precond.IFT_NAMES says what each computes; alpha scales:
+    #   precond_scale (adam_*), neumann_alpha_scale (neumann, library_adam)
     tangent_decay: float = 1.0    # forward: T <- decay * T - ... at every PT step
     precond_scale: float = 1.0    # adam_*: D = this * lr / (sqrt(v_hat) + eps)
     batch_size: int = 128
@@ -101,7 +100,7 @@ class RotationConfig:
                      nonneg=("meta_steps", "K", "warmup", "time_ratio_steps", "ft_lr", "ft_wd",
                              "pt_wd", "angle_std", "blur", "meta_lr_final"),
                      fraction=("pt_label_smoothing",),
-                     choices={"ift": IFT_NAMES, "pt_optimizer": ("adam", "sgd"),
+                     choices={"ift": tuple(IFT_NAMES), "pt_optimizer": ("adam", "sgd"),
                               "ft_mode": ("shared_head", "new_head"), "act": tuple(M.ACTIVATIONS),
                               "encoder_kind": ("mlp", "cnn"),
                               "dtype": ("float32", "float64")})
@@ -288,16 +287,8 @@ def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
     plot_rotation(results, cfg.ft_angle, out / "rotation.png")
     return metrics
 
-def hypergradient_name(ift: str) -> str:
-    """What ``ift`` computes, in words (the demo prints it)."""
-    if ift == "forward":
-        return ("forward-mode tangent d theta/d phi along the PT run (library: hg.step_jvp "
-                "on torchopt's Adam), not Algorithm 1's IFT")
-    pre = ", Adam-preconditioned" + (" with momentum" if ift == "adam_momentum" else "")
-    return f"Algorithm 1's IFT (Neumann series{pre if ift != 'neumann' else ''})"
-
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [f"hypergradient: {hypergradient_name(metrics['config']['ift'])}",
+    lines = [f"hypergradient: {IFT_NAMES[metrics['config']['ift']]}",
              f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
     for init, phi, err in zip(metrics["init_angles"], metrics["final_phi"], metrics["errors"]):
         lines.append(f"  init {init:6.1f} -> phi {phi:7.2f}  |phi - 90| = {err:5.2f}")
