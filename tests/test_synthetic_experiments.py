@@ -115,7 +115,8 @@ def test_cli_rotation_writes_outputs_and_skips_finished_seeds(tmp_path, capsys):
     assert metrics["init_angles"] == [0.0, 18.0]
     assert (out / "rotation.png").stat().st_size > 0
     assert metrics["time_ratio"]["ratio"] > 0 and metrics["time_ratio"]["outer"] == 2
-    assert "recovered angle" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "recovered angle" in printed and "hypergradient: forward-mode tangent" in printed
     before = (out / "seed0" / "result.json").stat().st_mtime_ns
     assert main(args) == 0  # rerun: finished seeds are reused, not recomputed
     assert (out / "seed0" / "result.json").stat().st_mtime_ns == before

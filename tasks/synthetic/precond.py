@@ -28,20 +28,25 @@ from hypergrad.solvers import SolveResult
 
 __all__ = ["adam_heavy_ball", "solver_for_ift", "IFT_NAMES"]
 
-IFT_NAMES = ("neumann", "forward", "library_adam", "adam_neumann", "adam_momentum")
+IFT_NAMES = {  # the tasks' ``ift`` options and what each computes (the rotation demo prints it)
+    "neumann": "Algorithm 1's IFT (3-term Neumann series, hg.neumann)",
+    "forward": "forward-mode tangent d theta/d phi along the PT run (hg.step_jvp on torchopt's "
+               "Adam, forward.py), not Algorithm 1's IFT",
+    "library_adam": "Algorithm 1's IFT, Neumann series preconditioned by the PT Adam's diagonal",
+    "adam_neumann": "Algorithm 1's IFT, Neumann series preconditioned by the PT Adam's diagonal",
+    "adam_momentum": "Algorithm 1's IFT, Adam heavy-ball series (precond.adam_heavy_ball)",
+}
 
 
 def solver_for_ift(ift: str, iterations: int, pt_lr: float, alpha_scale: float = 1.0
                ) -> tuple[Callable[..., SolveResult], dict[str, Any]]:
-    """``(solver, MetaPretrainer options)`` for a task's ``ift`` name, alpha = pt_lr * scale:
-
-    * ``neumann`` (and ``forward``, whose trainer never solves): ``hg.neumann``, Algorithm 1;
-    * ``library_adam`` / ``adam_neumann``: the same series preconditioned by the PT Adam's
-      diagonal, which ``MetaPretrainer(ift_preconditioner="adam")`` hands it at every solve;
-    * ``adam_momentum``: :func:`adam_heavy_ball` with that diagonal.
+    """``(solver, MetaPretrainer options)`` for a task's ``ift`` name (``IFT_NAMES``), alpha =
+    pt_lr * scale: ``hg.neumann`` (``forward``'s trainer never solves) or
+    :func:`adam_heavy_ball`; ``library_adam`` and ``adam_*`` with
+    ``ift_preconditioner="adam"``, which hands the solver the PT Adam's diagonal at every solve.
     """
     if ift not in IFT_NAMES:
-        raise ValueError(f"`ift` must be one of {IFT_NAMES}, got {ift!r}")
+        raise ValueError(f"`ift` must be one of {tuple(IFT_NAMES)}, got {ift!r}")
     fn = adam_heavy_ball if ift == "adam_momentum" else hg.neumann
     extra = {"ift_preconditioner": "adam"} if ift.startswith(("adam_", "library_adam")) else {}
     return functools.partial(fn, iterations=iterations, alpha=pt_lr * alpha_scale), extra

@@ -18,11 +18,11 @@ Choices (the paper's appendix is not available; RESULTS.md says why and what els
 - Algorithm 1's loop as in the paper: P = 10 PT steps per meta step, K = 1 head-only FT step,
   Adam for PT (lr 1e-3) and for phi (1 degree per step, cosine-decayed to 0.05).
 - d theta_PT / d phi (``ift``): by default a forward-mode tangent carried along the PT run
-  (forward.py), because the IFT's short-horizon response points the wrong way far from 90
-  degrees (measured in RESULTS.md). ``ift="neumann"`` is Algorithm 1 exactly
-  (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); the Adam-preconditioned
-  variants use ``ift_preconditioner="adam"`` (precond.py adds momentum). Plain-SGD PT is an
-  option (with ``ift="neumann"``).
+  (forward.py: ``hg.step_jvp`` on each Adam step), because the IFT's short-horizon response
+  points the wrong way far from 90 degrees (measured in RESULTS.md). ``ift="neumann"`` is
+  Algorithm 1 exactly (MetaPretrainer's IFT: 3-term Neumann, alpha = the PT learning rate); the
+  Adam-preconditioned variants use ``ift_preconditioner="adam"`` (precond.py adds momentum).
+  Plain-SGD PT is an option (with ``ift="neumann"``).
 - the error is the circular distance |phi - 90| (mod 360).
 """
 
@@ -66,9 +66,8 @@ class RotationConfig:
     neumann_iterations: int = 3   # MetaPretrainer's default solver: Neumann, alpha = pt_lr ...
     neumann_alpha_scale: float = 1.0  # ... times this (SGD at the edge of stability has
     #                                   lambda_max ~ 2 / pt_lr: there alpha = pt_lr diverges)
-    ift: str = "forward"          # forward-mode tangent (forward.py); "neumann": Algorithm 1's
-    #   IFT; "adam_neumann" = "library_adam" (Adam-preconditioned hg.neumann, alpha scaled by
-    #   precond_scale resp. neumann_alpha_scale); "adam_momentum": precond.adam_heavy_ball
+    ift: str = "forward"          # precond.IFT_NAMES says what each computes; alpha scales:
+    #   precond_scale (adam_*), neumann_alpha_scale (neumann, library_adam)
     tangent_decay: float = 1.0    # forward: T <- decay * T - ... at every PT step
     precond_scale: float = 1.0    # adam_*: D = this * lr / (sqrt(v_hat) + eps)
     batch_size: int = 128
@@ -101,7 +100,7 @@ class RotationConfig:
                      nonneg=("meta_steps", "K", "warmup", "time_ratio_steps", "ft_lr", "ft_wd",
                              "pt_wd", "angle_std", "blur", "meta_lr_final"),
                      fraction=("pt_label_smoothing",),
-                     choices={"ift": IFT_NAMES, "pt_optimizer": ("adam", "sgd"),
+                     choices={"ift": tuple(IFT_NAMES), "pt_optimizer": ("adam", "sgd"),
                               "ft_mode": ("shared_head", "new_head"), "act": tuple(M.ACTIVATIONS),
                               "encoder_kind": ("mlp", "cnn"),
                               "dtype": ("float32", "float64")})
@@ -289,7 +288,8 @@ def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
     return metrics
 
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
+    lines = [f"hypergradient: {IFT_NAMES[metrics['config']['ift']]}",
+             f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
     for init, phi, err in zip(metrics["init_angles"], metrics["final_phi"], metrics["errors"]):
         lines.append(f"  init {init:6.1f} -> phi {phi:7.2f}  |phi - 90| = {err:5.2f}")
     lines.append(f"|phi - 90| = {metrics['error_mean']:.2f} +- {metrics['error_std']:.2f} deg "
