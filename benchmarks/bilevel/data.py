@@ -33,6 +33,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 Splits = dict[str, np.ndarray]
+IJCNN1_SIZES = {"full": (49990, 91701), "quick": (5000, 5000), "tiny": (300, 300)}
 
 
 def _find(data_dir: str | None, names: tuple[str, ...]) -> Path | None:
@@ -80,7 +81,7 @@ def _halve(X: np.ndarray, y: np.ndarray, rng) -> tuple:
 
 
 def ijcnn1(
-    data_dir: str | None = None, *, quick: bool = False, seed: int = 2442
+    data_dir: str | None = None, *, size: str = "full", seed: int = 2442
 ) -> tuple[Splits, str]:
     rng = np.random.RandomState(seed)
     train, test = _find(data_dir, ("ijcnn1",)), _find(data_dir, ("ijcnn1.t",))
@@ -89,7 +90,7 @@ def ijcnn1(
         Xv, yv = read_libsvm(test, 22)
         sub = ""
     else:
-        n_tr, n_v = (5000, 5000) if quick else (49990, 91701)
+        n_tr, n_v = IJCNN1_SIZES[size]
         X, y = make_classification(
             n_samples=n_tr + n_v,
             n_features=22,
@@ -102,9 +103,7 @@ def ijcnn1(
         )
         y = 2.0 * y - 1.0
         Xtr, ytr, Xv, yv = X[:n_tr], y[:n_tr], X[n_tr:], y[n_tr:]
-        sub = f"make_classification({n_tr} + {n_v} x 22, 9.7% positives) for ijcnn1" + (
-            " (--quick size)" if quick else ""
-        )
+        sub = f"make_classification({n_tr} + {n_v} x 22, 9.7% positives) for ijcnn1"
     Xva, Xte, yva, yte = _halve(Xv, yv, rng)
     splits = {
         "X_train": Xtr,
@@ -129,7 +128,9 @@ def breast_cancer(seed: int = 2442) -> Splits:
     )
 
 
-def covtype(data_dir: str | None = None, *, seed: int = 2442) -> tuple[Splits, str]:
+def covtype(
+    data_dir: str | None = None, *, seed: int = 2442, max_samples: int | None = None
+) -> tuple[Splits, str]:
     """BenchOpt's covtype splits: 20% test, then 20% of the rest for validation."""
     rng = np.random.RandomState(seed)
     path = _find(data_dir, ("covtype.scale", "covtype"))
@@ -140,6 +141,9 @@ def covtype(data_dir: str | None = None, *, seed: int = 2442) -> tuple[Splits, s
     else:
         X, y = load_digits(return_X_y=True)
         sub = "load_digits (1,797 x 64, 10 classes) for covtype"
+    if max_samples is not None:  # the smoke test's size
+        X, y = X[:max_samples], y[:max_samples]
+        sub += f" (first {max_samples} samples)"
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=rng)
     Xtr, Xva, ytr, yva = train_test_split(Xtr, ytr, test_size=0.2, random_state=rng)
     return _scale(
@@ -165,10 +169,16 @@ def corrupt(y: np.ndarray, ratio: float, rng, n_classes: int = 10) -> tuple[np.n
 
 
 def cleaning(
-    data_dir: str | None = None, *, seed: int = 32, ratio: float = 0.5
+    data_dir: str | None = None,
+    *,
+    seed: int = 32,
+    ratio: float = 0.5,
+    n_train: int = 1000,
+    n_val: int = 300,
 ) -> tuple[Splits, str]:
     """BenchOpt's MNIST splits (20,000 train / 5,000 validation from the training set, the
-    official test set), or digits (1,000 / 300 / 497); labels corrupted with ``ratio``."""
+    official test set), or digits (``n_train`` / ``n_val`` / the rest as test: 1,000 / 300 /
+    497); labels corrupted with ``ratio``."""
     rng = np.random.RandomState(seed)
     paths = [
         _find(data_dir, (n,))
@@ -189,9 +199,9 @@ def cleaning(
         sub = ""
     else:
         X, y = load_digits(return_X_y=True)
-        Xtr, Xr, ytr, yr = train_test_split(X, y, train_size=1000, random_state=rng)
-        Xva, Xte, yva, yte = train_test_split(Xr, yr, train_size=300, random_state=rng)
-        sub = "load_digits (1,000 train / 300 val / 497 test) for MNIST"
+        Xtr, Xr, ytr, yr = train_test_split(X, y, train_size=n_train, random_state=rng)
+        Xva, Xte, yva, yte = train_test_split(Xr, yr, train_size=n_val, random_state=rng)
+        sub = f"load_digits ({n_train} train / {n_val} val / {len(yte)} test) for MNIST"
     ynoisy, changed = corrupt(ytr, ratio, rng)
     splits = {
         "X_train": Xtr,

@@ -131,7 +131,7 @@ def _value_hessian_min_eig(fi: dict, fo: dict) -> float:
     return float(torch.linalg.eigvalsh(hess).min())
 
 
-def _quad_loss(t: dict[str, torch.Tensor]) -> Loss:
+def quad_loss(t: dict[str, torch.Tensor]) -> Loss:
     def loss(z: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         s = t if idx is None else {k: v[idx] for k, v in t.items()}
         az, wx = s["a"] @ z, s["w"] @ x
@@ -171,8 +171,8 @@ def quadratic(
     L_in = float(torch.linalg.eigvalsh(fi["Hzz"]).max())
     return Problem(
         name="quadratic",
-        inner=_quad_loss(ti),
-        outer=_quad_loss(to),
+        inner=quad_loss(ti),
+        outer=quad_loss(to),
         n_inner=n_inner,
         n_outer=n_outer,
         theta0=torch.zeros(dim_inner, **cast),
@@ -345,32 +345,42 @@ def datacleaning(
 # ----------------------------------------------------------------------------- registry
 
 PROBLEMS = ("quadratic", "ijcnn1", "breast_cancer", "covtype", "datacleaning")
+SIZES = ("full", "quick", "tiny")
 
 
 def make_problem(
     name: str,
     *,
-    quick: bool = False,
+    size: str = "full",
     seed: int = 2442,
     data_dir: str | None = None,
     dtype=torch.float32,
     device: str = "cpu",
 ) -> Problem:
-    """Build a problem by name; ``quick`` shrinks the synthetic sizes (documented in the
-    output); ``data_dir`` reads the original datasets from local files (never downloads)."""
+    """Build a problem by name. ``size``: ``"full"`` (BenchOpt's sizes, or the stand-in's),
+    ``"quick"`` (quadratic n_inner 4,096, ijcnn1 stand-in 5,000 + 5,000) or ``"tiny"`` (the
+    tests' sizes); ``data_dir`` reads the original datasets from local files (no download)."""
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: expected one of {SIZES}")
     kw = {"dtype": dtype, "device": device}
+    tiny = size == "tiny"
     if name == "quadratic":
-        sizes = {"n_inner": 4096, "n_outer": 1024} if quick else {}
+        sizes = {
+            "full": {},
+            "quick": {"n_inner": 4096, "n_outer": 1024},
+            "tiny": {"n_inner": 256, "n_outer": 128, "dim_inner": 20, "dim_outer": 5},
+        }[size]
         return quadratic(seed, **sizes, **kw)
     if name == "ijcnn1":
-        splits, sub = bdata.ijcnn1(data_dir, quick=quick, seed=seed)
+        splits, sub = bdata.ijcnn1(data_dir, size=size, seed=seed)
         return logreg_features(splits, name, sub, seed, **kw)
     if name == "breast_cancer":
         return logreg_features(bdata.breast_cancer(seed), name, "", seed, **kw)
     if name == "covtype":
-        splits, sub = bdata.covtype(data_dir, seed=seed)
+        splits, sub = bdata.covtype(data_dir, seed=seed, max_samples=300 if tiny else None)
         return logreg_classes(splits, name, sub, **kw)
     if name == "datacleaning":
-        splits, sub = bdata.cleaning(data_dir, seed=seed)
+        n = {"n_train": 150, "n_val": 100} if tiny else {}
+        splits, sub = bdata.cleaning(data_dir, seed=seed, **n)
         return datacleaning(splits, name, sub, **kw)
     raise ValueError(f"problem={name!r}: expected one of {PROBLEMS}")

@@ -124,8 +124,8 @@ def time_to_threshold(runs: list[dict], threshold: float, x: str = "time") -> di
     return {
         m: {
             "median": float(np.median(v)),
-            "q25": float(np.percentile(v, 25)),
-            "q75": float(np.percentile(v, 75)),
+            "q25": float(np.percentile(v, 25, method="lower")),  # no inf - inf
+            "q75": float(np.percentile(v, 75, method="higher")),
             "reached": int(np.isfinite(v).sum()),
             "seeds": len(v),
         }

@@ -86,4 +86,4 @@ def best(runs: list[dict], threshold: float, library: str) -> tuple[str, float]:
     if not cands:
         return "", float("inf")
     t, m = min(cands)
-    return m, t
+    return (m, t) if math.isfinite(t) else ("none", t)
