@@ -27,11 +27,11 @@ from .problems import PROBLEMS, make_problem
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "bilevel"
 QUICK_BUDGET = {
-    "quadratic": 2.0,
-    "ijcnn1": 1.0,
-    "breast_cancer": 0.6,
-    "covtype": 1.0,
-    "datacleaning": 2.0,
+    "quadratic": 4.0,
+    "ijcnn1": 1.5,
+    "breast_cancer": 1.0,
+    "covtype": 1.5,
+    "datacleaning": 3.0,
 }
 FULL_BUDGET = {
     "quadratic": 20.0,
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     methods = hypergrad_methods(args.quick) + peer_methods(args.quick)
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
-    n_evals = args.evals or (10 if args.quick else 25)
+    n_evals = args.evals or (8 if args.quick else 20)
     result: dict = {
         "config": {
             "quick": args.quick,

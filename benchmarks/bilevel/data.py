@@ -4,8 +4,10 @@ Nothing is downloaded. With ``data_dir`` the originals are read from local files
 published formats; without it a documented substitute is built:
 
 * ijcnn1: libsvm files ``ijcnn1`` (train) and ``ijcnn1.t`` (BenchOpt's validation set), read
-  by ``sklearn.datasets.load_svmlight_file``; stand-in ``make_classification`` at ijcnn1's
-  shape (22 features, 49,990 train / 91,701 validation, ~9.7% positives).
+  by ``sklearn.datasets.load_svmlight_file`` and used unscaled as BenchOpt does; stand-in
+  ``make_classification`` at ijcnn1's shape (49,990 train / 91,701 validation, ~9.7%
+  positives, 21 standardised features and a constant one: 22; the model has no intercept,
+  so without it the imbalanced stand-in is not learnable by a linear model).
 * covtype: libsvm file ``covtype`` or ``covtype.scale`` (labels 1..7); stand-in
   ``load_digits`` (64 features, 10 classes).
 * MNIST: idx files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -88,32 +90,32 @@ def ijcnn1(
     if train is not None and test is not None:
         Xtr, ytr = read_libsvm(train, 22)
         Xv, yv = read_libsvm(test, 22)
-        sub = ""
-    else:
-        n_tr, n_v = IJCNN1_SIZES[size]
-        X, y = make_classification(
-            n_samples=n_tr + n_v,
-            n_features=22,
-            n_informative=12,
-            n_redundant=6,
-            weights=[0.903],
-            flip_y=0.02,
-            class_sep=1.0,
-            random_state=seed,
-        )
-        y = 2.0 * y - 1.0
-        Xtr, ytr, Xv, yv = X[:n_tr], y[:n_tr], X[n_tr:], y[n_tr:]
-        sub = f"make_classification({n_tr} + {n_v} x 22, 9.7% positives) for ijcnn1"
+        Xva, Xte, yva, yte = _halve(Xv, yv, rng)
+        splits = {"X_train": Xtr, "y_train": ytr, "X_val": Xva, "y_val": yva}
+        return splits | {"X_test": Xte, "y_test": yte}, ""  # used as is (scaled to [-1, 1])
+    n_tr, n_v = IJCNN1_SIZES[size]
+    X, y = make_classification(
+        n_samples=n_tr + n_v,
+        n_features=21,
+        n_informative=12,
+        n_redundant=6,
+        weights=[0.903],
+        flip_y=0.02,
+        class_sep=1.0,
+        random_state=seed,
+    )
+    y = 2.0 * y - 1.0
+    Xtr, ytr, Xv, yv = X[:n_tr], y[:n_tr], X[n_tr:], y[n_tr:]
     Xva, Xte, yva, yte = _halve(Xv, yv, rng)
-    splits = {
-        "X_train": Xtr,
-        "y_train": ytr,
-        "X_val": Xva,
-        "y_val": yva,
-        "X_test": Xte,
-        "y_test": yte,
-    }
-    return _scale(splits), sub
+    splits = _scale({"X_train": Xtr, "y_train": ytr, "X_val": Xva, "y_val": yva})
+    splits |= _scale({"X_train": Xtr, "X_test": Xte, "y_test": yte})
+    for k in ("X_train", "X_val", "X_test"):  # a constant 22nd feature: the model's intercept
+        splits[k] = np.hstack([splits[k], np.ones((len(splits[k]), 1))])
+    sub = (
+        f"make_classification({n_tr} + {n_v}, 21 features + a constant one = ijcnn1's 22, "
+        "9.7% positives) for ijcnn1"
+    )
+    return splits, sub
 
 
 def breast_cancer(seed: int = 2442) -> Splits:

@@ -107,6 +107,7 @@ class HigherUnroll(Deterministic):
 
 def peer_methods(quick: bool = False) -> list[Deterministic]:
     return [
+        TorchoptIFT("torchopt_cg30", "cg", J=30),
         TorchoptIFT("torchopt_cg10", "cg", J=10),
         TorchoptIFT("torchopt_cg3", "cg", J=3),
         TorchoptIFT("torchopt_neumann10", "neumann", J=10),

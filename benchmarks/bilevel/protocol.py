@@ -1,7 +1,8 @@
 """The protocol: every method on every problem for ``seeds`` runs of ``budget`` seconds.
 
-A run times only the method's steps (``time.perf_counter``, with a device synchronisation on
-GPUs); the metrics (metrics.Evaluator, float64, exact) are taken at log-spaced times and
+A run times only the method's steps (wall: ``time.perf_counter``, with a device
+synchronisation on GPUs; ``cpu_time``: ``time.process_time``, which a shared machine's load
+disturbs less); the metrics (metrics.Evaluator, float64, exact) are taken at log-spaced times and
 are not counted, as in BenchOpt. Runs of one problem are interleaved seed by seed (all
 methods for seed 0, then seed 1, ...) so that load changes on a shared machine hit every
 method alike. Curves are summarised on a common grid by the median and quartiles over seeds;
@@ -35,21 +36,22 @@ def run_one(
     s = method.init(P, seed)
     dev = s.theta.device
     checkpoints = list(budget * np.logspace(-2.5, 0, n_evals))
-    records = [{"time": 0.0, **s.counts(), **ev(s.theta, s.h)}]
-    elapsed, diverged = 0.0, False
+    records = [{"time": 0.0, "cpu_time": 0.0, **s.counts(), **ev(s.theta, s.h)}]
+    elapsed, cpu, diverged = 0.0, 0.0, False
     while elapsed < budget and checkpoints:
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         method.step(P, s)
         _sync(dev)
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         if elapsed >= checkpoints[0]:
             while checkpoints and elapsed >= checkpoints[0]:
                 checkpoints.pop(0)
             if not bool(torch.isfinite(s.h).all()):
                 diverged = True
                 break
-            records.append({"time": elapsed, **s.counts(), **ev(s.theta, s.h)})
+            records.append({"time": elapsed, "cpu_time": cpu, **s.counts(), **ev(s.theta, s.h)})
     return {
         "method": method.name,
         "library": method.library,
