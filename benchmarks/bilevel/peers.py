@@ -2,9 +2,10 @@
 
 * ``torchopt_cg`` / ``torchopt_neumann``: ``torchopt.diff.implicit.custom_root`` with the
   optimality function ``torch.func.grad(inner)`` (torchopt's documented pattern) and
-  ``torchopt.linear_solve.solve_cg(maxiter=J)`` or ``solve_inv(ns=True, maxiter=J, alpha)``;
-  torchopt's pure-python API (its compiled extension is not needed). The linear system
-  starts from zero every step: ``custom_root`` does not hand its solution back.
+  ``torchopt.linear_solve.solve_cg(maxiter=J, rtol=1e-10)`` or
+  ``solve_inv(ns=True, maxiter=J, alpha)``; torchopt's pure-python API (its compiled
+  extension is not needed). The linear system starts from zero every step:
+  ``custom_root`` does not hand its solution back.
 * ``higher_unroll``: ``higher.innerloop_ctx`` over the same ``T`` inner SGD steps (all
   recorded), backpropagated to ``h``.
 
@@ -44,7 +45,9 @@ def torchopt_hypergradient(
     return g
 
 
-def torchopt_solve(kind: str, J: int, alpha: float | None = None, tol: float = 0.0) -> Any:
+def torchopt_solve(kind: str, J: int, alpha: float | None = None, tol: float = 1e-10) -> Any:
+    """torchopt's solvers. CG's ``rtol=1e-10`` (not 0): at 0 its loop runs until the float32
+    residual is exactly 0 and then divides by a zero ``p'Ap`` (ZeroDivisionError)."""
     import torchopt
 
     if kind == "cg":
@@ -62,7 +65,7 @@ class TorchoptIFT(Deterministic):
         self.kind, self.J = kind, J
 
     def hypergradient(self, P: Problem, s: State) -> torch.Tensor:
-        alpha = 1.0 / P.lipschitz if self.kind == "neumann" else None
+        alpha = 1.0 / P.smoothness(s.h) if self.kind == "neumann" else None
         g = torchopt_hypergradient(P, s.theta, s.h, torchopt_solve(self.kind, self.J, alpha))
         # matvecs as torchopt's loops spend them: CG one for the start residual + J; Neumann J
         s.hvps = s.hvps + self.J + (1 if self.kind == "cg" else 0)
@@ -97,7 +100,7 @@ class HigherUnroll(Deterministic):
     library = "higher"
 
     def step(self, P: Problem, s: State) -> None:
-        g, s.theta = higher_unroll(P, s.theta, s.h, self.inner_steps, 1.0 / P.lipschitz)
+        g, s.theta = higher_unroll(P, s.theta, s.h, self.inner_steps, 1.0 / P.smoothness(s.h))
         s.grads = s.grads + self.inner_steps + 1
         s.hvps, s.mixed = s.hvps + self.inner_steps, s.mixed + self.inner_steps
         s.g = g.detach()

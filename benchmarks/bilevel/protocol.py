@@ -37,19 +37,23 @@ def run_one(
     dev = s.theta.device
     checkpoints = list(budget * np.logspace(-2.5, 0, n_evals))
     records = [{"time": 0.0, "cpu_time": 0.0, **s.counts(), **ev(s.theta, s.h)}]
-    elapsed, cpu, diverged = 0.0, 0.0, False
+    elapsed, cpu, diverged = 0.0, 0.0, ""
     while elapsed < budget and checkpoints:
         _sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
-        method.step(P, s)
+        try:
+            method.step(P, s)
+        except (ValueError, FloatingPointError, ZeroDivisionError) as err:  # NaN/inf, breakdown
+            diverged = f"{type(err).__name__}: {str(err)[:200]}"
+            break
         _sync(dev)
         elapsed += time.perf_counter() - t0
         cpu += time.process_time() - c0
         if elapsed >= checkpoints[0]:
             while checkpoints and elapsed >= checkpoints[0]:
                 checkpoints.pop(0)
-            if not bool(torch.isfinite(s.h).all()):
-                diverged = True
+            if not bool(torch.isfinite(s.h).all() and torch.isfinite(s.theta).all()):
+                diverged = "non-finite iterate"
                 break
             records.append({"time": elapsed, "cpu_time": cpu, **s.counts(), **ev(s.theta, s.h)})
     return {
