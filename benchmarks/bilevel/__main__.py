@@ -214,6 +214,9 @@ def targets(result: dict) -> list[str]:
     wall = result["config"]["wall_s"]
     label = "--quick" if result["config"]["quick"] else "this protocol"
     line = f"- run time of {label}: {wall / 60:.1f} min"
+    if len(result["config"].get("part_wall_s", [])) > 1:
+        parts = ", ".join(f"{w / 60:.1f}" for w in result["config"]["part_wall_s"])
+        line += f" (concurrent parts: {parts} min)"
     if result["config"]["quick"]:
         line += f", target < 10 min **{'met' if wall < 600 else 'missed'}**"
     out.append(line)
@@ -276,13 +279,34 @@ def main(argv: list[str] | None = None) -> None:
     args.quick = args.quick or args.tiny
     args.out.mkdir(parents=True, exist_ok=True)
     tag = TAGS[size_of(args)]
-    path = args.out / f"bilevel_{tag}.json"
-    if args.render:
-        result = json.loads(path.read_text())
+    if args.render:  # every part of this size (see --part), merged
+        result = merge(
+            [json.loads(p.read_text()) for p in sorted(args.out.glob(f"bilevel_{tag}*.json"))]
+        )
     else:
         result = run(args)
-        path.write_text(json.dumps(result))
+        name = f"bilevel_{tag}" + (f"_{args.part}" if args.part else "") + ".json"
+        (args.out / name).write_text(json.dumps(result))
+        if args.part:  # the report covers every part written so far
+            result = merge(
+                [json.loads(p.read_text()) for p in sorted(args.out.glob(f"bilevel_{tag}*.json"))]
+            )
     print(render(result, args.out))
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from parts run as separate processes (``--part``): problems side by side,
+    budgets merged, wall time the longest part's (they ran concurrently) and each part's."""
+    if not parts:
+        raise FileNotFoundError("no bilevel_*.json in --out: run the benchmark first")
+    out = {"config": dict(parts[0]["config"]), "problems": {}}
+    out["config"]["budget"] = {}
+    out["config"]["part_wall_s"] = [p["config"]["wall_s"] for p in parts]
+    out["config"]["wall_s"] = max(out["config"]["part_wall_s"])
+    for p in parts:
+        out["config"]["budget"].update(p["config"]["budget"])
+        out["problems"].update(p["problems"])
+    return out
 
 
 if __name__ == "__main__":

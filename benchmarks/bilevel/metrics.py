@@ -54,6 +54,21 @@ def dense_hessian(P: Problem, theta: torch.Tensor, h: torch.Tensor) -> torch.Ten
     return H + torch.diag(reg)
 
 
+def _factor(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Cholesky factor of ``H``, or ``(H, False)`` when ``H`` is not numerically positive
+    definite (a regularisation driven to ``exp(h) = 0`` on separable data): then ``_solve``
+    uses the pseudo-inverse and the metrics say what that gives (possibly inf)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    return (L, True) if int(info) == 0 else (H, False)
+
+
+def _solve(factor: tuple[torch.Tensor, bool], b: torch.Tensor) -> torch.Tensor:
+    F, ok = factor
+    if ok:
+        return torch.cholesky_solve(b[:, None], F)[:, 0]
+    return torch.linalg.lstsq(F, b[:, None], driver="gelsd").solution[:, 0]
+
+
 def newton(
     P: Problem, h: torch.Tensor, theta: torch.Tensor, tol: float = 1e-11, maxiter: int = 100
 ) -> torch.Tensor:
@@ -70,9 +85,9 @@ def newton(
         if gn <= tol:
             break
         if chol is None or gn > 0.1 * prev:
-            chol = torch.linalg.cholesky(dense_hessian(P, theta, h))
+            chol = _factor(dense_hessian(P, theta, h))
         prev = gn
-        step = torch.cholesky_solve(g[:, None], chol)[:, 0]
+        step = _solve(chol, g)
         f0, s = float(f(theta)), 1.0
         while s > 1e-8 and float(f(theta - s * step)) > f0 + 1e-14 * abs(f0):
             s *= 0.5
@@ -87,8 +102,7 @@ def exact_hypergradient(P: Problem, h: torch.Tensor, theta_star: torch.Tensor) -
     L = P.outer(t, hh)
     gL_t, gL_h = torch.autograd.grad(L, (t, hh), allow_unused=True)
     gL_h = torch.zeros_like(hh) if gL_h is None else gL_h
-    chol = torch.linalg.cholesky(dense_hessian(P, t.detach(), hh.detach()))
-    v = torch.cholesky_solve(gL_t[:, None], chol)[:, 0]
+    v = _solve(_factor(dense_hessian(P, t.detach(), hh.detach())), gL_t)
     gf_t = torch.autograd.grad(P.inner(t, hh), t, create_graph=True)[0]
     mixed = torch.autograd.grad(gf_t @ v.detach(), hh)[0]
     return (gL_h - mixed).detach()

@@ -55,7 +55,12 @@ def run_one(
             if not bool(torch.isfinite(s.h).all() and torch.isfinite(s.theta).all()):
                 diverged = "non-finite iterate"
                 break
-            records.append({"time": elapsed, "cpu_time": cpu, **s.counts(), **ev(s.theta, s.h)})
+            try:
+                metrics = ev(s.theta, s.h)
+            except (RuntimeError, ValueError) as err:  # the reference itself failed: say so
+                diverged = f"evaluation failed: {type(err).__name__}: {str(err)[:200]}"
+                break
+            records.append({"time": elapsed, "cpu_time": cpu, **s.counts(), **metrics})
     return {
         "method": method.name,
         "library": method.library,
