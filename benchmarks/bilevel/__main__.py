@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -66,6 +67,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds of compute per run, all problems (default: per problem)",
     )
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    ap.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply the per-problem budgets (a reduced protocol: e.g. 0.25)",
+    )
     ap.add_argument("--methods", nargs="+", default=None, help="subset of method names")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--device", default="cpu")
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {
             "quick": args.quick,
             "size": size_of(args),
+            "command": "python -m benchmarks.bilevel " + " ".join(sys.argv[1:]),
             "seeds": seeds,
             "device": args.device,
             "threads": args.threads,
@@ -142,7 +150,9 @@ def run(args: argparse.Namespace) -> dict:
             entry["warm_start"] = ws
         if name == "datacleaning":
             entry["references"] = check.cleaning_references(P64)
-        budget = args.budget or (QUICK_BUDGET if args.quick else FULL_BUDGET)[name]
+        budget = (
+            args.budget or args.budget_scale * (QUICK_BUDGET if args.quick else FULL_BUDGET)[name]
+        )
         result["config"]["budget"][name] = budget
         runs = []
         bar = tqdm(total=seeds * len(methods), desc=name, leave=False)
