@@ -89,6 +89,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--evals", type=int, default=None, help="metric evaluations per run")
     ap.add_argument(
+        "--part",
+        default="",
+        help="suffix of this process's JSON (split --problems over processes; --render merges)",
+    )
+    ap.add_argument(
         "--render",
         action="store_true",
         help="only redraw plots and report.md from the JSON in --out",
@@ -171,6 +176,9 @@ def run(args: argparse.Namespace) -> dict:
             }
         entry["runs"] = runs
         result["problems"][name] = entry
+        if args.save_to is not None:  # after every problem: a crash later loses nothing
+            result["config"]["wall_s"] = time.perf_counter() - t_start
+            args.save_to.write_text(json.dumps(result))
     result["config"]["wall_s"] = time.perf_counter() - t_start
     return result
 
@@ -294,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
             [json.loads(p.read_text()) for p in sorted(args.out.glob(f"bilevel_{tag}*.json"))]
         )
     else:
-        result = run(args)
         name = f"bilevel_{tag}" + (f"_{args.part}" if args.part else "") + ".json"
+        args.save_to = args.out / name
+        result = run(args)
         (args.out / name).write_text(json.dumps(result))
         if args.part:  # the report covers every part written so far
             result = merge(
