@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
             }
         entry["runs"] = runs
         result["problems"][name] = entry
-        if args.save_to is not None:  # after every problem: a crash later loses nothing
+        if getattr(args, "save_to", None) is not None:  # after every problem: a crash loses nothing
             result["config"]["wall_s"] = time.perf_counter() - t_start
             args.save_to.write_text(json.dumps(result))
     result["config"]["wall_s"] = time.perf_counter() - t_start
