@@ -205,13 +205,13 @@ def test_smoke_cli_tiny(tmp_path):
         "benchmarks.bilevel",
         "--tiny",
         "--seeds",
-        "2",
+        "1",
         "--budget",
-        "0.1",
+        "0.05",
         "--evals",
-        "3",
+        "2",
         "--warm-steps",
-        "3",
+        "2",
         "--problems",
         "quadratic",
         "datacleaning",
@@ -222,7 +222,8 @@ def test_smoke_cli_tiny(tmp_path):
     res = json.loads((tmp_path / "bilevel_tiny.json").read_text())
     assert set(res["problems"]) == {"quadratic", "datacleaning"}
     runs = res["problems"]["quadratic"]["runs"]
-    assert len(runs) == 2 * len(hypergrad_methods() + peer_methods())
+    assert len(runs) == len(hypergrad_methods() + peer_methods())
+    assert all(len(r["records"]) >= 2 and not r["diverged"] for r in runs)
     assert (tmp_path / "quadratic_tiny.png").stat().st_size > 0
     text = (tmp_path / "report_tiny.md").read_text()
     assert "## Targets" in text and "AUROC" in text
