@@ -95,7 +95,10 @@ def warm_start_study(P: Problem, steps: int = 60, J_warm: int = 2, J_max: int = 
         v = info["solve"].solution.detach()
         err_w = _rel(g_w, exact)
         J_c, err_c = J_max, float("inf")
-        for J in range(1, J_max + 1):
+        start = max(1, rows[-1]["hvps_cold"] - 3) if rows else 1  # cold J grows slowly
+        if start > 1 and _rel(solve(start, None)[0], exact) <= err_w:
+            start = 1  # it fell: scan from the bottom
+        for J in range(start, J_max + 1):
             err_c = _rel(solve(J, None)[0], exact)
             if err_c <= err_w:
                 J_c = J
