@@ -65,9 +65,12 @@ def table(name: str, runs: list[dict], thresholds: list[float]) -> list[str]:
     metrics = ["value", "test_error", "auroc"]
     fins = {k: final(runs, k) for k in metrics}
     head = "| method | library | " + " | ".join(f"t(\u2264{t:.0e}) s" for t in thresholds)
-    head += " | final ||\u2207h||\u00b2 | final test err | final AUROC |"
-    lines = [head, "|" + " --- |" * (len(thresholds) + 5)]
+    head += (
+        " | final ||\u2207h||\u00b2 | final test err | final AUROC | ms/step | HVPs/step | failed |"
+    )
+    lines = [head, "|" + " --- |" * (len(thresholds) + 8)]
     libs = {r["method"]: r["library"] for r in runs}
+    per = per_step(runs)
     for m in libs:
         cells = [
             f"{fmt_time(ttt[t][m]['median'])} ({ttt[t][m]['reached']}/{ttt[t][m]['seeds']})"
@@ -75,8 +78,28 @@ def table(name: str, runs: list[dict], thresholds: list[float]) -> list[str]:
         ]
         fv = [fins["value"][m], fins["test_error"][m], fins["auroc"][m]]
         fcells = [("" if not math.isfinite(x) else f"{x:.3g}") for x in fv]
+        fcells += [f"{per[m]['ms']:.3g}", f"{per[m]['hvps']:.3g}", str(per[m]["failed"])]
         lines.append(f"| {m} | {libs[m]} | " + " | ".join(cells + fcells) + " |")
     return lines
+
+
+def per_step(runs: list[dict]) -> dict[str, dict]:
+    """Per method: median wall ms and HVPs per outer step (last record), failed runs."""
+    by: dict[str, list] = {}
+    for r in runs:
+        last = r["records"][-1]
+        steps = max(last["steps"], 1)
+        by.setdefault(r["method"], []).append(
+            (1e3 * last["time"] / steps, last["hvps"] / steps, bool(r["diverged"]))
+        )
+    return {
+        m: {
+            "ms": float(np.median([v[0] for v in vs])),
+            "hvps": float(np.median([v[1] for v in vs])),
+            "failed": sum(v[2] for v in vs),
+        }
+        for m, vs in by.items()
+    }
 
 
 def best(runs: list[dict], threshold: float, library: str) -> tuple[str, float]:
