@@ -54,3 +54,26 @@ def test_oracle_weighting_changes_the_run(problem) -> None:
     plain = pretrain("graph_sup_pt", prob, s, seed=0, progress=False)
     assert oracle.weights == [float(r) for r in prob.relevance]
     assert any(not torch.equal(oracle.encoder[k], plain.encoder[k]) for k in plain.encoder)
+
+
+def test_cli_runs_the_fixed_weight_methods_with_a_paired_column(tmp_path) -> None:
+    import json
+
+    from tasks.cli import main
+
+    out = tmp_path / "out"
+    argv = ["ppi", "--method", "no_pt,corr_pt,oracle_pt", "--seeds", "2", "--config", "smoke",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    table = json.loads((out / "results.json").read_text())
+    assert set(table) == {"no_pt", "corr_pt", "oracle_pt"}
+    # the oracle's record carries the oracle weights (1 on the relevant tasks)
+    rec = json.loads((out / "runs" / "oracle_pt__shared__s1.json").read_text())
+    assert rec["weight_relevance_auroc"] == 1.0 and set(rec["weights"]) == {0.0, 1.0}
+    base = table["oracle_pt"]["full"]["paired"]["baseline"]
+    assert base in ("no_pt", "corr_pt")  # the strongest baseline, never the oracle itself
+    p = table["oracle_pt"]["full"]["paired"]
+    assert p["n"] == 2 and p["lo"] <= p["mean"] <= p["hi"]
+    text = (out / "results.md").read_text()
+    assert text.startswith("Plumbing check: not a result.")  # smoke config
+    assert f"full: Δ vs {base} [95% t-CI] (n)" in text and "baseline (strongest)" in text

@@ -4,6 +4,8 @@
 * ``graph_sup_pt``: PT on all PT tasks with uniform weights (``MetaPretrainer(meta=False)``, so
   its PT steps are the very steps Meta-PT takes when phi is frozen).
 * ``cotrain``, ``cotrain_pcgrad``, ``ift_cotrain``: the CoTrain baselines (cotrain.py).
+* ``corr_pt``, ``oracle_pt``: Graph Sup PT's loop with fixed label-correlation / oracle task
+  weights (fixed_weights.py).
 * ``meta_pt``: L_PT = (1/T) sum_i 2 sigmoid(phi_i) BCE_i, phi learned online by
   ``hg.MetaPretrainer`` (P PT steps, then K head-only FT steps on D_FT(Meta)-train and the
   hypergradient of the D_FT(Meta)-val loss; IFT with a Neumann series whose step is the PT lr).
@@ -20,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import METHODS, Settings
+from .config import METHODS, PT_METHODS, Settings
 from .finetune import Problem
 from .net import PTResult, build_trainer, strip_encoder
 
-__all__ = ["PTResult", "pretrain"]
+__all__ = ["PTResult", "pretrain", "PT_METHODS"]
 
 
 def _meta_pretrain(
@@ -65,6 +67,10 @@ def pretrain(
         return PTResult(None)
     if method in ("graph_sup_pt", "meta_pt"):
         return _meta_pretrain(problem, s, seed, fold, method == "meta_pt", ckpt, progress)
+    if method in ("corr_pt", "oracle_pt"):
+        from .fixed_weights import pretrain_fixed
+
+        return pretrain_fixed(method, problem, s, seed, fold, ckpt, progress)
     from .cotrain import cotrain
 
     variant = {"cotrain": "plain", "cotrain_pcgrad": "pcgrad", "ift_cotrain": "ift"}[method]
