@@ -12,7 +12,7 @@ from tasks.ppi.baselines import corr_weights_for_problem
 from tasks.ppi.config import get_config
 from tasks.ppi.data import load_ppi
 from tasks.ppi.finetune import make_problem
-from tasks.ppi.fixed_weights import fixed_weights, pretrain_fixed
+from tasks.ppi.fixed_weights import fixed_weights
 from tasks.ppi.methods import pretrain
 from tasks.ppi.synthetic import read_meta, write_synthetic
 
@@ -41,7 +41,7 @@ def test_unit_weights_reproduce_graph_sup_pt_exactly(problem) -> None:
     Graph Sup PT, so only the weighting separates the fixed-weight methods from it."""
     prob, s = problem
     ones = replace(prob, relevance=[1] * prob.store.num_pt_tasks)
-    fixed = pretrain_fixed("oracle_pt", ones, s, seed=0)
+    fixed = pretrain("oracle_pt", ones, s, seed=0, progress=False)
     plain = pretrain("graph_sup_pt", prob, s, seed=0, progress=False)
     assert fixed.weights == [1.0] * prob.store.num_pt_tasks
     for k in plain.encoder:
@@ -50,7 +50,7 @@ def test_unit_weights_reproduce_graph_sup_pt_exactly(problem) -> None:
 
 def test_oracle_weighting_changes_the_run(problem) -> None:
     prob, s = problem
-    oracle = pretrain_fixed("oracle_pt", prob, s, seed=0)
+    oracle = pretrain("oracle_pt", prob, s, seed=0, progress=False)
     plain = pretrain("graph_sup_pt", prob, s, seed=0, progress=False)
     assert oracle.weights == [float(r) for r in prob.relevance]
     assert any(not torch.equal(oracle.encoder[k], plain.encoder[k]) for k in plain.encoder)

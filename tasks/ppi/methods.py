@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .baselines import weights_to_logits
 from .config import METHODS, PT_METHODS, Settings
 from .finetune import Problem
+from .fixed_weights import FIXED_METHODS, fixed_weights
 from .net import PTResult, build_trainer, strip_encoder
 
 __all__ = ["PTResult", "pretrain", "PT_METHODS"]
@@ -67,10 +69,13 @@ def pretrain(
         return PTResult(None)
     if method in ("graph_sup_pt", "meta_pt"):
         return _meta_pretrain(problem, s, seed, fold, method == "meta_pt", ckpt, progress)
-    if method in ("corr_pt", "oracle_pt"):
-        from .fixed_weights import pretrain_fixed
-
-        return pretrain_fixed(method, problem, s, seed, fold, ckpt, progress)
+    if method in FIXED_METHODS:  # Graph Sup PT's loop, phi = logit(w / 2) frozen
+        w = fixed_weights(method, problem, fold)
+        # the default dtype, as Graph Sup PT's torch.zeros logits (and the encoder's parameters)
+        logit = torch.as_tensor(weights_to_logits(w), dtype=torch.get_default_dtype())
+        res = _meta_pretrain(problem, s, seed, fold, False, ckpt, progress, init_logit=logit)
+        res.weights = w.tolist()
+        return res
     from .cotrain import cotrain
 
     variant = {"cotrain": "plain", "cotrain_pcgrad": "pcgrad", "ift_cotrain": "ift"}[method]
