@@ -31,7 +31,7 @@ from tasks.paired import compare_to_strongest, format_paired, paired_header
 from tasks.ppi.config import get_config
 from tasks.ppi.data import load_ppi
 from tasks.ppi.finetune import finetune, macro, make_problem
-from tasks.ppi.fixed_weights import FIXED_METHODS, pretrain_fixed
+from tasks.ppi.fixed_weights import FIXED_METHODS
 from tasks.ppi.methods import PT_METHODS, pretrain
 from tasks.ppi.synthetic import read_meta, write_synthetic
 from tasks.ppi.synthetic_latent import LatentConfig, write_latent
@@ -66,10 +66,7 @@ def _problem(stand_in: str, config: str, data_seed: int | None, out: Path):
 def run_one(method: str, problem, s, seed: int) -> dict[str, Any]:
     seed_everything(seed)
     t0 = time.perf_counter()
-    if method in FIXED_METHODS:
-        res = pretrain_fixed(method, problem, s, seed)
-    else:
-        res = pretrain(method, problem, s, seed, None, None, progress=False)
+    res = pretrain(method, problem, s, seed, None, None, progress=False)
     pt_time = time.perf_counter() - t0
     ft = {mode: finetune(res.encoder, problem, s, mode, seed) for mode in MODES}
     rec: dict[str, Any] = {

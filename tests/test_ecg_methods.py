@@ -205,6 +205,11 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert set(res["table"]) == set(METHODS)
     assert set(res["strengths_by_group"]) == set(GROUPS)
     assert res["time_ratio"]["ratio"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert res["plumbing"] and "Plumbing check: not a result. Test macro AUROC" in md
+    vs = res["vs_strongest"]["20"]  # one seed: a paired Δ, but no interval
+    assert sum(r["baseline"] for r in vs.values()) == 1
+    assert vs["meta_simclr"]["paired"]["n"] == 1 and "[no interval: n=1] (n=1)" in md
     for f in ("results.md", "auroc_vs_nft.png", "augmentations.png", "strengths.png"):
         assert (tmp_path / f).stat().st_size > 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())

@@ -62,6 +62,15 @@ def test_noisy_tiny_run_and_resume(tmp_path):
     full = N.run_one(cfg, seed=0)
     assert len(full["weights_clean"]) + len(full["weights_noisy"]) > 0
     assert 0.0 <= full["auroc"] <= 1.0 and full["ratio"] > 0
+    # the small-loss heuristic at the end of the warm-up, recomputed from a plain-PT trainer
+    from tasks.synthetic.baselines import small_loss_weights
+    from tasks.synthetic.metrics import weight_stats
+
+    task = N.NoisyTask(cfg, 0)
+    plain = task.trainer(meta=False)
+    plain.run(cfg.warmup, task.pt_batch, task.ft_batch, progress=False)
+    ref = weight_stats(small_loss_weights(task, plain.pt_params), task.noisy.numpy())
+    assert full["small_loss_auroc"] == pytest.approx(ref["auroc"], abs=1e-12)
     with pytest.raises(Killed):
         N.run_one(cfg, seed=0, seed_dir=tmp_path, callback=_kill_at(2))
     resumed = N.run_one(cfg, seed=0, seed_dir=tmp_path)
@@ -135,7 +144,9 @@ def test_cli_noisy_and_overrides(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["meta_steps"] == 2 and metrics["config"]["weight_form"] == "softmax"
     assert (out / "weights.png").exists() and "auroc_mean" in metrics
-    capsys.readouterr()
+    assert metrics["plumbing"] and metrics["auroc_vs_small_loss"]["n"] == 1
+    text = capsys.readouterr().out
+    assert "Plumbing check: not a result. noisy labels" in text and "[no interval: n=1]" in text
     assert main(["synthetic", "noisy", "--config", "tiny", "--out", str(out), "--set",
                  "bogus=1"]) == 2
     assert "bogus: unknown key" in capsys.readouterr().err

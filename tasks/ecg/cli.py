@@ -213,7 +213,7 @@ def run(job: Job) -> dict[str, Any] | None:
             ratio = cached(rpath, lambda: measure_time_ratio(task, cfg, a.ns[0], a.time_ratio))
         elif rpath.exists():
             ratio = read_json(rpath)
-        summary = summarize(results, task, out, job.argv, cfg, ratio)
+        summary = summarize(results, task, out, job.argv, cfg, ratio, a.config == "smoke")
         pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
         if pts and task.group_test is not None:
             vals = load_file(pts[-1])["strengths"]["values_by_group"]

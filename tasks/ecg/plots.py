@@ -34,6 +34,8 @@ def plot_auroc(summary: dict[str, dict[int, tuple[float, float, int]]], path: st
     ax.set_xscale("log")
     ax.set_xlabel("|D_FT|")
     ax.set_ylabel("test macro AUROC (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(50, color="gray", lw=0.8, ls="--", label="chance")
     ax.set_title(title or "AUROC vs |D_FT| (mean +- std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -11,18 +11,23 @@ from tasks.common import mean_std, write_json
 from tasks.ecg.config import ECGConfig
 from tasks.ecg.plots import plot_auroc
 from tasks.ecg.synthetic import GROUPS, timing_morphology
+from tasks.results_table import markdown_table, plumbing_title
+from tasks.tables import compare, fmt_paired, per_seed
 
 if TYPE_CHECKING:
     from tasks.ecg.task import Task
 
-__all__ = ["summarize", "METHODS"]
+__all__ = ["summarize", "METHODS", "BASELINES"]
+
+BASELINES = ("no_pt", "simclr_nowarp", "simclr")  # Δ column: vs the strongest of these
 
 METHODS = ("no_pt", "simclr_nowarp", "simclr", "simclr_oracle", "meta_simclr",
            "meta_simclr_partial")
 
 
 def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[str],
-              cfg: ECGConfig, ratio: dict[str, Any] | None) -> dict[str, Any]:
+              cfg: ECGConfig, ratio: dict[str, Any] | None, plumbing: bool = False
+              ) -> dict[str, Any]:
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     ns = sorted({r["n_ft"] for r in results})
     table: dict[str, dict[int, tuple[float, float, int]]] = {}
@@ -43,14 +48,24 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
         if r["method"] == "meta_simclr" and r.get("strengths"):
             seen[(r["n_ft"], r["seed"])] = r["strengths"]
     strengths = list(seen.values())
+    vs = {n: compare(per_seed(results, lambda r: r["test_auroc"],
+                              where=lambda r, n=n: r["n_ft"] == n), baselines=BASELINES)
+          for n in ns}
     lines = [f"# ECG reproduction: {task.name}", "", "Command: `python -m tasks "
-             + " ".join(argv) + "`", "", "Test macro AUROC (%), mean +- std over seeds (count):",
+             + " ".join(argv) + "`", "",
+             plumbing_title("Test macro AUROC (%), mean +- std over seeds (count):", plumbing),
              "", "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
              "| --- |" + " --- |" * len(ns)]
     for m in methods:
         cells = [f"{100 * table[m][n][0]:.1f} +- {100 * table[m][n][1]:.1f} ({table[m][n][2]})"
                  if n in table[m] else "-" for n in ns]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Test macro AUROC (points), each method minus the strongest of "
+              f"{', '.join(BASELINES)} at that N on the same seeds (FT seeds averaged): "
+              "mean [95% t-CI] (n):", "", markdown_table(["method", *(f"N={n}" for n in ns)], [
+                  [m, *("-" if m not in vs[n] else "baseline (strongest)" if vs[n][m]["baseline"]
+                        else fmt_paired(vs[n][m].get("paired"), 100) for n in ns)]
+                  for m in methods])]
     if task.group_test is not None:
         lines += ["", "Macro AUROC (%) over the timing labels / the morphology labels:", "",
                   "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
@@ -91,10 +106,12 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                "strengths_by_group": summary_strengths, "time_ratio": ratio,
                "paired": {f"{a}-{b}": {str(n): d for n, d in by_n.items()}
                           for (a, b), by_n in pairs.items()},
+               "vs_strongest": {str(n): v for n, v in vs.items()}, "plumbing": plumbing,
                "config": asdict(cfg), "argv": argv, "task": task.name, "out": str(out)}
     write_json(out / "results.json", summary)
     if table:
-        plot_auroc(table, out / "auroc_vs_nft.png", title=f"ECG ({task.name})")
+        plot_auroc(table, out / "auroc_vs_nft.png",
+                   title=plumbing_title(f"ECG ({task.name})", plumbing))
     return summary
 
 

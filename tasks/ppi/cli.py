@@ -32,6 +32,8 @@ from hypergrad import distributed as hd
 from tasks.cli import Experiment, Job
 from tasks.common import mean_std, seed_everything, write_json
 from tasks.harness import CLIError, read_json, time_ratio
+from tasks.results_table import plumbing_title
+from tasks.tables import compare, fmt_paired
 
 from .config import CONFIGS, METHODS, Settings
 from .data import load_ppi
@@ -42,6 +44,8 @@ from .net import build_trainer
 __all__ = ["EXPERIMENTS", "run_all", "aggregate"]
 
 FIVE = METHODS[:5]
+BASELINES = ("no_pt", "graph_sup_pt", "corr_pt")  # Δ column: vs the strongest of these
+PLUMBING_CONFIGS = ("smoke",)  # tables and plots say "plumbing check: not a result"
 FOLD_FREE = ("no_pt", "graph_sup_pt")  # PT does not see FT labels: one run serves all folds
 MODES = ("full", "linear")
 
@@ -121,6 +125,7 @@ def aggregate(out: Path, folds: list[list[int]]) -> dict[str, Any]:
         seeds = sorted({r["seed"] for r in mine})
         for access in ("full", "partial"):
             per_seed: dict[str, list[float]] = {k: [] for k in (*MODES, "best", "easy")}
+            done: list[int] = []
             for sd in seeds:
                 if access == "full":
                     rs = [(r, None) for r in mine if r["seed"] == sd and r["fold"] is None]
@@ -132,6 +137,7 @@ def aggregate(out: Path, folds: list[list[int]]) -> dict[str, Any]:
                           if r["seed"] == sd and r["fold"] is not None]
                 if not rs or (access == "partial" and len(rs) != len(folds)):
                     continue
+                done.append(sd)
                 sc = [_scores(r, t) for r, t in rs]
                 for k in (*MODES, "best"):
                     per_seed[k].append(float(np.mean([x[k] for x in sc])))
@@ -140,7 +146,7 @@ def aggregate(out: Path, folds: list[list[int]]) -> dict[str, Any]:
             if per_seed["best"]:
                 row[access] = {k: {"mean": mean_std(v)[0], "std": mean_std(v)[1], "values": v}
                                for k, v in per_seed.items()}
-                row[access]["n_seeds"] = len(per_seed["best"])
+                row[access].update(n_seeds=len(done), seeds=done)
         wa = [r["weight_relevance_auroc"] for r in mine
               if "weight_relevance_auroc" in r and r["fold"] is None]
         if wa:
@@ -160,20 +166,39 @@ def _fmt(c: dict[str, Any] | None, key: str) -> str:
     return f"{100 * c[key]['mean']:.1f} +- {100 * c[key]['std']:.1f}"
 
 
+def paired_rows(table: dict[str, Any], access: str = "full") -> dict[str, dict[str, Any]]:
+    """FT-mode-chosen-on-val AUROC of ``access``, each method paired against the strongest of
+    :data:`BASELINES` on the shared seeds (95% t-interval, n)."""
+    per = {m: dict(zip(r[access]["seeds"], r[access]["best"]["values"]))
+           for m, r in table.items() if access in r}
+    return compare(per, baselines=BASELINES)
+
+
 def write_tables(out: Path, table: dict[str, Any], header: str) -> None:
-    """results.json and results.md (AUROC x 100, mean +- std over seeds)."""
+    """results.json and results.md (AUROC x 100, mean +- std over seeds, paired differences)."""
+    pr = {a: paired_rows(table, a) for a in ("full", "partial")}
+    base = {a: next((m for m, r in pr[a].items() if r["baseline"]), "-") for a in pr}
+    for a, rows in pr.items():
+        for m, r in rows.items():
+            table[m][a]["paired"] = {"baseline": base[a], **r.get("paired", {})}
     write_json(out / "results.json", table)
     lines = [header, "",
              "| method | full: best (val) | full: FT all | full: linear | partial: best (val) "
-             "| partial: FT all | partial: linear | seeds | weight-relevance AUROC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| partial: FT all | partial: linear | seeds | weight-relevance AUROC "
+             f"| full: Δ vs {base['full']} [95% t-CI] (n) "
+             f"| partial: Δ vs {base['partial']} [95% t-CI] (n) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, row in table.items():
+        d = [("baseline (strongest)" if pr[a][m]["baseline"]
+              else fmt_paired(pr[a][m].get("paired"), 100)) if m in pr[a] else "-"
+             for a in ("full", "partial")]
         f, p = row.get("full"), row.get("partial")
         n = "/".join(str(x["n_seeds"]) for x in (f, p) if x)
         wa = row.get("weight_relevance_auroc")
         was = f"{wa['mean']:.3f} +- {wa['std']:.3f}" if wa else "-"
         lines.append(f"| {m} | {_fmt(f, 'best')} | {_fmt(f, 'full')} | {_fmt(f, 'linear')} | "
-                     f"{_fmt(p, 'best')} | {_fmt(p, 'full')} | {_fmt(p, 'linear')} | {n} | {was} |")
+                     f"{_fmt(p, 'best')} | {_fmt(p, 'full')} | {_fmt(p, 'linear')} | {n} | {was} | "
+                     f"{d[0]} | {d[1]} |")
     tim = {m: r["timing"] for m, r in table.items() if "timing" in r}
     if tim:
         lines += ["", "Wall-clock times recorded inside the runs (all runs of the method; on a "
@@ -271,11 +296,13 @@ def run(job: Job) -> dict[str, Any] | None:
         return None
     table = aggregate(out, [f.tolist() for f in problem.folds])
     src = "synthetic stand-in" if args.data_dir is None else f"data {args.data_dir}"
-    write_tables(out, table, f"PPI ({src}, config {args.config}): test AUROC x 100 (hard half "
-                             "of the test species), mean +- std over seeds")
+    plumbing = args.config in PLUMBING_CONFIGS
+    write_tables(out, table, plumbing_title(
+        f"PPI ({src}, config {args.config}): test AUROC x 100 (hard half of the test species), "
+        "mean +- std over seeds", plumbing))
     from .plots import plot_all
 
-    plot_all(out, table)
+    plot_all(out, table, plumbing)
     return {"out": str(out)}
 
 

@@ -10,9 +10,11 @@ from models.gin import PAPER, GINConfig
 
 from .synthetic import SyntheticConfig
 
-__all__ = ["Settings", "CONFIGS", "get_config", "METHODS"]
+__all__ = ["Settings", "CONFIGS", "get_config", "METHODS", "PT_METHODS"]
 
-METHODS = ("no_pt", "graph_sup_pt", "cotrain", "cotrain_pcgrad", "meta_pt", "ift_cotrain")
+PT_METHODS = ("no_pt", "graph_sup_pt", "cotrain", "cotrain_pcgrad", "meta_pt", "ift_cotrain")
+# fixed-weight baselines of issue 20 (fixed_weights.py): Corr-weighted PT and Oracle PT
+METHODS = (*PT_METHODS, "corr_pt", "oracle_pt")
 
 
 @dataclass(frozen=True)

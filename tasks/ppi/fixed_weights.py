@@ -1,4 +1,4 @@
-"""Corr-weighted PT and Oracle PT as PT methods: Graph Sup PT's loop with fixed task weights.
+"""The task weights of Corr-weighted PT and Oracle PT (run by ``methods.pretrain``).
 
 L_PT = (1/T) sum_i w_i BCE_i with w from ``baselines.py`` (Corr-weighted PT: max |label corr|
 with a visible FT task on D_FT(Meta), scaled to max 1; Oracle PT: 1 on the relevant tasks, 0
@@ -8,17 +8,12 @@ steps of Graph Sup PT (w = 1) and of Meta-PT with phi frozen, so only the weight
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
 
-from .baselines import corr_weights_for_problem, oracle_weights, weights_to_logits
-from .config import Settings
+from .baselines import corr_weights_for_problem, oracle_weights
 from .finetune import Problem
-from .methods import PTResult, _meta_pretrain
 
-__all__ = ["FIXED_METHODS", "fixed_weights", "pretrain_fixed"]
+__all__ = ["FIXED_METHODS", "fixed_weights"]
 
 FIXED_METHODS = ("corr_pt", "oracle_pt")
 
@@ -33,29 +28,3 @@ def fixed_weights(method: str, problem: Problem, fold: int | None = None) -> np.
         return oracle_weights(problem.relevance)
     raise ValueError(f"`method` must be one of {FIXED_METHODS}, got {method!r}")
 
-
-def pretrain_fixed(
-    method: str,
-    problem: Problem,
-    s: Settings,
-    seed: int,
-    fold: int | None = None,
-    ckpt: str | Path | None = None,
-    progress: bool = False,
-) -> PTResult:
-    """PT with ``method``'s fixed weights; the result carries them as ``weights``."""
-    w = fixed_weights(method, problem, fold)
-    # the default dtype, as Graph Sup PT's torch.zeros logits (and the encoder's parameters)
-    logit = torch.as_tensor(weights_to_logits(w), dtype=torch.get_default_dtype())
-    res = _meta_pretrain(
-        problem,
-        s,
-        seed,
-        fold,
-        False,
-        None if ckpt is None else Path(ckpt),
-        progress,
-        init_logit=logit,
-    )
-    res.weights = w.tolist()
-    return res

@@ -4,6 +4,8 @@
 * ``graph_sup_pt``: PT on all PT tasks with uniform weights (``MetaPretrainer(meta=False)``, so
   its PT steps are the very steps Meta-PT takes when phi is frozen).
 * ``cotrain``, ``cotrain_pcgrad``, ``ift_cotrain``: the CoTrain baselines (cotrain.py).
+* ``corr_pt``, ``oracle_pt``: Graph Sup PT's loop with fixed label-correlation / oracle task
+  weights (fixed_weights.py).
 * ``meta_pt``: L_PT = (1/T) sum_i 2 sigmoid(phi_i) BCE_i, phi learned online by
   ``hg.MetaPretrainer`` (P PT steps, then K head-only FT steps on D_FT(Meta)-train and the
   hypergradient of the D_FT(Meta)-val loss; IFT with a Neumann series whose step is the PT lr).
@@ -20,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import METHODS, Settings
+from .baselines import weights_to_logits
+from .config import METHODS, PT_METHODS, Settings
 from .finetune import Problem
+from .fixed_weights import FIXED_METHODS, fixed_weights
 from .net import PTResult, build_trainer, strip_encoder
 
-__all__ = ["PTResult", "pretrain"]
+__all__ = ["PTResult", "pretrain", "PT_METHODS"]
 
 
 def _meta_pretrain(
@@ -65,6 +69,13 @@ def pretrain(
         return PTResult(None)
     if method in ("graph_sup_pt", "meta_pt"):
         return _meta_pretrain(problem, s, seed, fold, method == "meta_pt", ckpt, progress)
+    if method in FIXED_METHODS:  # Graph Sup PT's loop, phi = logit(w / 2) frozen
+        w = fixed_weights(method, problem, fold)
+        # the default dtype, as Graph Sup PT's torch.zeros logits (and the encoder's parameters)
+        logit = torch.as_tensor(weights_to_logits(w), dtype=torch.get_default_dtype())
+        res = _meta_pretrain(problem, s, seed, fold, False, ckpt, progress, init_logit=logit)
+        res.weights = w.tolist()
+        return res
     from .cotrain import cotrain
 
     variant = {"cotrain": "plain", "cotrain_pcgrad": "pcgrad", "ift_cotrain": "ift"}[method]

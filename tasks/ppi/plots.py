@@ -12,11 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks.results_table import plumbing_title  # noqa: E402
+
 __all__ = ["plot_all", "plot_auroc", "plot_weights"]
 
 
-def plot_auroc(out: Path, table: dict[str, Any]) -> Path:
-    """Bars: test AUROC (FT mode chosen on validation), mean +- std, full and partial access."""
+def plot_auroc(out: Path, table: dict[str, Any], plumbing: bool = False) -> Path:
+    """Bars: test AUROC (FT mode chosen on validation), mean +- std, full and partial access,
+    on the full 0-100 axis with the chance line at 50."""
     methods = list(table)
     fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.6))
     x = np.arange(len(methods))
@@ -27,10 +30,9 @@ def plot_auroc(out: Path, table: dict[str, Any]) -> Path:
                capsize=3, color=color, label=f"{access} access")
     ax.set_xticks(x, methods, rotation=20)
     ax.set_ylabel("test AUROC x 100")
-    finite = [v for m in methods for a in ("full", "partial")
-              if np.isfinite(v := table[m].get(a, {}).get("best", {}).get("mean", np.nan))]
-    if finite:
-        ax.set_ylim(100 * min(finite) - 8, min(100, 100 * max(finite) + 5))
+    ax.set_ylim(0, 100)
+    ax.axhline(50, color="gray", lw=0.8, ls="--", label="chance")
+    ax.set_title(plumbing_title("PPI test AUROC", plumbing))
     ax.legend()
     fig.tight_layout()
     path = out / "auroc.png"
@@ -72,7 +74,7 @@ def plot_weights(out: Path) -> Path | None:
     return path
 
 
-def plot_all(out: Path, table: dict[str, Any]) -> list[Path]:
-    paths = [plot_auroc(out, table)]
+def plot_all(out: Path, table: dict[str, Any], plumbing: bool = False) -> list[Path]:
+    paths = [plot_auroc(out, table, plumbing)]
     w = plot_weights(out)
     return paths + ([w] if w else [])

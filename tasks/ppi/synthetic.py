@@ -89,27 +89,10 @@ def _task(rng: np.random.Generator, factors: np.ndarray, z: np.ndarray, cfg: Syn
     return y, {"factors": cols.tolist(), "weights": w.tolist(), "threshold": t}
 
 
-def generate(cfg: SyntheticConfig) -> tuple[list[Data], dict]:
-    """Ego-graphs as PyG ``Data`` (Hu et al.'s fields) and the ground-truth metadata."""
-    rng = np.random.default_rng(cfg.seed)
-    n_f = cfg.n_relevant_factors + cfg.n_irrelevant_factors
-    rt = cfg.relevant_types
-    pairs = [(a, b) for a in range(N_TYPES) for b in range(N_TYPES)]
-    rel_pairs = [p for p in pairs if p[0] < rt and p[1] < rt]
-    irr_pairs = [p for p in pairs if p[0] >= rt and p[1] >= rt]
-    if len(rel_pairs) < cfg.n_relevant_factors or len(irr_pairs) < cfg.n_irrelevant_factors:
-        raise ValueError(
-            f"`relevant_types`={rt} leaves {len(rel_pairs)} / {len(irr_pairs)} type pairs for "
-            f"{cfg.n_relevant_factors} relevant / {cfg.n_irrelevant_factors} irrelevant factors"
-        )
-    rel_sig = [rel_pairs[i] for i in rng.permutation(len(rel_pairs))[: cfg.n_relevant_factors]]
-    irr_sig = [irr_pairs[i] for i in rng.permutation(len(irr_pairs))[: cfg.n_irrelevant_factors]]
-    signatures = rel_sig + irr_sig
-    distractors = [p for p in pairs if p not in rel_pairs and p not in irr_pairs]
-    z = (rng.random((cfg.n_graphs, n_f)) < cfg.factor_prob).astype(np.float64)
-    relevant = np.arange(cfg.n_relevant_factors)
-    irrelevant = np.arange(cfg.n_relevant_factors, n_f)
-
+def _labels(rng: np.random.Generator, z: np.ndarray, rel_f: np.ndarray, irr_f: np.ndarray,
+            ft_f: np.ndarray, cfg: SyntheticConfig):
+    """PT task kinds (shuffled), PT labels and specs (relevant tasks on ``rel_f``, irrelevant
+    on ``irr_f``, noise independent of z), then FT labels and specs on ``ft_f``."""
     n_rel = int(round(cfg.frac_pt_relevant * cfg.n_pt_tasks))
     n_irr = int(round(cfg.frac_pt_irrelevant * cfg.n_pt_tasks))
     kinds = ["relevant"] * n_rel + ["irrelevant"] * n_irr
@@ -123,32 +106,38 @@ def generate(cfg: SyntheticConfig) -> tuple[list[Data], dict]:
             y_pt[:, j] = (rng.random(cfg.n_graphs) < p).astype(np.int64)
             pt_specs.append({"rate": p})
         else:
-            y_pt[:, j], spec = _task(rng, relevant if kind == "relevant" else irrelevant, z, cfg)
+            y_pt[:, j], spec = _task(rng, rel_f if kind == "relevant" else irr_f, z, cfg)
             pt_specs.append(spec)
     y_ft = np.zeros((cfg.n_graphs, cfg.n_ft_tasks), dtype=np.int64)
     ft_specs = []
     for j in range(cfg.n_ft_tasks):
-        y_ft[:, j], spec = _task(rng, relevant, z, cfg)
+        y_ft[:, j], spec = _task(rng, ft_f, z, cfg)
         ft_specs.append(spec)
+    return kinds, y_pt, pt_specs, y_ft, ft_specs
 
+
+def _species(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
+    """A ``test_fraction`` share of the graphs from the test species, the rest round-robin."""
     n_test = max(2, int(round(cfg.test_fraction * cfg.n_graphs)))
-    species = np.array(
+    return np.array(
         [TEST_SPECIES[0]] * n_test
         + [TRAIN_VALID_SPECIES[i % len(TRAIN_VALID_SPECIES)] for i in range(cfg.n_graphs - n_test)]
     )[rng.permutation(cfg.n_graphs)]
 
+
+def _graphs(rng: np.random.Generator, z: np.ndarray, signatures: list[tuple[int, int]],
+            distractors: list[tuple[int, int]], species: np.ndarray, y_pt: np.ndarray,
+            y_ft: np.ndarray, cfg: SyntheticConfig) -> list[Data]:
+    """Ego-graphs with one arm per present factor plus distractor arms, far leaves, edges
+    among far nodes and extra type bits (the noise described above)."""
     graphs = []
-    for g in range(cfg.n_graphs):
-        arms = []
-        for k in np.flatnonzero(z[g]):
-            arms.append(signatures[k])
+    for g in range(len(z)):
+        arms = [signatures[k] for k in np.flatnonzero(z[g])]
         lo, hi = cfg.distractor_arms
         n_distract = int(rng.integers(lo, hi + 1))
         arms += [distractors[i] for i in rng.integers(0, len(distractors), n_distract)]
         arms = [arms[i] for i in rng.permutation(len(arms))]
-        edges, types = [], []
-        n = 1
-        seconds = []
+        edges, types, seconds, n = [], [], [], 1
         for a, b in arms:
             u, v = n, n + 1
             n += 2
@@ -172,20 +161,45 @@ def generate(cfg: SyntheticConfig) -> tuple[list[Data], dict]:
         e = np.asarray(edges, dtype=np.int64).T
         # both directions, interleaved as in Hu et al.'s nx_to_graph_data_obj
         ei = np.stack([e, e[::-1]], axis=2).reshape(2, -1)
-        ea = np.repeat(attr, 2, axis=0)
         perm = rng.permutation(n)  # the center is not always node 0
-        ei = perm[ei]
         graphs.append(
             Data(
                 x=torch.ones(n, 1),
-                edge_index=torch.from_numpy(np.ascontiguousarray(ei)),
-                edge_attr=torch.from_numpy(ea),
+                edge_index=torch.from_numpy(np.ascontiguousarray(perm[ei])),
+                edge_attr=torch.from_numpy(np.repeat(attr, 2, axis=0)),
                 species_id=torch.tensor([int(species[g])]),
                 center_node_idx=torch.tensor([int(perm[0])]),
                 go_target_pretrain=torch.from_numpy(y_pt[g]),
                 go_target_downstream=torch.from_numpy(y_ft[g]),
             )
         )
+    return graphs
+
+
+def generate(cfg: SyntheticConfig) -> tuple[list[Data], dict]:
+    """Ego-graphs as PyG ``Data`` (Hu et al.'s fields) and the ground-truth metadata."""
+    rng = np.random.default_rng(cfg.seed)
+    n_f = cfg.n_relevant_factors + cfg.n_irrelevant_factors
+    rt = cfg.relevant_types
+    pairs = [(a, b) for a in range(N_TYPES) for b in range(N_TYPES)]
+    rel_pairs = [p for p in pairs if p[0] < rt and p[1] < rt]
+    irr_pairs = [p for p in pairs if p[0] >= rt and p[1] >= rt]
+    if len(rel_pairs) < cfg.n_relevant_factors or len(irr_pairs) < cfg.n_irrelevant_factors:
+        raise ValueError(
+            f"`relevant_types`={rt} leaves {len(rel_pairs)} / {len(irr_pairs)} type pairs for "
+            f"{cfg.n_relevant_factors} relevant / {cfg.n_irrelevant_factors} irrelevant factors"
+        )
+    rel_sig = [rel_pairs[i] for i in rng.permutation(len(rel_pairs))[: cfg.n_relevant_factors]]
+    irr_sig = [irr_pairs[i] for i in rng.permutation(len(irr_pairs))[: cfg.n_irrelevant_factors]]
+    signatures = rel_sig + irr_sig
+    distractors = [p for p in pairs if p not in rel_pairs and p not in irr_pairs]
+    z = (rng.random((cfg.n_graphs, n_f)) < cfg.factor_prob).astype(np.float64)
+    relevant = np.arange(cfg.n_relevant_factors)
+    irrelevant = np.arange(cfg.n_relevant_factors, n_f)
+
+    kinds, y_pt, pt_specs, y_ft, ft_specs = _labels(rng, z, relevant, irrelevant, relevant, cfg)
+    species = _species(rng, cfg)
+    graphs = _graphs(rng, z, signatures, distractors, species, y_pt, y_ft, cfg)
     meta = {
         "config": asdict(cfg),
         "pt_kinds": kinds,
@@ -198,9 +212,10 @@ def generate(cfg: SyntheticConfig) -> tuple[list[Data], dict]:
     return graphs, meta
 
 
-def write_synthetic(root: str | Path, cfg: SyntheticConfig) -> Path:
+def write_synthetic(root: str | Path, cfg: SyntheticConfig, generator=None) -> Path:
     """Write ``root/processed/geometric_data_processed.pt`` (InMemoryDataset layout) and
-    ``root/synthetic_meta.json``; reuse them when the stored config matches. Returns root."""
+    ``root/synthetic_meta.json`` from ``generator(cfg)`` (default :func:`generate`); reuse them
+    when the stored config matches. Returns root."""
     root = Path(root)
     path = root / "processed" / PROCESSED_NAME
     meta_path = root / META_NAME
@@ -208,7 +223,7 @@ def write_synthetic(root: str | Path, cfg: SyntheticConfig) -> Path:
     if (path.is_file() and meta_path.is_file()
             and json.loads(meta_path.read_text()).get("config") == wanted):
         return root
-    graphs, meta = generate(cfg)
+    graphs, meta = (generator or generate)(cfg)
     data, slices = InMemoryDataset.collate(graphs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent writers never share a tmp file

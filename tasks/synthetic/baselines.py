@@ -22,16 +22,13 @@ as Meta-PT's whole run).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models import digits as M
-
-if TYPE_CHECKING:
-    from .noisy import NoisyTask
 
 __all__ = ["inverse_loss_weights", "pt_example_losses", "small_loss_weights"]
 
@@ -53,7 +50,7 @@ def inverse_loss_weights(losses: object, eps: float = 1e-2) -> np.ndarray:
 
 
 @torch.no_grad()
-def pt_example_losses(task: NoisyTask, pt_params: dict[str, torch.Tensor]) -> np.ndarray:
+def pt_example_losses(task: Any, pt_params: dict[str, torch.Tensor]) -> np.ndarray:
     """Per-example CE of ``task``'s PT classifier with ``pt_params`` on every PT example (its
     possibly noisy labels), in the PT example order of ``task.noisy``."""
     logits = M.linear(pt_params, "pt", M.features(pt_params, task.x_pt, task.cfg.act))
@@ -61,7 +58,7 @@ def pt_example_losses(task: NoisyTask, pt_params: dict[str, torch.Tensor]) -> np
 
 
 def small_loss_weights(
-    task: NoisyTask, pt_params: dict[str, torch.Tensor], eps: float = 1e-2
+    task: Any, pt_params: dict[str, torch.Tensor], eps: float = 1e-2
 ) -> np.ndarray:
     """The heuristic's weight of every PT example under plain-PT parameters ``pt_params``."""
     return inverse_loss_weights(pt_example_losses(task, pt_params), eps)

@@ -17,12 +17,14 @@ from types import ModuleType
 from typing import Any
 
 from tasks.cli import Experiment, Job
-from tasks.common import launch_rank, seed_parallel
+from tasks.common import launch_rank, seed_parallel, write_json
 from tasks.harness import CLIError
 
 from . import noisy as N
 from . import rotation as R
 
+# configs whose numbers are plumbing checks (rotation's smoke is the README demo: a result)
+PLUMBING_CONFIGS = {"rotation": ("tiny",), "noisy": ("smoke", "tiny")}
 DEFAULT_SEEDS = {"rotation": {"paper": "10", "smoke": "10", "tiny": "2"},
                  "noisy": {"paper": "5", "smoke": "1", "tiny": "1"}}
 
@@ -39,15 +41,19 @@ def _prepare(job: Job) -> None:
         job.cfg = dataclasses.replace(job.cfg, data_dir=job.args.data_dir)
 
 
-def _runner(mod: ModuleType):
+def _runner(mod: ModuleType, name: str):
     def run(job: Job) -> dict[str, Any] | None:
         rank, _ = launch_rank()
         # under torchrun: seed parallel (rank r runs seeds r, r+N, ...), rank 0 aggregates
-        return seed_parallel(
+        metrics = seed_parallel(
             lambda mine: mod.run(job.cfg, mine, job.out, progress=job.progress and rank == 0,
                                  aggregate=False, device=job.device),
             job.seeds, lambda: mod.run(job.cfg, job.seeds, job.out, progress=False,
                                        device=job.device))
+        if metrics is not None:  # smoke / tiny runs are plumbing checks, and say so
+            metrics["plumbing"] = job.args.config in PLUMBING_CONFIGS[name]
+            write_json(job.out / "metrics.json", metrics)
+        return metrics
 
     return run
 
@@ -55,7 +61,7 @@ def _runner(mod: ModuleType):
 EXPERIMENTS = {
     name: Experiment(
         task="synthetic", name=name, description=mod.__doc__.split("\n")[0],
-        configs=mod.CONFIGS, default_config="paper", run=_runner(mod), summary=mod.summary,
+        configs=mod.CONFIGS, default_config="paper", run=_runner(mod, name), summary=mod.summary,
         default_seeds=DEFAULT_SEEDS[name],
         runs_glob=("seed*/*.json", "seed*/*.pt", "time_ratio.json"),
         add_arguments=_arguments, prepare=_prepare,

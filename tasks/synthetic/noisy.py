@@ -33,6 +33,8 @@ import hypergrad as hg
 from models import digits as M
 from tasks.common import mean_std, seed_everything, write_json
 from tasks.harness import check_fields, run_seeds
+from tasks.results_table import plumbing_title
+from tasks.tables import compare, fmt_paired
 
 from . import data as D
 from .metrics import auroc, weight_stats
@@ -228,7 +230,13 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
     every = max(1, cfg.meta_steps // 20)
     total = cfg.warmup + cfg.meta_steps
 
+    small: dict[str, float] = {}
+
     def cb(j: int, metrics: dict) -> None:
+        if j + 1 == cfg.warmup:  # plain-PT parameters: the small-loss heuristic's protocol
+            from .baselines import small_loss_weights
+
+            small.update(weight_stats(small_loss_weights(task, tr.pt_params), noisy))
         if (j + 1) % every == 0 or j + 1 == total:
             st = weight_stats(task.all_weights(tr.hparams), noisy)
             metrics["ratio"], metrics["auroc"] = st["ratio"], st["auroc"]
@@ -250,6 +258,8 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
         probe_test_accuracy=task.probe_accuracy(tr.pt_params),
         weights_clean=w[~noisy].tolist(), weights_noisy=w[noisy].tolist(),
     )
+    if small:  # absent when resumed past the warm-up
+        res["small_loss_auroc"], res["small_loss_ratio"] = small["auroc"], small["ratio"]
     if cfg.baseline:
         base = task.trainer(meta=False)
         base.run(total, task.pt_batch, task.ft_batch, progress=False)
@@ -270,13 +280,18 @@ def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
     metrics: dict[str, Any] = {"experiment": "noisy", "config": dataclasses.asdict(cfg),
                                "seeds": seeds, "paper_ratio": "> 100"}
     for key in ("ratio", "median_ratio", "auroc", "mean_weight_clean", "mean_weight_noisy",
-                "probe_test_accuracy", "baseline_probe_test_accuracy"):
+                "probe_test_accuracy", "baseline_probe_test_accuracy", "small_loss_auroc",
+                "small_loss_ratio"):
         vals = [r[key] for r in results if key in r]
         if vals:
             m, s = mean_std(vals)
             metrics[key] = vals
             metrics[f"{key}_mean"], metrics[f"{key}_std"] = m, s
     metrics["target_met"] = bool(min(metrics["ratio"]) > 100)
+    auc = {"meta_pt": {r["seed"]: r["auroc"] for r in results},
+           "small_loss": {r["seed"]: r["small_loss_auroc"] for r in results
+                          if "small_loss_auroc" in r}}
+    metrics["auroc_vs_small_loss"] = compare(auc, baselines=["small_loss"])["meta_pt"].get("paired")
     write_json(out / "metrics.json", metrics)
     from .plots import plot_weights
 
@@ -288,10 +303,17 @@ def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
 
 
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [f"clean / noisy mean weight: {metrics['ratio_mean']:.4g} +- {metrics['ratio_std']:.3g}"
+    lines = [plumbing_title("noisy labels", metrics.get("plumbing", False)) + ":",
+             f"clean / noisy mean weight: {metrics['ratio_mean']:.4g} +- {metrics['ratio_std']:.3g}"
              f" (min {min(metrics['ratio']):.4g}; paper: > 100)",
              f"AUROC clean vs noisy: {metrics['auroc_mean']:.4f} +- {metrics['auroc_std']:.4f}",
              f"FT linear-probe test accuracy: meta {metrics['probe_test_accuracy_mean']:.3f}"]
     if "baseline_probe_test_accuracy_mean" in metrics:
         lines[-1] += f", plain PT {metrics['baseline_probe_test_accuracy_mean']:.3f}"
+    if "small_loss_auroc_mean" in metrics:
+        lines.append(f"small-loss heuristic (inverse plain-PT loss at the end of the warm-up): "
+                     f"AUROC {metrics['small_loss_auroc_mean']:.4f} +- "
+                     f"{metrics['small_loss_auroc_std']:.4f}, ratio "
+                     f"{metrics['small_loss_ratio_mean']:.3g}; Meta-PT AUROC minus it, paired "
+                     f"[95% t-CI] (n): {fmt_paired(metrics.get('auroc_vs_small_loss'), 1, 4)}")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ import hypergrad as hg
 from models import digits as M
 from tasks.common import mean_std, seed_everything, write_json
 from tasks.harness import cached, check_fields, run_seeds, time_ratio
+from tasks.results_table import plumbing_title
 
 from . import data as D
 from .forward import ForwardModeTrainer
@@ -288,7 +289,8 @@ def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
     return metrics
 
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [f"hypergradient: {IFT_NAMES[metrics['config']['ift']]}",
+    lines = [plumbing_title(f"hypergradient: {IFT_NAMES[metrics['config']['ift']]}",
+                            metrics.get("plumbing", False)),
              f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
     for init, phi, err in zip(metrics["init_angles"], metrics["final_phi"], metrics["errors"]):
         lines.append(f"  init {init:6.1f} -> phi {phi:7.2f}  |phi - 90| = {err:5.2f}")
