@@ -317,6 +317,23 @@ def policy(on_failure: Any) -> None:
         raise ValueError(f"`on_failure` must be one of {POLICIES}, got {on_failure!r}")
 
 
+PRODUCTS = ("exact", "finite_difference")
+
+
+def products(products: Any, fd_eps: Any) -> None:
+    """``products`` must be one of :data:`PRODUCTS`; ``fd_eps`` a positive step that comes
+    with finite-difference products only."""
+    if not isinstance(products, str) or products not in PRODUCTS:
+        raise ValueError(f"`products` must be one of {PRODUCTS}, got {products!r}")
+    if fd_eps is not None:
+        positive_number(fd_eps, "fd_eps")
+        if products != "finite_difference":
+            raise ValueError(
+                '`fd_eps` is the step of finite-difference products: pass it with '
+                f'products="finite_difference" (got products={products!r}), or drop it'
+            )
+
+
 def report_failure(reasons: Sequence[str], on_failure: str, stacklevel: int) -> None:
     """Why a hypergradient may be wrong, by the policy: ``"warn"`` once per reason (each a
     fixed message, so Python's default filter shows a repeated reason once per call site; a

@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 Loss = Callable[[Tree, Tree], torch.Tensor]
-_PRODUCTS = ("exact", "finite_difference")
 # solver statistics read with the health check (the keys SolveResult.stats documents)
 _STATS = ("nonpositive_curvature", "min_rayleigh", "max_rayleigh", "stagnated", "alpha",
           "residual_estimate", "terms")
@@ -160,15 +159,7 @@ def _check_entry(inner_loss: Any, params: Tree, hparams: Tree, solver: Any, on_f
     _checks.policy(on_failure)
     if stationarity_tol is not None:
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
-    if not isinstance(products, str) or products not in _PRODUCTS:
-        raise ValueError(f"`products` must be one of {_PRODUCTS}, got {products!r}")
-    if fd_eps is not None:
-        _checks.positive_number(fd_eps, "fd_eps")
-        if products != "finite_difference":
-            raise ValueError(
-                '`fd_eps` is the step of finite-difference products: pass it with '
-                f'products="finite_difference" (got products={products!r}), or drop it'
-            )
+    _checks.products(products, fd_eps)
 
 
 def _check_trees(params: Tree, hparams: Tree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

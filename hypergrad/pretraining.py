@@ -153,8 +153,6 @@ def _raise_entry_nonfinite(health: _checks.Health, trees: dict[str, Tree],
             ) from cause
 
 
-_POLICIES = ("warn", "raise", "ignore")
-PRODUCTS = ("exact", "finite_difference")
 
 
 def validate(
@@ -176,19 +174,10 @@ def validate(
     _checks.positive_number(ft_lr, "ft_lr")
     if not isinstance(head_only, bool):
         raise TypeError(f"`head_only` must be True or False, got {head_only!r}")
-    if on_failure not in _POLICIES:
-        raise ValueError(f"`on_failure` must be one of {_POLICIES}, got {on_failure!r}")
+    _checks.policy(on_failure)
     if stationarity_tol is not None:
         _checks.nonneg_number(stationarity_tol, "stationarity_tol")
-    if not isinstance(products, str) or products not in PRODUCTS:
-        raise ValueError(f"`products` must be one of {PRODUCTS}, got {products!r}")
-    if fd_eps is not None:
-        _checks.positive_number(fd_eps, "fd_eps")
-        if products != "finite_difference":
-            raise ValueError(
-                '`fd_eps` is the step of finite-difference products: pass it with '
-                f'products="finite_difference" (got products={products!r}), or drop it'
-            )
+    _checks.products(products, fd_eps)
     trees = {"pt_params": pt_params, "ft_head": ft_head, "hparams": hparams}
     flat = {name: _checks.tensor_tree(t, name) for name, t in trees.items()}
     ref = flat["pt_params"][0]
