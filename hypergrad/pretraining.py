@@ -153,8 +153,6 @@ def _raise_entry_nonfinite(health: _checks.Health, trees: dict[str, Tree],
             ) from cause
 
 
-
-
 def validate(
     pt_loss: Any, ft_loss: Any, val_loss: Any, pt_params: Any, ft_head: Any, hparams: Any, *,
     encoder: Any = None, ft_steps: Any = 1, ft_lr: Any = 1e-2, head_only: Any = True,
