@@ -477,29 +477,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def cpu_interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int = 2
-                    ) -> dict[str, list[float]]:
-    """Thread CPU seconds per call (``time.thread_time``), interleaved in rotating order like
-    :func:`benchmarks.timing.interleaved`. With one intra-op thread this is the work the call
-    itself does; other processes on a shared machine inflate wall time, much less CPU time."""
-    for f in fns.values():
-        f()
-    names = list(fns)
-    out: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        gc.collect()
-        gc.disable()
-        try:
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.thread_time()
-                for _ in range(reps):
-                    fns[k]()
-                out[k].append((time.thread_time() - t0) / reps)
-        finally:
-            gc.enable()
-    return out
-
-
 def measure_problem(name: str, *, device: str = "cpu", tiny: bool = False, rounds: int = 7,
                     min_time: float = 0.05, pt_steps: int = 10, memory: bool = True,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -533,7 +510,8 @@ def measure_problem(name: str, *, device: str = "cpu", tiny: bool = False, round
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = timing.interleaved(fns, rounds=rounds, min_time=min_time)
-        cpu_t = cpu_interleaved(fns, rounds) if device == "cpu" else None
+        cpu_t = (timing.interleaved(fns, rounds, clock=time.thread_time, reps=2)
+                 if device == "cpu" else None)
         syncs = {}
         for key, fn in (("library_meta_step", lambda: tr.meta_step(*b)),
                         ("library_hypergradient", lambda: library_hypergradient(prob, tr, *b)),

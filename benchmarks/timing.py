@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 
 
-def _time(fn: Callable[[], object], n: int) -> float:
-    t0 = time.perf_counter()
+def _time(fn: Callable[[], object], n: int,
+          clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n
+    return (clock() - t0) / n
 
 
 def calibrate(fn: Callable[[], object], min_time: float) -> int:
@@ -33,10 +34,18 @@ def calibrate(fn: Callable[[], object], min_time: float) -> int:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], rounds: int = 7, min_time: float = 0.02
+    fns: dict[str, Callable[[], object]], rounds: int = 7, min_time: float = 0.02, *,
+    clock: Callable[[], float] = time.perf_counter, reps: int | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of every callable, one entry per round."""
-    reps = {k: calibrate(f, min_time) for k, f in fns.items()}
+    """Seconds per call of every callable, one entry per round. ``clock`` measures them (e.g.
+    ``time.thread_time`` for the CPU time of single-threaded calls); ``reps`` fixes the
+    repetitions per timing (after one warm-up call each) instead of calibrating them."""
+    if reps is None:
+        n = {k: calibrate(f, min_time) for k, f in fns.items()}
+    else:
+        for f in fns.values():
+            f()
+        n = dict.fromkeys(fns, reps)
     names = list(fns)
     out: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
@@ -45,7 +54,7 @@ def interleaved(
         try:
             order = names[r % len(names):] + names[: r % len(names)]
             for k in order:
-                out[k].append(_time(fns[k], reps[k]))
+                out[k].append(_time(fns[k], n[k], clock))
         finally:
             gc.enable()
     return out
