@@ -415,6 +415,19 @@ def _is_once_differentiable(node: Any) -> bool:
     return getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE
 
 
+def _graph_nodes(roots: Sequence[Any], seen: set[Any], limit: int) -> Iterator[Any]:
+    """The autograd nodes reachable from ``roots``, each once, depth first, until ``seen``
+    (the nodes already visited, updated in place) holds ``limit`` of them."""
+    stack = list(roots)
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+
 def check_once_differentiable(value: torch.Tensor, params: Sequence[torch.Tensor], name: str,
                               fix: str = FD_FIX, limit: int = 200_000) -> None:
     """Raise :class:`DoubleBackwardError` if the graph of the loss ``value`` has an
@@ -428,17 +441,8 @@ def check_once_differentiable(value: torch.Tensor, params: Sequence[torch.Tensor
     reaches ``params``, only when one was found."""
     if value.grad_fn is None:
         return
-    found: list[Any] = []
-    seen: set[Any] = set()
-    stack = [value.grad_fn]
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if _is_once_differentiable(node):
-            found.append(node)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    found = [node for node in _graph_nodes([value.grad_fn], set(), limit)
+             if _is_once_differentiable(node)]
     if not found:
         return
     targets = {id(x) for x in params}
@@ -484,15 +488,10 @@ def check_double_backward(grads: Sequence[torch.Tensor | None], name: str,
         return  # nothing can have been compiled through AOTAutograd
     seen: set[torch.autograd.graph.Node] = {x.grad_fn for x in stop
                                             if isinstance(x, torch.Tensor) and x.grad_fn}
-    stack = [g.grad_fn for g in grads if isinstance(g, torch.Tensor) and g.grad_fn is not None]
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    roots = [g.grad_fn for g in grads if isinstance(g, torch.Tensor) and g.grad_fn is not None]
+    for node in _graph_nodes(roots, seen, limit):
         if _compiled_double_backward(node):
             raise DoubleBackwardError(_way_out(
                 name, "torch does not implement through a torch.compile-d region (AOTAutograd "
                 "compiles a first-order backward only: exact products through it would raise "
                 "or silently miss every term through the region, reading as zeros)", fix))
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
