@@ -21,11 +21,14 @@ run identically on every rank; rank 0 alone writes files and shows progress.
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from hypergrad import distributed as hd
@@ -44,10 +47,12 @@ from .net import build_trainer
 __all__ = ["EXPERIMENTS", "run_all", "aggregate"]
 
 FIVE = METHODS[:5]
-BASELINES = ("no_pt", "graph_sup_pt", "corr_pt")  # Δ column: vs the strongest of these
+# Δ column: vs the strongest of these
+BASELINES = ("no_pt", "graph_sup_pt", "cotrain", "cotrain_pcgrad", "corr_pt")
 PLUMBING_CONFIGS = ("smoke",)  # tables and plots say "plumbing check: not a result"
 FOLD_FREE = ("no_pt", "graph_sup_pt")  # PT does not see FT labels: one run serves all folds
 MODES = ("full", "linear")
+STAND_INS = ("labels", "structure")
 
 
 def _methods(arg: str) -> list[str]:
@@ -238,6 +243,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data-dir", help="Hu et al.'s dataset/supervised folder (or the .pt file)")
     src.add_argument("--synthetic", action="store_true",
                      help="the synthetic stand-in (the default without --data-dir)")
+    p.add_argument("--stand-in", choices=STAND_INS, default="labels",
+                   help="synthetic stand-in: PT relevance visible in the labels (labels) or only "
+                        "through shared graph structure (structure, tasks/ppi/synthetic_latent.py)")
+    p.add_argument("--vary-data", action="store_true",
+                   help="seed k also generates the stand-in with generator seed k "
+                        "(OUT/data/s<k>); otherwise one stand-in from the config's seed")
+    p.add_argument("--export", metavar="JSON",
+                   help="also write the paired tables and weight AUROCs with this command line "
+                        "to JSON (what tasks/ppi/RESULTS.md renders)")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
                    help="also time OUTER outer iterations of Meta-PT vs plain PT (3 repeats)")
     p.add_argument("--dist-timeout", type=float, default=600.0,
@@ -248,6 +262,9 @@ def _prepare(job: Job) -> None:
     job.args.methods = _methods(job.args.method)
     if job.args.data_dir is not None and not Path(job.args.data_dir).exists():
         raise CLIError(f"--data-dir {job.args.data_dir}: no such file or folder")
+    if job.args.data_dir is not None and (job.args.vary_data or job.args.stand_in != "labels"):
+        raise CLIError("--vary-data and --stand-in apply to the synthetic stand-in only: drop "
+                       "them or --data-dir")
     if job.args.time_ratio < 0:
         raise CLIError(f"--time-ratio must be >= 0, got {job.args.time_ratio}")
     if job.device.type != "cpu" and hd.world_size() > 1:
@@ -255,34 +272,56 @@ def _prepare(job: Job) -> None:
 
 
 def _settings(job: Job) -> dict[str, Any]:
-    return {"data": "synthetic" if job.args.data_dir is None else str(job.args.data_dir)}
+    if job.args.data_dir is not None:
+        return {"data": str(job.args.data_dir)}
+    return {"data": "synthetic", "stand_in": job.args.stand_in, "vary_data": job.args.vary_data}
+
+
+def _synthetic_problem(s: Settings, stand_in: str, root: Path, seed: int | None,
+                       device: torch.device) -> Problem:
+    """The stand-in (generator seed ``seed``, or the config's) written to ``root`` and loaded;
+    every rank writes the same deterministic files (atomic renames of per-process temp files),
+    so no rank waits on another's generation time."""
+    from .synthetic import read_meta, write_synthetic
+    from .synthetic_latent import LatentConfig, write_latent
+
+    syn = s.synthetic if seed is None else replace(s.synthetic, seed=seed)
+    if stand_in == "structure":
+        root = write_latent(root, LatentConfig(**{k: getattr(syn, k)
+                                                  for k in syn.__dataclass_fields__}))
+    else:
+        root = write_synthetic(root, syn)
+    store = load_ppi(root)
+    store.device = device
+    return make_problem(store, s, read_meta(root)["relevance"])
 
 
 def run(job: Job) -> dict[str, Any] | None:
     args, s, out = job.args, job.cfg, job.out
     # no-op outside torchrun; gloo because the task runs on the CPU under torchrun
     hd.init(backend="gloo", timeout_s=args.dist_timeout)
-    relevance = None
-    try:
-        if args.data_dir is None:
-            from .synthetic import read_meta, write_synthetic
+    def build(seed: int | None) -> Problem:
+        try:
+            if args.data_dir is not None:
+                store = load_ppi(args.data_dir)
+                store.device = job.device
+                return make_problem(store, s, None)
+            root = out / "data" if seed is None else out / "data" / f"s{seed}"
+            return _synthetic_problem(s, args.stand_in, root, seed, job.device)
+        except ValueError as e:  # the data do not fit the config (e.g. ft_train_size)
+            raise CLIError(str(e).splitlines()[0]) from None
 
-            # every rank writes the same deterministic files (atomic renames of per-process
-            # temp files), so no rank waits on another's generation time
-            root = write_synthetic(out / "data", s.synthetic)
-            relevance = read_meta(root)["relevance"]
-            store = load_ppi(root)
-        else:
-            store = load_ppi(args.data_dir)
-        store.device = job.device
-        problem = make_problem(store, s, relevance)
-    except ValueError as e:  # the data do not fit the config (e.g. ft_train_size)
-        raise CLIError(str(e).splitlines()[0]) from None
+    # one problem for every seed, or (--vary-data) one per seed, built when its seeds run
+    groups = [(k, [k]) for k in job.seeds] if args.vary_data else [(None, job.seeds)]
+    problem = build(groups[0][0])
     s = s.for_data(problem.split.pretrain.numel())
     if hd.is_main():
         write_json(out / "problem.json", {"settings": s.to_dict(), "split": problem.split.sizes(),
                                           "ft_train": problem.ft_train.numel()})
-    run_all(args.methods, args.access, job.seeds, problem, s, out, job.progress)
+    for i, (key, seeds) in enumerate(groups):
+        prob = problem if i == 0 else build(key)
+        run_all(args.methods, args.access, seeds, prob, s.for_data(prob.split.pretrain.numel()),
+                out, job.progress)
     ratio_path = out / "time_ratio.json"
     todo = args.time_ratio > 0 and not ratio_path.exists()
     hd.barrier()  # every rank decided before rank 0 writes (their collectives must match)
@@ -303,7 +342,34 @@ def run(job: Job) -> dict[str, Any] | None:
     from .plots import plot_all
 
     plot_all(out, table, plumbing)
+    if args.export:
+        export(Path(args.export), table, job, s, out)
     return {"out": str(out)}
+
+
+def export(path: Path, table: dict[str, Any], job: Job, s: Settings, out: Path) -> None:
+    """The JSON that tasks/ppi/RESULTS.md renders: per access protocol a ``paired_spec`` (test
+    AUROC, FT mode chosen on validation, per seed), weight-relevance AUROCs per seed, the
+    settings and the time ratio, with the command line that wrote it."""
+    from tasks.paired_table import paired_spec
+
+    specs = {}
+    for access in ("full", "partial"):
+        per = {m: dict(zip(r[access]["seeds"], r[access]["best"]["values"]))
+               for m, r in table.items() if access in r}
+        if per:
+            specs[access] = paired_spec("test AUROC", per, [b for b in BASELINES if b in per],
+                                        scale=100, plumbing=job.args.config in PLUMBING_CONFIGS)
+    weights = {m: {str(r["seed"]): r["weight_relevance_auroc"]
+                   for r in map(read_json, sorted((out / "runs").glob(f"{m}__shared__*.json")))
+                   if "weight_relevance_auroc" in r} for m in table}
+    ratio = out / "time_ratio.json"
+    write_json(path, {
+        "command": "python -m tasks " + shlex.join(job.argv),
+        "stand_in": job.args.stand_in, "vary_data": job.args.vary_data,
+        "tables": specs, "weight_relevance_auroc": {m: w for m, w in weights.items() if w},
+        "settings": s.to_dict(), "time_ratio": read_json(ratio) if ratio.exists() else None,
+    })
 
 
 EXPERIMENTS = {"ppi": Experiment(

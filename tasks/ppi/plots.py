@@ -48,8 +48,13 @@ def plot_weights(out: Path) -> Path | None:
     runs = [r for r in runs if r.get("weights")]
     if not runs:
         return None
-    meta_path = out / "data" / "synthetic_meta.json"
-    kinds = json.loads(meta_path.read_text())["pt_kinds"] if meta_path.exists() else None
+    def kinds_of(run: dict[str, Any]) -> list[str] | None:  # --vary-data: data/s<seed>/
+        for p in (out / "data" / f"s{run['seed']}", out / "data"):
+            if (p / "synthetic_meta.json").exists():
+                return json.loads((p / "synthetic_meta.json").read_text())["pt_kinds"]
+        return None
+
+    kinds = kinds_of(runs[0])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     rng = np.random.default_rng(0)
     if kinds is None:
@@ -58,7 +63,8 @@ def plot_weights(out: Path) -> Path | None:
     else:
         groups = ("relevant", "irrelevant", "noise")
         for gi, g in enumerate(groups):
-            w = np.concatenate([np.asarray(r["weights"])[np.asarray(kinds) == g] for r in runs])
+            w = np.concatenate([np.asarray(r["weights"])[np.asarray(kinds_of(r)) == g]
+                                for r in runs])
             ax.scatter(gi + rng.uniform(-0.25, 0.25, w.size), w, s=8, alpha=0.6)
             ax.hlines(np.median(w), gi - 0.3, gi + 0.3, color="k")
         ax.set_xticks(range(3), ["relevant", "irrelevant factors", "noise"])
