@@ -2,7 +2,8 @@
 
 ``INCLUDE`` maps a markdown file of the repository to its place in the site; the files it links
 to with relative links (plots, JSON) come along at the same relative place, so its links work
-unchanged. ``ASSETS`` adds files that the hand-written pages link to. A page can also embed one
+unchanged, and links between included files point at each other's place in the site.
+``ASSETS`` adds files that the hand-written pages link to. A page can also embed one
 section of a repository file with
 
     <!-- include-section benchmarks/RESULTS.md "Heading text" -->
@@ -26,6 +27,7 @@ INCLUDE = {
     "benchmarks/RESULTS.md": "benchmarks/results.md",
     "tasks/synthetic/RESULTS.md": "reproductions/synthetic/index.md",
     "tasks/ppi/RESULTS.md": "reproductions/ppi/index.md",
+    "tasks/ppi/HISTORY.md": "reproductions/ppi/HISTORY.md",
     "tasks/ecg/RESULTS.md": "reproductions/ecg/index.md",
     "CHANGELOG.md": "changelog.md",
 }
@@ -55,6 +57,22 @@ def _dest(src: str) -> str:
     return src
 
 
+def _relink_included(src: str, text: str) -> str:
+    """``text`` of the included ``src`` with its relative links to other included markdown files
+    rewritten to those files' places in the site (RESULTS.md -> index.md, say)."""
+    dest_dir = posixpath.dirname(INCLUDE[src])
+
+    def relink(link: re.Match) -> str:
+        target, _, anchor = link.group(2).partition("#")
+        repo = posixpath.normpath(posixpath.join(posixpath.dirname(src), target))
+        if not target or repo not in INCLUDE or re.match(r"[a-z]+:", target):
+            return link.group(0)
+        new = posixpath.relpath(INCLUDE[repo], dest_dir) + (f"#{anchor}" if anchor else "")
+        return link.group(1) + new + link.group(3)
+
+    return _LINK.sub(relink, text)
+
+
 def on_files(files: Files, config) -> Files:
     added: set[str] = set()
 
@@ -74,7 +92,7 @@ def on_files(files: Files, config) -> Files:
             linked = posixpath.normpath(posixpath.join(posixpath.dirname(src), target))
             if (ROOT / linked).is_file() and not linked.endswith(".md"):
                 add(linked)
-        add(src, content=text)
+        add(src, content=_relink_included(src, text))
     for src in ASSETS:
         add(src)
     return files

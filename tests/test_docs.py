@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import importlib
+import importlib.util
 import inspect
 import io
 import os
@@ -226,3 +227,12 @@ def test_site_loads_nothing_from_the_internet(site):
         assert not hits, (html, hits)
     for css in site.rglob("*.css"):
         assert "fonts.googleapis" not in css.read_text(), css
+
+
+def test_links_between_included_files_point_at_their_place_in_the_site() -> None:
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    rest = ", ![p](results/labels.png), [x](../../README.md)"
+    out = hooks._relink_included("tasks/ppi/HISTORY.md", "[R](RESULTS.md#protocol)" + rest)
+    assert out == "[R](index.md#protocol)" + rest
