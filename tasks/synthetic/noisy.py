@@ -268,9 +268,11 @@ def run_one(cfg: NoisyConfig, seed: int, seed_dir: Path | None = None, progress:
 
 
 def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
-        aggregate: bool = True, device: str | torch.device = "cpu") -> dict[str, Any] | None:
+        aggregate: bool = True, device: str | torch.device = "cpu", plumbing: bool = False
+        ) -> dict[str, Any] | None:
     """Every seed, then metrics.json and the weight histograms (``aggregate=False``: the seeds
-    only, as one rank of a seed-parallel run)."""
+    only, as one rank of a seed-parallel run; ``plumbing``: smoke / tiny configs, said in the
+    plot title)."""
     out = Path(out)
     results = run_seeds(out, seeds,
                         lambda s, d: run_one(cfg, s, d, progress=progress, device=device),
@@ -297,8 +299,8 @@ def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
 
     r0 = results[0]
     plot_weights(r0["weights_clean"], r0["weights_noisy"], out / "weights.png",
-                 title=f"seed {r0['seed']}: clean/noisy ratio {r0['ratio']:.3g}, "
-                 f"AUROC {r0['auroc']:.3f}")
+                 title=plumbing_title(f"seed {r0['seed']}: clean/noisy ratio {r0['ratio']:.3g}, "
+                                      f"AUROC {r0['auroc']:.3f}", plumbing))
     return metrics
 
 
