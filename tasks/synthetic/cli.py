@@ -5,8 +5,8 @@ Each experiment writes ``metrics.json`` and a PNG to ``--out`` (default
 also writes the results JSON that tasks/synthetic/RESULTS.md renders (export.py), with this
 command line and the run's time. The rotation's paper and smoke configs run two hypergradients
 on the same seeds (``also_ift="neumann"``: Algorithm 1's IFT next to the forward-mode tangent),
-each in ``<out>/<ift>/``; ``--set also_ift=none`` runs the first one alone in ``<out>``. Every seed keeps
-a MetaPretrainer checkpoint in ``<out>/seed<k>/ckpt.pt`` and a finished seed's
+each in ``<out>/<ift>/``; ``--set also_ift=none`` runs the first one alone in ``<out>``. Every
+seed keeps a MetaPretrainer checkpoint in ``<out>/seed<k>/ckpt.pt`` and a finished seed's
 ``result.json`` is reused, so rerunning the same command after an interruption finishes the
 work. Rotation: seed k starts from ``init_angles[k mod 10]`` (0, 18, ..., 162 degrees). Under
 torchrun the seeds are spread over the ranks and rank 0 aggregates.

@@ -28,8 +28,9 @@ __all__ = ["rotation_export", "noisy_export", "ROTATION_METRIC"]
 ROTATION_METRIC = "|phi - 90| (degrees)"
 
 
-def rotation_export(metrics: dict[str, Any], *, command: str, config: str, plumbing: bool,
-                    elapsed: dict[str, float]) -> dict[str, Any]:
+def rotation_export(
+    metrics: dict[str, Any], *, command: str, config: str, plumbing: bool, elapsed: dict[str, float]
+) -> dict[str, Any]:
     """A rotation run's metrics (one or several hypergradients) as the results JSON."""
     modes = metrics.get("modes", [metrics["config"]["ift"]])
     per_mode = metrics.get("per_mode", {modes[0]: metrics})
@@ -44,9 +45,15 @@ def rotation_export(metrics: dict[str, Any], *, command: str, config: str, plumb
         "seeds": seeds,
         "modes": modes,
         "labels": labels,
-        "table": paired_spec(ROTATION_METRIC, errors, list(errors), digits=2,
-                             higher_is_better=False, plumbing=plumbing,
-                             title=f"rotation, config {config}"),
+        "table": paired_spec(
+            ROTATION_METRIC,
+            errors,
+            list(errors),
+            digits=2,
+            higher_is_better=False,
+            plumbing=plumbing,
+            title=f"rotation, config {config}",
+        ),
         "init_angles": metrics["init_angles"],
         "final_phi": {labels[m]: per_mode[m]["final_phi"] for m in modes},
         "error_median": {labels[m]: per_mode[m]["error_median"] for m in modes},
@@ -58,8 +65,15 @@ def rotation_export(metrics: dict[str, Any], *, command: str, config: str, plumb
     }
 
 
-def noisy_export(metrics: dict[str, Any], out: Path, *, command: str, config: str,
-                 plumbing: bool, elapsed: dict[str, float]) -> dict[str, Any]:
+def noisy_export(
+    metrics: dict[str, Any],
+    out: Path,
+    *,
+    command: str,
+    config: str,
+    plumbing: bool,
+    elapsed: dict[str, float],
+) -> dict[str, Any]:
     """A noisy-label run (its per-seed ``result.json`` files under ``out``) as the results
     JSON. Seeds resumed past the warm-up have no small-loss values: the paired tables then
     refuse the seed sets (run them with --fresh)."""
@@ -71,18 +85,32 @@ def noisy_export(metrics: dict[str, Any], out: Path, *, command: str, config: st
 
     spec = dict(plumbing=plumbing, title=f"noisy labels, config {config}")
     tables = {
-        "auroc": paired_spec("clean-vs-noisy weight AUROC",
-                             {"meta_pt": per("auroc"), "small_loss": per("small_loss_auroc")},
-                             ["small_loss"], digits=3, **spec),
-        "ratio": paired_spec("clean / noisy mean weight",
-                             {"meta_pt": per("ratio"), "small_loss": per("small_loss_ratio")},
-                             ["small_loss"], digits=1, **spec),
+        "auroc": paired_spec(
+            "clean-vs-noisy weight AUROC",
+            {"meta_pt": per("auroc"), "small_loss": per("small_loss_auroc")},
+            ["small_loss"],
+            digits=3,
+            **spec,
+        ),
+        "ratio": paired_spec(
+            "clean / noisy mean weight",
+            {"meta_pt": per("ratio"), "small_loss": per("small_loss_ratio")},
+            ["small_loss"],
+            digits=1,
+            **spec,
+        ),
     }
     if all("baseline_probe_test_accuracy" in r for r in res.values()):
         tables["probe"] = paired_spec(
-            "linear-probe test accuracy", {"meta_pt": per("probe_test_accuracy"),
-                                           "plain_pt": per("baseline_probe_test_accuracy")},
-            ["plain_pt"], digits=3, **spec)
+            "linear-probe test accuracy",
+            {
+                "meta_pt": per("probe_test_accuracy"),
+                "plain_pt": per("baseline_probe_test_accuracy"),
+            },
+            ["plain_pt"],
+            digits=3,
+            **spec,
+        )
     return {
         "command": command,
         "experiment": "noisy",

@@ -50,8 +50,9 @@ def pick(values: list[str], per_value: dict[str, dict[int, float]], lower: bool)
     return values[means.index(best)]
 
 
-def _tables(experiment: str, key: str, values: list[str], metrics: dict[str, dict[str, Any]]
-            ) -> tuple[str, dict[str, Any]]:
+def _tables(
+    experiment: str, key: str, values: list[str], metrics: dict[str, dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
     name = lambda v: f"{key}={v}"  # noqa: E731
     if experiment == "rotation":
         modes = metrics[values[0]].get("modes", [metrics[values[0]]["config"]["ift"]])
@@ -61,29 +62,45 @@ def _tables(experiment: str, key: str, values: list[str], metrics: dict[str, dic
             return dict(zip(mm["seeds"], mm["errors"]))
 
         best = pick(values, {v: errs(v, modes[0]) for v in values}, lower=True)
-        specs = {IFT_LABELS[m]: paired_spec(
-            "|phi - 90| (degrees)", {name(v): errs(v, m) for v in values}, [name(best)],
-            digits=2, higher_is_better=False, title=f"tuning, {IFT_LABELS[m]}")
-            for m in modes}
+        specs = {
+            IFT_LABELS[m]: paired_spec(
+                "|phi - 90| (degrees)",
+                {name(v): errs(v, m) for v in values},
+                [name(best)],
+                digits=2,
+                higher_is_better=False,
+                title=f"tuning, {IFT_LABELS[m]}",
+            )
+            for m in modes
+        }
         return best, specs
     per = {v: dict(zip(metrics[v]["seeds"], metrics[v]["ratio"])) for v in values}
     best = pick(values, per, lower=False)
     auc = {v: dict(zip(metrics[v]["seeds"], metrics[v]["auroc"])) for v in values}
     specs = {
         "clean / noisy mean weight": paired_spec(
-            "clean / noisy mean weight", {name(v): per[v] for v in values}, [name(best)],
-            digits=1, title="tuning, Meta-PT"),
+            "clean / noisy mean weight",
+            {name(v): per[v] for v in values},
+            [name(best)],
+            digits=1,
+            title="tuning, Meta-PT",
+        ),
         "weight AUROC": paired_spec(
-            "clean-vs-noisy weight AUROC", {name(v): auc[v] for v in values}, [name(best)],
-            digits=3, title="tuning, Meta-PT (not used by the rule)"),
+            "clean-vs-noisy weight AUROC",
+            {name(v): auc[v] for v in values},
+            [name(best)],
+            digits=3,
+            title="tuning, Meta-PT (not used by the rule)",
+        ),
     }
     return best, specs
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m tasks.synthetic.tune",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tasks.synthetic.tune", description=__doc__.split("\n")[0]
+    )
     p.add_argument("experiment", choices=sorted(RULES))
     p.add_argument("--config", default="paper")
     p.add_argument("--seeds", required=True, help="tuning seed ids, e.g. 100-109")
@@ -99,23 +116,45 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {}
     for v in values:
         out = a.out / f"{key}={v}"
-        cmd = ["synthetic", a.experiment, "--config", a.config, "--seeds", a.seeds, "--out",
-               str(out), "--no-progress", "--set", f"{key}={v}",
-               *(x for o in a.overrides for x in ("--set", o))]
+        cmd = [
+            "synthetic",
+            a.experiment,
+            "--config",
+            a.config,
+            "--seeds",
+            a.seeds,
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            f"{key}={v}",
+            *(x for o in a.overrides for x in ("--set", o)),
+        ]
         rc = tasks_main(cmd)
         if rc != 0:
             return rc
         metrics[v] = read_json(out / "metrics.json")
     best, specs = _tables(a.experiment, key, values, metrics)
-    print(f"rule: {RULES[a.experiment]}\npicked on seeds {seed_range(metrics[best]['seeds'])}: "
-          f"{key}={best}")
+    print(
+        f"rule: {RULES[a.experiment]}\npicked on seeds {seed_range(metrics[best]['seeds'])}: "
+        f"{key}={best}"
+    )
     if a.export is not None:
-        write_json(a.export, {
-            "command": "python -m tasks.synthetic.tune " + shlex.join(argv),
-            "experiment": a.experiment, "config_name": a.config, "seeds": metrics[best]["seeds"],
-            "key": key, "values": values, "rule": RULES[a.experiment], "picked": best,
-            "tables": specs, "overrides": a.overrides,
-        })
+        write_json(
+            a.export,
+            {
+                "command": "python -m tasks.synthetic.tune " + shlex.join(argv),
+                "experiment": a.experiment,
+                "config_name": a.config,
+                "seeds": metrics[best]["seeds"],
+                "key": key,
+                "values": values,
+                "rule": RULES[a.experiment],
+                "picked": best,
+                "tables": specs,
+                "overrides": a.overrides,
+            },
+        )
     return 0
 
 
