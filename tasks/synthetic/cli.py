@@ -1,12 +1,13 @@
 """``python -m tasks synthetic {rotation,noisy} [--config smoke|paper|tiny] [--seeds ...]``.
 
 Each experiment writes ``metrics.json`` and a PNG to ``--out`` (default
-``runs/synthetic/<experiment>``, ``..._<config>`` for configs other than paper); ``--export PATH``
-also writes the results JSON that tasks/synthetic/RESULTS.md renders (export.py), with this
-command line and the run's time. The rotation's paper and smoke configs run two hypergradients
-on the same seeds (``also_ift="neumann"``: Algorithm 1's IFT next to the forward-mode tangent),
-each in ``<out>/<ift>/``; ``--set also_ift=none`` runs the first one alone in ``<out>``. Every
-seed keeps a MetaPretrainer checkpoint in ``<out>/seed<k>/ckpt.pt`` and a finished seed's
+``runs/synthetic/<experiment>``, ``..._<config>`` for configs other than paper). ``--export
+PATH`` also writes the results JSON that tasks/synthetic/RESULTS.md renders (export.py), with
+this command line and the run's time, and copies the plot next to it (PATH with ``.png``).
+The rotation's paper and smoke configs run two hypergradients on the same seeds
+(``also_ift="neumann"``: Algorithm 1's IFT next to the forward-mode tangent), each in
+``<out>/<ift>/``; ``--set also_ift=none`` runs the first one alone in ``<out>``. Every seed
+keeps a MetaPretrainer checkpoint in ``seed<k>/ckpt.pt`` and a finished seed's
 ``result.json`` is reused, so rerunning the same command after an interruption finishes the
 work. Rotation: seed k starts from ``init_angles[k mod 10]`` (0, 18, ..., 162 degrees). Under
 torchrun the seeds are spread over the ranks and rank 0 aggregates.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -86,7 +88,11 @@ def _export(name: str, metrics: dict[str, Any], job: Job, plumbing: bool,
               plumbing=plumbing, elapsed=elapsed)
     data = (rotation_export(metrics, **kw) if name == "rotation"
             else noisy_export(metrics, job.out, **kw))
-    write_json(Path(job.args.export), data)
+    path = Path(job.args.export)
+    write_json(path, data)
+    png = job.out / ("rotation.png" if name == "rotation" else "weights.png")
+    if png.exists():  # the plot next to its JSON, for RESULTS.md to show
+        shutil.copyfile(png, path.with_suffix(".png"))
 
 
 EXPERIMENTS = {
