@@ -61,6 +61,7 @@ def rotation_export(
         "mirror": {labels[m]: metrics.get("mirror", {}).get(m, []) for m in modes},
         "time_ratio": {labels[m]: per_mode[m].get("time_ratio") for m in modes},
         "elapsed": elapsed,
+        "paper": {"error_mean": 7.2, "error_std": 1.5},  # Raghu et al. 2021, the target
         "settings": metrics["config"],
     }
 
@@ -121,5 +122,6 @@ def noisy_export(
         "median_ratio": {str(s): v for s, v in per("median_ratio").items()},
         "noise_frac_realised": {str(s): v for s, v in per("noise_frac_realised").items()},
         "elapsed": elapsed,
+        "paper": {"ratio_min": 100},  # Raghu et al. 2021: clean / noisy weight ratio > 100
         "settings": metrics["config"],
     }
