@@ -355,7 +355,7 @@ def _run_mode(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool,
 MIRROR_WHY = (
     "Why: Algorithm 1's IFT is a 3-term Neumann series, the PT solution's response to phi over a "
     "few tiny gradient steps. Far from 90 degrees that short-horizon response points away from "
-    "90 (measured in tasks/synthetic/RESULTS.md), so from some starts phi walks to the mirror "
+    "90 (measured: tasks/synthetic/HISTORY.md), so from some starts phi walks to the mirror "
     "solution near -90 (the FT digits rotated by 180 more), a second basin of the meta-objective. "
     "The forward-mode tangent follows the PT run's whole response to phi and reaches +90.")
 
