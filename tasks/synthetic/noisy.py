@@ -98,7 +98,9 @@ class NoisyConfig:
 
 
 CONFIGS = {
-    "paper": NoisyConfig(),
+    # weight_power 1.5 (old default 1) picked on tuning seeds 100-109 by the highest mean
+    # clean / noisy ratio (python -m tasks.synthetic.tune noisy ...; RESULTS.md, Protocol)
+    "paper": NoisyConfig(weight_power=1.5),
     "smoke": NoisyConfig(meta_steps=150, warmup=30, baseline=False),
     "tiny": NoisyConfig(meta_steps=3, P=2, n_ft_train=20, n_ft_val=20, n_test=20,
                         batch_size=16, width=16, weight_width=8, baseline=True, warmup=1,
