@@ -87,6 +87,18 @@ def test_rotation_both_hypergradients_and_export(tmp_path, capsys) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["paired"]["mean"] == pytest.approx(np.mean(d))
     assert (metrics["paired"]["lo"], metrics["paired"]["hi"]) == pytest.approx(_t_interval(d))
+    worse = ift if np.mean(d) > 0 else fwd  # the row the table pairs against the other
+    got = data["summary"]["paired"][worse]
+    ref = d if worse == ift else [-x for x in d]
+    assert got["mean"] == pytest.approx(np.mean(ref)) and got["n"] == 2
+    assert (got["lo"], got["hi"]) == pytest.approx(_t_interval(ref))
+    means = {m: data["summary"]["methods"][m]["mean"] for m in (ift, fwd)}
+    assert means == pytest.approx(
+        {
+            ift: np.mean([r["error"] for r in per["neumann"]]),
+            fwd: np.mean([r["error"] for r in per["forward"]]),
+        }
+    )
     table = T.synthetic_rotation(data)
     assert table.startswith("Plumbing check: not a result.") and "(n=2)" in table
     lo, hi = _t_interval([-x for x in d] if np.mean(d) < 0 else d)

@@ -18,14 +18,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.harness import read_json
+from tasks.paired import compare_to_strongest
 from tasks.paired_table import paired_spec
 
 from .precond import IFT_LABELS
 
-__all__ = ["rotation_export", "noisy_export", "ROTATION_METRIC"]
+__all__ = ["rotation_export", "noisy_export", "summary", "ROTATION_METRIC"]
 
 ROTATION_METRIC = "|phi - 90| (degrees)"
+
+
+def summary(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the rendered table of ``spec`` shows, as numbers (so the prose can quote them):
+    per method mean, std and n (unscaled), and the paired difference against the strongest
+    baseline (mean, 95% t-interval lo / hi, n; ``None`` for n < 2)."""
+    per = {m: {int(k): float(v) for k, v in vals.items()} for m, vals in spec["per_seed"].items()}
+    out: dict[str, Any] = {"methods": {}, "paired": {}}
+    for m, vals in per.items():
+        v = np.array(list(vals.values()))
+        out["methods"][m] = {
+            "mean": float(v.mean()),
+            "n": int(v.size),
+            "std": float(v.std(ddof=1)) if v.size > 1 else None,
+        }
+    diffs = compare_to_strongest(per, spec["baselines"], spec.get("higher_is_better", True))
+    for m, d in diffs.items():
+        out["baseline"] = d.baseline
+        out["paired"][m] = {"mean": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n}
+    return out
 
 
 def rotation_export(
@@ -37,6 +60,15 @@ def rotation_export(
     seeds = metrics["seeds"]
     labels = {m: IFT_LABELS[m] for m in modes}
     errors = {labels[m]: dict(zip(seeds, per_mode[m]["errors"])) for m in modes}
+    table = paired_spec(
+        ROTATION_METRIC,
+        errors,
+        list(errors),
+        digits=2,
+        higher_is_better=False,
+        plumbing=plumbing,
+        title=f"rotation, config {config}",
+    )
     return {
         "command": command,
         "experiment": "rotation",
@@ -45,15 +77,8 @@ def rotation_export(
         "seeds": seeds,
         "modes": modes,
         "labels": labels,
-        "table": paired_spec(
-            ROTATION_METRIC,
-            errors,
-            list(errors),
-            digits=2,
-            higher_is_better=False,
-            plumbing=plumbing,
-            title=f"rotation, config {config}",
-        ),
+        "table": table,
+        "summary": summary(table),
         "init_angles": metrics["init_angles"],
         "final_phi": {labels[m]: per_mode[m]["final_phi"] for m in modes},
         "error_median": {labels[m]: per_mode[m]["error_median"] for m in modes},
@@ -115,6 +140,7 @@ def noisy_export(
     return {
         "command": command,
         "experiment": "noisy",
+        "summary": {k: summary(t) for k, t in tables.items()},
         "config_name": config,
         "plumbing": plumbing,
         "seeds": seeds,

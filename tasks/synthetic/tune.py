@@ -33,6 +33,7 @@ from tasks.common import write_json
 from tasks.harness import read_json
 from tasks.paired_table import paired_spec, seed_range
 
+from .export import summary
 from .precond import IFT_LABELS
 
 __all__ = ["RULES", "pick", "main"]
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rule": RULES[a.experiment],
                 "picked": best,
                 "tables": specs,
+                "summary": {k: summary(t) for k, t in specs.items()},
                 "overrides": a.overrides,
             },
         )
