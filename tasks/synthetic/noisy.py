@@ -300,9 +300,10 @@ def run(cfg: NoisyConfig, seeds: list[int], out: Path, progress: bool = True,
     from .plots import plot_weights
 
     r0 = results[0]
+    title = (f"Meta-PT weights, seed {r0['seed']}: clean/noisy ratio {r0['ratio']:.3g}, "
+             f"AUROC {r0['auroc']:.3f}")
     plot_weights(r0["weights_clean"], r0["weights_noisy"], out / "weights.png",
-                 title=plumbing_title(f"seed {r0['seed']}: clean/noisy ratio {r0['ratio']:.3g}, "
-                                      f"AUROC {r0['auroc']:.3f}", plumbing))
+                 title=plumbing_title(title, plumbing))
     return metrics
 
 

@@ -69,20 +69,26 @@ def plot_rotation_modes(results: dict[str, list[dict[str, Any]]], labels: dict[s
     return _save(fig, path)
 
 
-def plot_weights(clean: list[float], noisy: list[float], path: Path, title: str = "") -> Path:
-    """Histograms of learned per-example weights, clean vs noisy PT labels (log x axis)."""
+def plot_weights(clean: list[float], noisy: list[float], path: Path, title: str = "",
+                 floor: float = 1e-8) -> Path:
+    """Histograms of learned per-example weights, clean vs noisy PT labels (log x axis).
+    Weights below ``floor`` are counted in the first bin (the x label says how many), so
+    every example is in the plot."""
     import numpy as np
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    allw = np.asarray(list(clean) + list(noisy), dtype=float)
-    lo, hi = max(allw.min(), 1e-8), max(allw.max(), 1e-7)
-    bins = np.logspace(np.log10(lo), np.log10(hi) + 1e-9, 50)
-    ax.hist(clean, bins=bins, alpha=0.6, label=f"clean (n={len(clean)})")
-    ax.hist(noisy, bins=bins, alpha=0.6, label=f"noisy (n={len(noisy)})")
+    c, n = (np.asarray(v, dtype=float) for v in (clean, noisy))
+    allw = np.concatenate([c, n])
+    hi = max(allw.max(), floor * 10)
+    bins = np.logspace(np.log10(floor), np.log10(hi) + 1e-9, 50)
+    below = int((allw < floor).sum())
+    ax.hist(np.clip(c, floor, hi), bins=bins, alpha=0.6, label=f"clean (n={c.size})")
+    ax.hist(np.clip(n, floor, hi), bins=bins, alpha=0.6, label=f"noisy (n={n.size})")
     ax.set_xscale("log")
-    ax.set_xlabel("learned weight")
+    ax.set_xlim(floor, hi * 1.2)
+    ax.set_xlabel(f"learned weight ({below} weights below {floor:g} counted in the first bin)")
     ax.set_ylabel("PT examples")
-    ax.set_title(title or "Per-example PT weights")
+    ax.set_title(title or "Per-example PT weights", fontsize=9)
     ax.legend()
     return _save(fig, path)
