@@ -141,3 +141,27 @@ def test_tune_cli_writes_the_rule_and_the_pick(tmp_path) -> None:
     }
     assert data["picked"] == max(ratios, key=lambda v: (np.mean(ratios[v]), v == "0.01"))
     assert "Picked: **meta_lr=" in T.synthetic_tuning(data)
+
+
+def test_weight_histogram_keeps_every_example(tmp_path) -> None:
+    """Weights below the floor (even exact zeros) land in the first bin, and the x label
+    counts them, instead of falling off the log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.synthetic.plots import plot_weights
+
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig=None: closed.append(fig)  # keep the figure to inspect it
+    try:
+        plot_weights([0.5, 1e-12], [0.0, 1e-3, 0.2], tmp_path / "w.png", floor=1e-8)
+    finally:
+        plt.close = real_close
+    ax = closed[0].axes[0]
+    counts = [sum(p.get_height() for p in c) for c in ax.containers]
+    assert counts == [2, 3] and "2 weights below 1e-08" in ax.get_xlabel()
+    assert (tmp_path / "w.png").stat().st_size > 0
+    real_close(closed[0])
