@@ -26,7 +26,7 @@ import torch
 import hypergrad as hg
 from hypergrad.solvers import SolveResult
 
-__all__ = ["adam_heavy_ball", "solver_for_ift", "IFT_NAMES"]
+__all__ = ["adam_heavy_ball", "solver_for_ift", "IFT_NAMES", "IFT_LABELS"]
 
 IFT_NAMES = {  # the tasks' ``ift`` options and what each computes (the rotation demo prints it)
     "neumann": "Algorithm 1's IFT (3-term Neumann series, hg.neumann)",
@@ -35,6 +35,11 @@ IFT_NAMES = {  # the tasks' ``ift`` options and what each computes (the rotation
     "library_adam": "Algorithm 1's IFT, Neumann series preconditioned by the PT Adam's diagonal",
     "adam_neumann": "Algorithm 1's IFT, Neumann series preconditioned by the PT Adam's diagonal",
     "adam_momentum": "Algorithm 1's IFT, Adam heavy-ball series (precond.adam_heavy_ball)",
+}
+IFT_LABELS = {  # short names for plot panels and table rows
+    "neumann": "Algorithm 1 IFT (Neumann)", "forward": "forward-mode tangent",
+    "library_adam": "IFT, Adam-preconditioned", "adam_neumann": "IFT, Adam-preconditioned",
+    "adam_momentum": "IFT, Adam heavy-ball",
 }
 
 

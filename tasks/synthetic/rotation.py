@@ -40,16 +40,18 @@ import torch.nn.functional as F
 import hypergrad as hg
 from models import digits as M
 from tasks.common import mean_std, seed_everything, write_json
-from tasks.harness import cached, check_fields, run_seeds, time_ratio
+from tasks.harness import cached, check_fields, read_json, run_seeds, time_ratio
+from tasks.paired import paired_difference
 from tasks.results_table import plumbing_title
 
 from . import data as D
 from .forward import ForwardModeTrainer
-from .precond import IFT_NAMES, solver_for_ift
+from .precond import IFT_LABELS, IFT_NAMES, solver_for_ift
 from .rotate import rotate, rotate_with_tangent, sample_angles
 from .shared import batch_generator, cosine_lr, ft_logits, init_classifier, probe_accuracy
 
-__all__ = ["RotationConfig", "CONFIGS", "build", "run_one", "run", "angle_error"]
+__all__ = ["RotationConfig", "CONFIGS", "build", "run_one", "run", "angle_error", "modes",
+           "mirror_basin"]
 
 @dataclass(frozen=True)
 class RotationConfig:
@@ -93,6 +95,8 @@ class RotationConfig:
     dtype: str = "float32"
     warmup: int = 0               # outer iterations of plain PT before the first meta step
     time_ratio_steps: int = 30    # meta steps per timing run (0 = skip the measurement)
+    also_ift: str = "none"        # a second hypergradient run side by side on the same seeds
+    #   (paper / smoke: "neumann", Algorithm 1's IFT); each writes <out>/<ift>/, "none": one run
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("P", "batch_size", "n_ft_train", "n_ft_val", "n_test",
@@ -101,17 +105,19 @@ class RotationConfig:
                      nonneg=("meta_steps", "K", "warmup", "time_ratio_steps", "ft_lr", "ft_wd",
                              "pt_wd", "angle_std", "blur", "meta_lr_final"),
                      fraction=("pt_label_smoothing",),
-                     choices={"ift": tuple(IFT_NAMES), "pt_optimizer": ("adam", "sgd"),
+                     choices={"ift": tuple(IFT_NAMES), "also_ift": ("none", *IFT_NAMES),
+                              "pt_optimizer": ("adam", "sgd"),
                               "ft_mode": ("shared_head", "new_head"), "act": tuple(M.ACTIVATIONS),
                               "encoder_kind": ("mlp", "cnn"),
                               "dtype": ("float32", "float64")})
-        if self.ift != "neumann" and self.pt_optimizer != "adam":
-            raise ValueError(f"ift={self.ift!r} needs pt_optimizer='adam', got "
-                             f"{self.pt_optimizer!r}")
+        for key in ("ift", "also_ift"):
+            if getattr(self, key) not in ("neumann", "none") and self.pt_optimizer != "adam":
+                raise ValueError(f"{key}={getattr(self, key)!r} needs pt_optimizer='adam', got "
+                                 f"{self.pt_optimizer!r}")
 
 CONFIGS = {
-    "paper": RotationConfig(),
-    "smoke": RotationConfig(meta_steps=150, meta_lr=2.0, time_ratio_steps=20),
+    "paper": RotationConfig(also_ift="neumann"),
+    "smoke": RotationConfig(meta_steps=150, meta_lr=2.0, time_ratio_steps=20, also_ift="neumann"),
     "tiny": RotationConfig(meta_steps=3, P=2, n_ft_train=20, n_ft_val=20, n_test=20,
                            batch_size=16, width=16, time_ratio_steps=2, checkpoint_every=1),
 }
@@ -255,24 +261,80 @@ def measure_time_ratio(cfg: RotationConfig, seed: int = 0, device: str | torch.d
 
     return time_ratio(make, device=task.device, outer=cfg.time_ratio_steps, P=cfg.P, K=cfg.K)
 
-def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
-        aggregate: bool = True, device: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """Every seed (init angle ``init_angles[seed % 10]``), then metrics.json and the plot
-    (``aggregate=False``: the seeds only, as one rank of a seed-parallel run)."""
-    out = Path(out)
+def modes(cfg: RotationConfig) -> list[str]:
+    """The hypergradients a run computes: ``cfg.ift``, then ``cfg.also_ift`` unless "none"."""
+    return [cfg.ift] + ([cfg.also_ift] if cfg.also_ift not in ("none", cfg.ift) else [])
 
+
+def mirror_basin(phi: float, target: float = 90.0) -> bool:
+    """Whether ``phi`` ended nearer the mirror solution ``target - 180`` (-90 for the FT angle
+    90: the same digits rotated by 180 more) than ``target`` itself."""
+    return angle_error(phi, target - 180.0) < angle_error(phi, target)
+
+
+def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
+        aggregate: bool = True, device: str | torch.device = "cpu", plumbing: bool = False
+        ) -> dict[str, Any] | None:
+    """Every seed (init angle ``init_angles[seed % 10]``), then metrics.json and the plot
+    (``aggregate=False``: the seeds only, as one rank of a seed-parallel run).
+
+    With ``cfg.also_ift`` set (the paper and smoke configs: Algorithm 1's IFT), each
+    hypergradient of :func:`modes` runs in ``out/<ift>/`` on the same seeds, and
+    ``out/metrics.json`` holds the first one's fields (as a single run's), ``per_mode`` (every
+    mode's metrics), the paired difference of the errors (second - first) and the starts that
+    ended in the mirror basin; the plot shows the modes side by side. ``plumbing`` (tiny
+    configs) puts "plumbing check: not a result" into the plot titles."""
+    out = Path(out)
+    ms = modes(cfg)
+    if len(ms) == 1:
+        return _run_mode(cfg, seeds, out, progress, aggregate, device, plumbing)
+    per_mode = {m: _run_mode(dataclasses.replace(cfg, ift=m, also_ift="none"), seeds, out / m,
+                             progress, aggregate, device, plumbing) for m in ms}
+    if not aggregate:
+        return None
+    first, second = (per_mode[m] for m in ms)
+    errs = {m: dict(zip(seeds, per_mode[m]["errors"])) for m in ms}
+    diff = paired_difference(errs, ms[1], ms[0])
+    metrics = {k: v for k, v in first.items() if k not in ("config", "time_ratio")}
+    metrics.update(
+        config=dataclasses.asdict(cfg), modes=ms, per_mode=per_mode,
+        paired={"method": ms[1], "baseline": ms[0], "mean": diff.mean, "lo": diff.lo,
+                "hi": diff.hi, "n": diff.n, "level": diff.level},
+        mirror={m: [s for s, phi in zip(seeds, per_mode[m]["final_phi"])
+                    if mirror_basin(phi, cfg.ft_angle)] for m in ms})
+    if "time_ratio" in first:
+        metrics["time_ratio"] = first["time_ratio"]
+    write_json(out / "metrics.json", metrics)
+    from .plots import plot_rotation_modes
+
+    plot_rotation_modes({m: [read_json(out / m / f"seed{s}" / "result.json") for s in seeds]
+                         for m in ms}, {m: IFT_LABELS[m] for m in ms}, cfg.ft_angle,
+                        out / "rotation.png", suptitle=_plot_title(cfg, seeds, plumbing))
+    return metrics
+
+
+def _plot_title(cfg: RotationConfig, seeds: list[int], plumbing: bool) -> str:
+    from tasks.paired_table import seed_range
+
+    return plumbing_title(f"Meta-learned PT rotation: seeds {seed_range(seeds)}, "
+                          f"{cfg.meta_steps} meta steps, meta lr {cfg.meta_lr:g}", plumbing)
+
+
+def _run_mode(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool,
+              aggregate: bool, device: str | torch.device, plumbing: bool
+              ) -> dict[str, Any] | None:
     def one(seed: int, seed_dir: Path) -> dict[str, Any]:
         init = cfg.init_angles[seed % len(cfg.init_angles)]
         return run_one(cfg, seed, init, seed_dir, progress=progress, device=device)
 
-    results = run_seeds(out, seeds, one, progress=progress, desc="rotation seeds")
+    results = run_seeds(out, seeds, one, progress=progress, desc=f"rotation seeds ({cfg.ift})")
     if not aggregate:
         return None
     errors = [r["error"] for r in results]
     mean, std = mean_std(errors)
     metrics: dict[str, Any] = {
         "experiment": "rotation", "config": dataclasses.asdict(cfg), "seeds": seeds,
-        "angle_unit": "degrees", "target_angle": cfg.ft_angle,
+        "ift": cfg.ift, "angle_unit": "degrees", "target_angle": cfg.ft_angle,
         "init_angles": [r["init_angle"] for r in results],
         "final_phi": [r["phi"] for r in results], "errors": errors,
         "error_mean": mean, "error_std": std, "error_median": float(np.median(errors)),
@@ -285,12 +347,62 @@ def run(cfg: RotationConfig, seeds: list[int], out: Path, progress: bool = True,
     write_json(out / "metrics.json", metrics)
     from .plots import plot_rotation
 
-    plot_rotation(results, cfg.ft_angle, out / "rotation.png")
+    plot_rotation(results, cfg.ft_angle, out / "rotation.png",
+                  title=f"{IFT_LABELS[cfg.ift]}\n{_plot_title(cfg, seeds, plumbing)}")
     return metrics
 
+
+MIRROR_WHY = (
+    "Why: Algorithm 1's IFT is a 3-term Neumann series, the PT solution's response to phi over a "
+    "few tiny gradient steps. Far from 90 degrees that short-horizon response points away from "
+    "90 (measured: tasks/synthetic/HISTORY.md), so from some starts phi walks to the mirror "
+    "solution near -90 (the FT digits rotated by 180 more), a second basin of the meta-objective. "
+    "The forward-mode tangent follows the PT run's whole response to phi and reaches +90.")
+
+
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [plumbing_title(f"hypergradient: {IFT_NAMES[metrics['config']['ift']]}",
-                            metrics.get("plumbing", False)),
+    plumbing = metrics.get("plumbing", False)
+    if "per_mode" not in metrics:
+        return _summary_one(metrics, plumbing)
+    ms = metrics["modes"]
+    per = [metrics["per_mode"][m] for m in ms]
+    lines = [plumbing_title("two hypergradients on the same seeds", plumbing)]
+    lines += [f"  {m}: {IFT_NAMES[m]}" for m in ms]
+    w = max(len(m) for m in ms) + 11
+    lines.append(f"recovered angle (target {metrics['target_angle']:.0f} deg):")
+    lines.append("  seed  init" + "".join(f"{m + ' phi':>{w}}{'|phi-90|':>10}" for m in ms)
+                 + f"{'  ' + ms[1] + ' - ' + ms[0]:>{w}}")
+    for i, (seed, init) in enumerate(zip(metrics["seeds"], metrics["init_angles"])):
+        row = f"  {seed:4d} {init:5.0f}"
+        for p in per:
+            row += f"{p['final_phi'][i]:{w}.2f}{p['errors'][i]:10.2f}"
+        mark = " (mirror)" if any(seed in metrics["mirror"][m] for m in ms) else ""
+        lines.append(row + f"{per[1]['errors'][i] - per[0]['errors'][i]:+{w}.2f}{mark}")
+    for m, p in zip(ms, per):
+        lines.append(f"{m}: |phi - 90| = {p['error_mean']:.2f} +- {p['error_std']:.2f} deg over "
+                     f"{len(p['errors'])} runs (paper: 7.2 +- 1.5)")
+    d = metrics["paired"]
+    ci = "no interval (n=1)" if d["lo"] is None else f"[{d['lo']:+.2f}, {d['hi']:+.2f}]"
+    lines.append(f"{ms[1]} - {ms[0]}, paired over seeds: {d['mean']:+.2f} deg, 95% t-CI {ci} "
+                 f"(n={d['n']})")
+    for m in ms:
+        starts = [f"{init:.0f}" for s, init in zip(metrics["seeds"], metrics["init_angles"])
+                  if s in metrics["mirror"][m]]
+        if starts:
+            lines.append(f"{m}: the starts at {', '.join(starts)} deg ended in the mirror basin "
+                         f"near {metrics['target_angle'] - 180:.0f} deg.")
+    if any(metrics["mirror"][m] for m in ms):
+        lines.append(MIRROR_WHY)
+    for m, p in zip(ms, per):
+        if "time_ratio" in p:
+            t = p["time_ratio"]
+            lines.append(f"meta-PT / plain-PT wall time at P={t['P']}, K={t['K']}, {m}: "
+                         f"{t['ratio']:.2f}x (paper: under 2x)")
+    return "\n".join(lines)
+
+
+def _summary_one(metrics: dict[str, Any], plumbing: bool) -> str:
+    lines = [plumbing_title(f"hypergradient: {IFT_NAMES[metrics['config']['ift']]}", plumbing),
              f"recovered angle (target {metrics['target_angle']:.0f} deg):"]
     for init, phi, err in zip(metrics["init_angles"], metrics["final_phi"], metrics["errors"]):
         lines.append(f"  init {init:6.1f} -> phi {phi:7.2f}  |phi - 90| = {err:5.2f}")
@@ -301,4 +413,3 @@ def summary(metrics: dict[str, Any]) -> str:
         lines.append(f"meta-PT / plain-PT wall time at P={t['P']}, K={t['K']}: "
                      f"{t['ratio']:.2f}x (paper: under 2x)")
     return "\n".join(lines)
-
