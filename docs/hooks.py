@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = {
     "benchmarks/RESULTS.md": "benchmarks/results.md",
     "tasks/synthetic/RESULTS.md": "reproductions/synthetic/index.md",
+    "tasks/synthetic/HISTORY.md": "reproductions/synthetic/HISTORY.md",
     "tasks/ppi/RESULTS.md": "reproductions/ppi/index.md",
     "tasks/ppi/HISTORY.md": "reproductions/ppi/HISTORY.md",
     "tasks/ecg/RESULTS.md": "reproductions/ecg/index.md",

@@ -39,7 +39,8 @@ from .precond import IFT_LABELS
 __all__ = ["RULES", "pick", "main"]
 
 RULES = {
-    "rotation": "lowest mean |phi - 90| of the first hypergradient (ift); ties: first value",
+    "rotation": "lowest mean |phi - 90| of the run's own hypergradient (config field ift: the "
+    "forward-mode tangent; the also_ift one does not vote); ties: first value",
     "noisy": "highest mean clean / noisy mean weight of Meta-PT; ties: first value",
 }
 
