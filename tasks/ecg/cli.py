@@ -61,6 +61,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
     p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
     p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
+    p.add_argument("--vary-data", action="store_true",
+                   help="seed k also draws the synthetic PT pool (generator seed 20000 + 2k) and "
+                        "test set (20001 + 2k); otherwise one pool and test set for every seed")
+    p.add_argument("--export", metavar="JSON",
+                   help="also write the per-seed tables, strengths and time ratio with this "
+                        "command line to JSON (what tasks/ecg/RESULTS.md renders)")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
                    help="also time OUTER outer iterations of Meta SimCLR vs plain PT (3 repeats)")
     p.add_argument("--summary-only", action="store_true",
@@ -85,6 +91,9 @@ def _prepare(job: Job) -> None:
         if "simclr_oracle" in a.methods:
             raise CLIError("--method simclr_oracle needs ground-truth groups (the synthetic "
                            "stand-in, no --data-dir)")
+        if a.vary_data:
+            raise CLIError("--vary-data applies to the synthetic stand-in only: drop it or "
+                           "--data-dir")
 
 
 def _settings(job: Job) -> dict[str, Any]:
@@ -92,7 +101,14 @@ def _settings(job: Job) -> dict[str, Any]:
     synthetic = a.data_dir is None
     return {"data": "synthetic" if synthetic else str(a.data_dir),
             "n_pool": a.n_pool if synthetic else None, "n_test": a.n_test if synthetic else None,
-            "labels": None if synthetic else a.labels, "meta_n": a.meta_n}
+            "labels": None if synthetic else a.labels, "meta_n": a.meta_n,
+            **({"vary_data": True} if a.vary_data else {})}
+
+
+def data_seed(seed: int, vary_data: bool) -> int:
+    """The synthetic generator seed of run seed ``seed``: the pool's (the test set's is this
+    + 1). Without ``--vary-data`` every seed shares pool 12345 / test 12346."""
+    return 20000 + 2 * seed if vary_data else 12345
 
 
 def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, seed: int,
@@ -166,7 +182,7 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     res = finetune(None if pt is None else pt["enc_state"], (task.x[tr], task.y[tr]),
                    (task.x[va], task.y[va]), (task.x_test, task.y_test), cfg, 1000 * seed + f)
     res.update(method=method, n_ft=n, seed=seed, ft_seed=f, ft_time=time.perf_counter() - t0,
-               n_train=len(tr), n_val=len(va))
+               n_train=len(tr), n_val=len(va), data_seed=task.data_seed)
     if pt is not None:
         res.update(pt_wall_time=pt["wall_time"], pt_meta_steps=pt["meta_steps"],
                    pt_outer=pt["outer_iterations"])
@@ -180,8 +196,20 @@ def run(job: Job) -> dict[str, Any] | None:
     a, cfg, out = job.args, job.cfg, job.out
     seed_everything(0)
     synthetic = a.data_dir is None
-    task = (synthetic_task(a.n_pool, a.n_test) if synthetic
-            else ptbxl_task(a.data_dir, a.labels, a.cache)).to(job.device)
+    tasks: dict[int, Task] = {}
+
+    def task_of(seed: int) -> Task:
+        """Seed ``seed``'s data: its own pool and test set under --vary-data, else one shared
+        task (built once; the last varied one is kept, so memory holds at most two)."""
+        key = data_seed(seed, a.vary_data)
+        if key not in tasks:
+            if a.vary_data:
+                tasks.clear()
+            tasks[key] = (synthetic_task(a.n_pool, a.n_test, key) if synthetic
+                          else ptbxl_task(a.data_dir, a.labels, a.cache)).to(job.device)
+        return tasks[key]
+
+    task = task_of(job.seeds[0])
     rank, _ = launch_rank()
     progress = job.progress and rank == 0
     if rank == 0:
@@ -199,7 +227,7 @@ def run(job: Job) -> dict[str, Any] | None:
         from tqdm.auto import tqdm
 
         for m, n, s, f in tqdm(jobs(seeds), desc="ECG runs", disable=not progress):
-            run_one(m, n, s, f, task, cfg, out, a.meta_n, progress)
+            run_one(m, n, s, f, task_of(s), cfg, out, a.meta_n, progress)
 
     def aggregate() -> dict[str, Any]:
         results = []
