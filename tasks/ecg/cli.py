@@ -26,12 +26,14 @@ import torch
 
 from tasks.cli import Experiment, Job
 from tasks.common import atomic_save, launch_rank, seed_everything, seed_parallel, write_json
+from tasks.ecg.export import export
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
 from tasks.ecg.plots import plot_augmentations, plot_strengths
 from tasks.ecg.report import METHODS, summarize
 from tasks.ecg.synthetic import GROUPS
 from tasks.ecg.task import Task, ptbxl_task, synthetic_task
 from tasks.harness import CLIError, cached, load_file, read_json, time_ratio
+from tasks.results_table import plumbing_title
 
 __all__ = ["METHODS", "EXPERIMENTS", "run_one", "measure_time_ratio"]
 PROBE = 300  # test examples whose strengths are logged after every meta step
@@ -241,17 +243,43 @@ def run(job: Job) -> dict[str, Any] | None:
             ratio = cached(rpath, lambda: measure_time_ratio(task, cfg, a.ns[0], a.time_ratio))
         elif rpath.exists():
             ratio = read_json(rpath)
-        summary = summarize(results, task, out, job.argv, cfg, ratio, a.config == "smoke")
-        pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
-        if pts and task.group_test is not None:
-            vals = load_file(pts[-1])["strengths"]["values_by_group"]
-            plot_strengths(vals, out / "strengths.png")
+        plumbing = a.config == "smoke"
+        summary = summarize(results, task, out, job.argv, cfg, ratio, plumbing)
+        values = _strength_values(out, a.ns, job.seeds) if task.group_test is not None else {}
+        if values:
+            plot_strengths(values, out / "strengths.png", max_strength=cfg.warp_max,
+                           init=cfg.warp, title=plumbing_title(
+                               "ECG (synthetic): Meta SimCLR's learned warp strengths", plumbing))
+        if a.export:
+            spread = {}
+            for (n, s), by_group in values.items():
+                spread.setdefault(n, {})[s] = float(np.concatenate(
+                    [np.asarray(v) for v in by_group.values()]).std())
+            export(a.export, results, job.argv, cfg=cfg, plumbing=plumbing,
+                   settings=_settings(job), ratio=ratio, within_run_std=spread,
+                   data_seeds={s: data_seed(s, a.vary_data) if synthetic else None
+                               for s in job.seeds})
         return summary
 
     # under torchrun: seed parallel (rank r runs PT seeds r, r+N, ...), rank 0 aggregates
     if a.summary_only:
         return aggregate() if rank == 0 else None
     return seed_parallel(run_seeds, job.seeds, aggregate)
+
+
+def _strength_values(out: Path, ns: list[int], seeds: list[int]
+                     ) -> dict[tuple[int, int], dict[str, list[float]]]:
+    """Per-example test strengths by group of every finished Meta SimCLR pre-training of
+    these N and seeds: ``{(n, seed): {group: values}}``."""
+    values = {}
+    for n in ns:
+        for s in seeds:
+            path = out / "pt" / f"meta_simclr_n{n}_s{s}.pt"
+            if path.exists():
+                rep = load_file(path)["strengths"]
+                if "values_by_group" in rep:
+                    values[(n, s)] = rep["values_by_group"]
+    return values
 
 
 def measure_time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int) -> dict[str, Any]:
