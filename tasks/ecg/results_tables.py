@@ -26,11 +26,12 @@ from them, so a table cannot drift from its numbers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from tasks.ecg.report import METHODS
 from tasks.paired import PairedDiff, compare_to_strongest, format_paired, paired_difference
 from tasks.paired_table import render_paired, seed_range
 from tasks.results_table import Renderer, markdown_table, plumbing_title
@@ -65,9 +66,17 @@ CONTRASTS = (
 GROUPS = ("normal", "timing", "morphology")
 
 
+def _ordered(methods: Iterable[str]) -> list[str]:
+    """The task's method order (the JSON's keys are sorted); unknown names last."""
+    ms = list(methods)
+    return sorted(ms, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
+
+
 def per_seed(spec: Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """``{method: {seed: value}}`` of a ``paired_spec`` (JSON keys back to ints)."""
-    return {m: {int(k): float(v) for k, v in vals.items()} for m, vals in spec["per_seed"].items()}
+    """``{method: {seed: value}}`` of a ``paired_spec`` (JSON keys back to ints), in the task's
+    method order."""
+    per = spec["per_seed"]
+    return {m: {int(k): float(v) for k, v in per[m].items()} for m in _ordered(per)}
 
 
 def vs_strongest(spec: Mapping[str, Any]) -> dict[str, PairedDiff]:
@@ -99,6 +108,7 @@ def ecg_auroc(data: Mapping[str, Any]) -> str:
     for n in _sizes(data):
         spec = dict(data["tables"]["all"][n])
         spec["title"] = f"N = {n}"
+        spec["per_seed"] = {m: spec["per_seed"][m] for m in _ordered(spec["per_seed"])}
         parts.append(render_paired(spec))
     return "\n\n".join(parts)
 
@@ -140,7 +150,7 @@ def ecg_contrasts(data: Mapping[str, Any]) -> str:
     ns = _sizes(data)
     rows = []
     for a, b in CONTRASTS:
-        for labels in LABEL_SETS:
+        for labels in (lab for lab in LABEL_SETS if lab in data["tables"]):
             specs = [data["tables"][labels][n] for n in ns]
             ds = [contrast(s, a, b) for s in specs]
             if all(d is None for d in ds):
