@@ -17,6 +17,7 @@ the plots and the time ratio.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,10 @@ def run(job: Job) -> dict[str, Any] | None:
                    settings=_settings(job), ratio=ratio, within_run_std=spread,
                    data_seeds={s: data_seed(s, a.vary_data) if synthetic else None
                                for s in job.seeds})
+            stem = Path(a.export).with_suffix("")  # the figures RESULTS.md shows, beside it
+            for name in ("auroc_vs_nft", "strengths"):
+                if (out / f"{name}.png").exists():
+                    shutil.copyfile(out / f"{name}.png", f"{stem}_{name}.png")
         return summary
 
     # under torchrun: seed parallel (rank r runs PT seeds r, r+N, ...), rank 0 aggregates

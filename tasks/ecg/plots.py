@@ -26,19 +26,26 @@ def plot_auroc(summary: dict[str, dict[int, tuple[float, float, int]]], path: st
     """``summary[method][n_ft] = (mean, std, count)`` -> errorbar plot of test macro AUROC."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method, rows in summary.items():
+    k = len(summary)
+    for i, (method, rows) in enumerate(summary.items()):
         ns = sorted(rows)
         m = np.array([rows[n][0] for n in ns])
         s = np.array([rows[n][1] for n in ns])
-        ax.errorbar(ns, 100 * m, yerr=100 * s, marker="o", capsize=3, label=method)
+        dodge = 1.04 ** (i - (k - 1) / 2)  # side by side, so no error bar hides another
+        ax.errorbar(np.array(ns) * dodge, 100 * m, yerr=100 * s, marker="o", ms=4, capsize=3,
+                    label=method)
     ax.set_xscale("log")
+    all_ns = sorted({n for rows in summary.values() for n in rows})
+    ax.set_xticks(all_ns, [str(n) for n in all_ns])
+    ax.minorticks_off()
+    ax.set_xlim(all_ns[0] / 1.5, all_ns[-1] * 1.5)
     ax.set_xlabel("|D_FT|")
     ax.set_ylabel("test macro AUROC (%)")
     ax.set_ylim(0, 100)
     ax.axhline(50, color="gray", lw=0.8, ls="--", label="chance")
-    ax.set_title(title or "AUROC vs |D_FT| (mean +- std over seeds)")
+    ax.set_title(title or "AUROC vs |D_FT| (mean +- std over seeds)", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
