@@ -51,6 +51,26 @@ def _diff(d: PairedDiff | None) -> dict[str, Any] | None:
     }
 
 
+def _compute_minutes(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Per run seed: fine-tuning plus pre-training wall time in minutes, each pre-training
+    counted once (SimCLR's is shared by every N; Meta SimCLR's is one per N)."""
+    out: dict[str, float] = {}
+    pts: set[tuple[Any, ...]] = set()
+    for r in results:
+        t = float(r.get("ft_time") or 0.0)
+        if r.get("pt_wall_time") is not None:
+            key = (
+                (r["method"], r["seed"])
+                if r["method"] != "meta_simclr"
+                else (r["method"], r["seed"], r["n_ft"])
+            )
+            if key not in pts:
+                pts.add(key)
+                t += float(r["pt_wall_time"])
+        out[str(r["seed"])] = out.get(str(r["seed"]), 0.0) + t / 60
+    return out
+
+
 def build_export(
     results: Iterable[dict[str, Any]],
     *,
@@ -109,6 +129,7 @@ def build_export(
             for a, b in CONTRASTS
         },
         "strengths": {n: strength_stats(r) for n, r in runs.items()},
+        "compute_minutes_per_seed": _compute_minutes(results),
     }
     return {
         "command": command,
