@@ -252,7 +252,9 @@ def ecg_strengths(data: Mapping[str, Any]) -> str:
 
 def ecg_time(data: Mapping[str, Any]) -> str:
     """Meta SimCLR's loop with meta steps vs without (same data, phi, P, K), interleaved."""
-    t = data["time_ratio"]
+    t = data.get("time_ratio")
+    if not t:
+        return "No time ratio in this JSON (the command ran without `--time-ratio`)."
     pt_step = min(t["plain_seconds"]) / (t["outer"] * t["P"])
     meta_step = (min(t["meta_seconds"]) - min(t["plain_seconds"])) / t["outer"]
     table = markdown_table(
