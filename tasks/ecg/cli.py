@@ -1,9 +1,11 @@
 """``python -m tasks ecg``: No PT / SimCLR / Meta SimCLR on PTB-XL or the synthetic stand-in.
 
-Example (the synthetic validation of tasks/ecg/RESULTS.md)::
+Example (the synthetic validation of tasks/ecg/RESULTS.md: every seed on its own synthetic data,
+the per-seed tables, strengths and time ratio exported with the command line)::
 
-    python -m tasks ecg --synthetic --method no_pt,simclr,meta_simclr --n-ft 100,250,500 \\
-        --seeds 3 --config default --out runs/ecg
+    python -m tasks ecg --method no_pt,simclr_nowarp,simclr,simclr_oracle,meta_simclr \\
+        --n-ft 100,250,500 --vary-data --seeds 0-9 --time-ratio 5 --out runs/ecg_v \\
+        --export tasks/ecg/results/validation.json
 
 Resumable: every fine-tuning result is a JSON file under ``OUT/runs`` and every pre-training
 result a file under ``OUT/pt``; finished ones are skipped, and an interrupted pre-training
