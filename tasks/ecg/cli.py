@@ -1,9 +1,11 @@
 """``python -m tasks ecg``: No PT / SimCLR / Meta SimCLR on PTB-XL or the synthetic stand-in.
 
-Example (the synthetic validation of tasks/ecg/RESULTS.md)::
+Example (the synthetic validation of tasks/ecg/RESULTS.md: every seed on its own synthetic data,
+the per-seed tables, strengths and time ratio exported with the command line)::
 
-    python -m tasks ecg --synthetic --method no_pt,simclr,meta_simclr --n-ft 100,250,500 \\
-        --seeds 3 --config default --out runs/ecg
+    python -m tasks ecg --method no_pt,simclr_nowarp,simclr,simclr_oracle,meta_simclr \\
+        --n-ft 100,250,500 --vary-data --seeds 0-9 --time-ratio 5 --out runs/ecg_v \\
+        --export tasks/ecg/results/validation.json
 
 Resumable: every fine-tuning result is a JSON file under ``OUT/runs`` and every pre-training
 result a file under ``OUT/pt``; finished ones are skipped, and an interrupted pre-training
@@ -17,6 +19,7 @@ the plots and the time ratio.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,14 @@ import torch
 
 from tasks.cli import Experiment, Job
 from tasks.common import atomic_save, launch_rank, seed_everything, seed_parallel, write_json
+from tasks.ecg.export import export
 from tasks.ecg.methods import CONFIGS, ECGConfig, finetune, phi_strengths, pretrain, with_overrides
 from tasks.ecg.plots import plot_augmentations, plot_strengths
 from tasks.ecg.report import METHODS, summarize
 from tasks.ecg.synthetic import GROUPS
 from tasks.ecg.task import Task, ptbxl_task, synthetic_task
 from tasks.harness import CLIError, cached, load_file, read_json, time_ratio
+from tasks.results_table import plumbing_title
 
 __all__ = ["METHODS", "EXPERIMENTS", "run_one", "measure_time_ratio"]
 PROBE = 300  # test examples whose strengths are logged after every meta step
@@ -61,6 +66,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-pool", type=int, default=2000, help="synthetic PT pool size")
     p.add_argument("--n-test", type=int, default=1000, help="synthetic test set size")
     p.add_argument("--meta-n", type=int, default=50, help="|D_FT(Meta)| for meta_simclr_partial")
+    p.add_argument("--vary-data", action="store_true",
+                   help="seed k also draws the synthetic PT pool (generator seed 20000 + 2k) and "
+                        "test set (20001 + 2k); otherwise one pool and test set for every seed")
+    p.add_argument("--export", metavar="JSON",
+                   help="also write the per-seed tables, strengths and time ratio with this "
+                        "command line to JSON (what tasks/ecg/RESULTS.md renders)")
     p.add_argument("--time-ratio", type=int, default=0, metavar="OUTER",
                    help="also time OUTER outer iterations of Meta SimCLR vs plain PT (3 repeats)")
     p.add_argument("--summary-only", action="store_true",
@@ -85,6 +96,9 @@ def _prepare(job: Job) -> None:
         if "simclr_oracle" in a.methods:
             raise CLIError("--method simclr_oracle needs ground-truth groups (the synthetic "
                            "stand-in, no --data-dir)")
+        if a.vary_data:
+            raise CLIError("--vary-data applies to the synthetic stand-in only: drop it or "
+                           "--data-dir")
 
 
 def _settings(job: Job) -> dict[str, Any]:
@@ -92,7 +106,14 @@ def _settings(job: Job) -> dict[str, Any]:
     synthetic = a.data_dir is None
     return {"data": "synthetic" if synthetic else str(a.data_dir),
             "n_pool": a.n_pool if synthetic else None, "n_test": a.n_test if synthetic else None,
-            "labels": None if synthetic else a.labels, "meta_n": a.meta_n}
+            "labels": None if synthetic else a.labels, "meta_n": a.meta_n,
+            **({"vary_data": True} if a.vary_data else {})}
+
+
+def data_seed(seed: int, vary_data: bool) -> int:
+    """The synthetic generator seed of run seed ``seed``: the pool's (the test set's is this
+    + 1). Without ``--vary-data`` every seed shares pool 12345 / test 12346."""
+    return 20000 + 2 * seed if vary_data else 12345
 
 
 def _pt_result(key: str, out: Path, method: str, task: Task, cfg: ECGConfig, seed: int,
@@ -166,7 +187,7 @@ def run_one(method: str, n: int, seed: int, f: int, task: Task, cfg: ECGConfig, 
     res = finetune(None if pt is None else pt["enc_state"], (task.x[tr], task.y[tr]),
                    (task.x[va], task.y[va]), (task.x_test, task.y_test), cfg, 1000 * seed + f)
     res.update(method=method, n_ft=n, seed=seed, ft_seed=f, ft_time=time.perf_counter() - t0,
-               n_train=len(tr), n_val=len(va))
+               n_train=len(tr), n_val=len(va), data_seed=task.data_seed)
     if pt is not None:
         res.update(pt_wall_time=pt["wall_time"], pt_meta_steps=pt["meta_steps"],
                    pt_outer=pt["outer_iterations"])
@@ -180,8 +201,20 @@ def run(job: Job) -> dict[str, Any] | None:
     a, cfg, out = job.args, job.cfg, job.out
     seed_everything(0)
     synthetic = a.data_dir is None
-    task = (synthetic_task(a.n_pool, a.n_test) if synthetic
-            else ptbxl_task(a.data_dir, a.labels, a.cache)).to(job.device)
+    tasks: dict[int, Task] = {}
+
+    def task_of(seed: int) -> Task:
+        """Seed ``seed``'s data: its own pool and test set under --vary-data, else one shared
+        task (built once; the last varied one is kept, so memory holds at most two)."""
+        key = data_seed(seed, a.vary_data)
+        if key not in tasks:
+            if a.vary_data:
+                tasks.clear()
+            tasks[key] = (synthetic_task(a.n_pool, a.n_test, key) if synthetic
+                          else ptbxl_task(a.data_dir, a.labels, a.cache)).to(job.device)
+        return tasks[key]
+
+    task = task_of(job.seeds[0])
     rank, _ = launch_rank()
     progress = job.progress and rank == 0
     if rank == 0:
@@ -199,7 +232,7 @@ def run(job: Job) -> dict[str, Any] | None:
         from tqdm.auto import tqdm
 
         for m, n, s, f in tqdm(jobs(seeds), desc="ECG runs", disable=not progress):
-            run_one(m, n, s, f, task, cfg, out, a.meta_n, progress)
+            run_one(m, n, s, f, task_of(s), cfg, out, a.meta_n, progress)
 
     def aggregate() -> dict[str, Any]:
         results = []
@@ -213,17 +246,47 @@ def run(job: Job) -> dict[str, Any] | None:
             ratio = cached(rpath, lambda: measure_time_ratio(task, cfg, a.ns[0], a.time_ratio))
         elif rpath.exists():
             ratio = read_json(rpath)
-        summary = summarize(results, task, out, job.argv, cfg, ratio, a.config == "smoke")
-        pts = sorted((out / "pt").glob("meta_simclr_n*.pt")) if (out / "pt").exists() else []
-        if pts and task.group_test is not None:
-            vals = load_file(pts[-1])["strengths"]["values_by_group"]
-            plot_strengths(vals, out / "strengths.png")
+        plumbing = a.config == "smoke"
+        summary = summarize(results, task, out, job.argv, cfg, ratio, plumbing)
+        values = _strength_values(out, a.ns, job.seeds) if task.group_test is not None else {}
+        if values:
+            plot_strengths(values, out / "strengths.png", max_strength=cfg.warp_max,
+                           init=cfg.warp, title=plumbing_title(
+                               "ECG (synthetic): Meta SimCLR's learned warp strengths", plumbing))
+        if a.export:
+            spread = {}
+            for (n, s), by_group in values.items():
+                spread.setdefault(n, {})[s] = float(np.concatenate(
+                    [np.asarray(v) for v in by_group.values()]).std())
+            export(a.export, results, job.argv, cfg=cfg, plumbing=plumbing,
+                   settings=_settings(job), ratio=ratio, within_run_std=spread,
+                   data_seeds={s: data_seed(s, a.vary_data) if synthetic else None
+                               for s in job.seeds})
+            stem = Path(a.export).with_suffix("")  # the figures RESULTS.md shows, beside it
+            for name in ("auroc_vs_nft", "strengths"):
+                if (out / f"{name}.png").exists():
+                    shutil.copyfile(out / f"{name}.png", f"{stem}_{name}.png")
         return summary
 
     # under torchrun: seed parallel (rank r runs PT seeds r, r+N, ...), rank 0 aggregates
     if a.summary_only:
         return aggregate() if rank == 0 else None
     return seed_parallel(run_seeds, job.seeds, aggregate)
+
+
+def _strength_values(out: Path, ns: list[int], seeds: list[int]
+                     ) -> dict[tuple[int, int], dict[str, list[float]]]:
+    """Per-example test strengths by group of every finished Meta SimCLR pre-training of
+    these N and seeds: ``{(n, seed): {group: values}}``."""
+    values = {}
+    for n in ns:
+        for s in seeds:
+            path = out / "pt" / f"meta_simclr_n{n}_s{s}.pt"
+            if path.exists():
+                rep = load_file(path)["strengths"]
+                if "values_by_group" in rep:
+                    values[(n, s)] = rep["values_by_group"]
+    return values
 
 
 def measure_time_ratio(task: Task, cfg: ECGConfig, n: int, outer: int) -> dict[str, Any]:

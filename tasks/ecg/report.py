@@ -11,6 +11,7 @@ from tasks.common import mean_std, write_json
 from tasks.ecg.config import ECGConfig
 from tasks.ecg.plots import plot_auroc
 from tasks.ecg.synthetic import GROUPS, timing_morphology
+from tasks.paired_table import seed_range
 from tasks.results_table import markdown_table, plumbing_title
 from tasks.tables import compare, fmt_paired, per_seed
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["summarize", "METHODS", "BASELINES"]
 
-BASELINES = ("no_pt", "simclr_nowarp", "simclr")  # Δ column: vs the strongest of these
+BASELINES = ("no_pt", "simclr_nowarp", "simclr", "simclr_oracle")  # Δ: vs the strongest
 
 METHODS = ("no_pt", "simclr_nowarp", "simclr", "simclr_oracle", "meta_simclr",
            "meta_simclr_partial")
@@ -109,9 +110,12 @@ def summarize(results: list[dict[str, Any]], task: Task, out: Path, argv: list[s
                "vs_strongest": {str(n): v for n, v in vs.items()}, "plumbing": plumbing,
                "config": asdict(cfg), "argv": argv, "task": task.name, "out": str(out)}
     write_json(out / "results.json", summary)
+    seeds = sorted({int(r["seed"]) for r in results})
     if table:
         plot_auroc(table, out / "auroc_vs_nft.png",
-                   title=plumbing_title(f"ECG ({task.name})", plumbing))
+                   title=plumbing_title(f"ECG ({task.name}): test macro AUROC,\nmean +- std "
+                                        f"over seeds {seed_range(seeds)} (n = {len(seeds)})",
+                                        plumbing))
     return summary
 
 

@@ -31,6 +31,7 @@ class Task:
     name: str
     group_test: np.ndarray | None = None
     group: np.ndarray | None = None  # ground-truth groups of ``x`` (synthetic only)
+    data_seed: int | None = None  # the synthetic pool's generator seed (test set: + 1)
 
     def to(self, device: torch.device) -> Task:
         """The tensors on ``device`` (indices and ground truth stay numpy on the host)."""
@@ -58,7 +59,7 @@ def synthetic_task(n_pool: int, n_test: int, seed: int = 12345) -> Task:
 
     idx = np.arange(n_pool)
     return Task(prep(pool.x), torch.from_numpy(pool.y), idx, idx, None, prep(test.x),
-                torch.from_numpy(test.y), LABELS, "synthetic", test.group, pool.group)
+                torch.from_numpy(test.y), LABELS, "synthetic", test.group, pool.group, seed)
 
 
 def ptbxl_task(data_dir: str, labels: str, cache: str | None) -> Task:
