@@ -30,6 +30,7 @@ INCLUDE = {
     "tasks/ppi/RESULTS.md": "reproductions/ppi/index.md",
     "tasks/ppi/HISTORY.md": "reproductions/ppi/HISTORY.md",
     "tasks/ecg/RESULTS.md": "reproductions/ecg/index.md",
+    "tasks/ecg/HISTORY.md": "reproductions/ecg/HISTORY.md",
     "CHANGELOG.md": "changelog.md",
 }
 ASSETS = ["benchmarks/results/solver_study.png"]
