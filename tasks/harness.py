@@ -31,9 +31,9 @@ import torch
 
 from tasks.common import jsonable, write_json
 
-__all__ = ["CLIError", "parse_seeds", "resolve_device", "apply_overrides", "override_keys",
-           "check_fields", "check_out", "check_settings", "record_settings", "read_json",
-           "load_file", "cached", "run_seeds", "time_ratio", "sync"]
+__all__ = ["CLIError", "environment", "parse_seeds", "resolve_device", "apply_overrides",
+           "override_keys", "check_fields", "check_out", "check_settings", "record_settings",
+           "read_json", "load_file", "cached", "run_seeds", "time_ratio", "sync"]
 
 FRESH = "rerun with --fresh to start over (it deletes --out)"
 
@@ -245,6 +245,22 @@ def check_settings(out: Path, settings: dict[str, Any], runs_glob: str | tuple[s
 
 def record_settings(out: Path, settings: dict[str, Any]) -> None:
     write_json(Path(out) / "settings.json", settings)
+
+
+def environment(packages: Iterable[str] = ("torch", "numpy", "scipy", "scikit-learn",
+                                            "torch-geometric")) -> dict[str, str]:
+    """Python's and each installed package's version, for a results JSON: the same command can
+    give other numbers under other versions (e.g. a random stream or a kernel that changed)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
 
 
 def read_json(path: Path) -> Any:

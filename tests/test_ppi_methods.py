@@ -146,6 +146,7 @@ def test_cli_vary_data_gives_each_seed_its_own_stand_in_and_exports(tmp_path):
     assert spec["plumbing"] is True and set(spec["per_seed"]) == {"no_pt", "corr_pt"}
     assert set(spec["per_seed"]["no_pt"]) == {"0", "1"}
     assert set(data["weight_relevance_auroc"]["corr_pt"]) == {"0", "1"}
+    assert data["environment"]["torch"] == torch.__version__  # numbers depend on versions
 
 
 def test_cli_vary_data_is_for_the_stand_in_only(tmp_path, capsys):

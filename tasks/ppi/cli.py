@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 from hypergrad import distributed as hd
 from tasks.cli import Experiment, Job
 from tasks.common import mean_std, seed_everything, write_json
-from tasks.harness import CLIError, read_json, time_ratio
+from tasks.harness import CLIError, environment, read_json, time_ratio
 from tasks.results_table import plumbing_title
 from tasks.tables import compare, fmt_paired
 
@@ -350,7 +350,7 @@ def run(job: Job) -> dict[str, Any] | None:
 def export(path: Path, table: dict[str, Any], job: Job, s: Settings, out: Path) -> None:
     """The JSON that tasks/ppi/RESULTS.md renders: per access protocol a ``paired_spec`` (test
     AUROC, FT mode chosen on validation, per seed), weight-relevance AUROCs per seed, the
-    settings and the time ratio, with the command line that wrote it."""
+    settings, the time ratio and the package versions, with the command line that wrote it."""
     from tasks.paired_table import paired_spec
 
     specs = {}
@@ -369,6 +369,7 @@ def export(path: Path, table: dict[str, Any], job: Job, s: Settings, out: Path) 
         "stand_in": job.args.stand_in, "vary_data": job.args.vary_data,
         "tables": specs, "weight_relevance_auroc": {m: w for m, w in weights.items() if w},
         "settings": s.to_dict(), "time_ratio": read_json(ratio) if ratio.exists() else None,
+        "environment": environment(),
     })
 
 
