@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -52,3 +53,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's teardown: after the process group is destroyed, gloo's C++
+    # threads can still abort the process at exit ("terminate called without an active
+    # exception", about one run in three of tests/test_distributed.py on 2 CPU cores),
+    # which would fail a run whose results are already written and checked.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
