@@ -7,10 +7,8 @@ tests/test_distributed.py; exits non-zero (assertion) on any mismatch.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
+from worker_exit import run_and_exit  # the script's folder is on sys.path
 
 from hypergrad import distributed as hd
 
@@ -89,11 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # Skip the interpreter's teardown: after the process group is destroyed, gloo's C++
-    # threads can still abort the process at exit ("terminate called without an active
-    # exception", about one run in three of tests/test_distributed.py on 2 CPU cores),
-    # which would fail a run whose results are already written and checked.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_and_exit(main)
